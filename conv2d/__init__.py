@@ -1,0 +1,27 @@
+"""conv2d: one 2-D convolution (im2col + matrix product + scatter-add) for NumPy, CuPy, torch, JAX
+and any array API library, chosen by ``CONV2D_BACKEND`` or by the arrays you pass in."""
+
+from ._functional import conv2d, conv2d_backward
+from .backends import (
+    Backend,
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+from .layer import ConvolutionLayer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "ConvolutionLayer",
+    "available_backends",
+    "conv2d",
+    "conv2d_backward",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,159 @@
+"""The public functions: check the arrays and arguments, then hand over to the arithmetic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import array_namespace
+from array_api_compat import device as device_of
+
+from . import _conv
+from ._geometry import IntPair, Padding, check_output_shape, make_geometry
+from .backends import Backend, backend_of
+
+
+def check_arrays(named: dict[str, Any]) -> Backend:
+    """One library, one device, one real floating dtype for all of `named`; return their backend."""
+    backends = {name: backend_of(array, name) for name, array in named.items()}
+    (first, backend), *rest = backends.items()
+    for name, other in rest:
+        if other.name != backend.name:
+            raise TypeError(
+                f"{first} is a {backend.name} array but {name} is a {other.name} array; pass all arrays "
+                f"from one library, e.g. conv2d.get_backend({backend.name!r}).asarray({name})"
+            )
+        if other is not backend:
+            raise ValueError(
+                f"{first} is on device {backend.spec!r} but {name} is on {other.spec!r}; move them to one device"
+            )
+    xp = array_namespace(*named.values())
+    dtype = named[first].dtype
+    for name, array in named.items():
+        if not xp.isdtype(array.dtype, "real floating"):
+            raise TypeError(
+                f"{name} has dtype {array.dtype}; conv2d needs a real floating dtype "
+                f"(float32 or float64): convert it, e.g. {name}.astype('float32')"
+            )
+        if array.dtype != dtype:
+            raise TypeError(
+                f"{first} has dtype {dtype} but {name} has {array.dtype}; conv2d does not promote silently: "
+                "cast them to one dtype"
+            )
+    return backend
+
+
+def _shape(array: Any) -> tuple[int, ...]:
+    return tuple(array.shape)
+
+
+def conv2d(
+    x: Any,
+    weight: Any,
+    bias: Any | None = None,
+    *,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> Any:
+    """2-D convolution (cross-correlation, as in PyTorch) of a batch of images.
+
+    Parameters
+    ----------
+    x : array, shape (N, C, H, W)
+        Input batch, a real floating array of NumPy, CuPy, torch, JAX or array-api-strict.
+    weight : array, shape (O, C // groups, kH, kW)
+        Filters, same library, device and dtype as `x`.
+    bias : array, shape (O,), optional
+        Added to every output position of each output channel.
+    stride, dilation : int or (int, int), default 1
+        Step between output positions and between kernel taps, positive.
+    padding : int, (int, int), "valid" or "same", default 0
+        Zeros added on both sides of each spatial axis. "same" (stride 1 only) keeps H and W,
+        putting the odd extra row or column after, as PyTorch does.
+    groups : int, default 1
+        Split channels into this many independent convolutions (``groups=C`` is depthwise).
+
+    Returns
+    -------
+    array, shape (N, O, OH, OW)
+        In the library and on the device of `x`, where
+        ``OH = (H + pad_top + pad_bottom - dilation*(kH-1) - 1) // stride + 1`` (likewise OW).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type, a non-floating dtype, mixed dtypes or mixed libraries.
+    ValueError
+        Inconsistent shapes, a bad stride/padding/dilation/groups, arrays on two devices,
+        or a kernel larger than the padded input.
+
+    Examples
+    --------
+    >>> import numpy as np, conv2d
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((2, 3, 8, 8))
+    >>> w = rng.standard_normal((4, 3, 3, 3))
+    >>> conv2d.conv2d(x, w, padding="same").shape
+    (2, 4, 8, 8)
+    """
+    named = {"x": x, "weight": weight} if bias is None else {"x": x, "weight": weight, "bias": bias}
+    backend = check_arrays(named)
+    geom = make_geometry(
+        _shape(x), _shape(weight), None if bias is None else _shape(bias),
+        stride=stride, padding=padding, dilation=dilation, groups=groups,
+    )
+    y, _ = _conv.forward(backend, x, weight, bias, geom)
+    return y
+
+
+def conv2d_backward(
+    grad_out: Any,
+    x: Any,
+    weight: Any,
+    *,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> tuple[Any, Any, Any]:
+    """Gradients of a loss through :func:`conv2d`, given the gradient of its output.
+
+    Parameters
+    ----------
+    grad_out : array, shape (N, O, OH, OW)
+        dLoss/dy for ``y = conv2d(x, weight, bias, ...)`` with the same arguments.
+    x, weight : arrays
+        The forward pass's input and filters.
+    stride, padding, dilation, groups
+        As given to :func:`conv2d`.
+
+    Returns
+    -------
+    grad_x : array, shape (N, C, H, W)
+    grad_weight : array, shape (O, C // groups, kH, kW)
+    grad_bias : array, shape (O,)
+        Returned whether or not the forward pass had a bias.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`conv2d`; also when `grad_out` does not have the forward output's shape.
+
+    Examples
+    --------
+    >>> import numpy as np, conv2d
+    >>> rng = np.random.default_rng(0)
+    >>> x, w = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3))
+    >>> y = conv2d.conv2d(x, w)
+    >>> gx, gw, gb = conv2d.conv2d_backward(np.ones_like(y), x, w)
+    >>> gx.shape, gw.shape, gb.shape
+    ((2, 3, 8, 8), (4, 3, 3, 3), (4,))
+    """
+    backend = check_arrays({"grad_out": grad_out, "x": x, "weight": weight})
+    geom = make_geometry(
+        _shape(x), _shape(weight), None, stride=stride, padding=padding, dilation=dilation, groups=groups
+    )
+    check_output_shape("grad_out", _shape(grad_out), _shape(x)[0], geom)
+    return _conv.backward(backend, grad_out, x, weight, geom)
+

@@ -1,0 +1,107 @@
+"""The object every backend module builds: what the convolution needs beyond the array API standard."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from array_api_compat import is_array_api_obj
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name, but its library or device cannot be used here."""
+
+
+# How many host-built constants (gather plans) one backend keeps on its device.
+_CONSTANT_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True, eq=False)
+class Backend:
+    """One array library on one device, as the convolution code sees it.
+
+    Attributes
+    ----------
+    name : str
+        Registry name: ``"numpy"``, ``"cupy"``, ``"torch"``, ``"jax"`` or ``"array_api_strict"``.
+    spec : str
+        The full spec that selects this backend again, e.g. ``"torch:cuda:0"``.
+    device : object
+        The library's own device object; new arrays are created there.
+    xp : module
+        The array API namespace (what ``array_api_compat.array_namespace`` returns for this library).
+    """
+
+    name: str
+    spec: str
+    device: Any
+    xp: Any
+    _native_asarray: Callable[[Any, Any], Any] = field(repr=False)
+    _to_numpy: Callable[[Any], np.ndarray] = field(repr=False)
+    _scatter_add: Callable[[Any, Any, Any], Any] = field(repr=False)
+    _owns: Callable[[Any], bool] = field(repr=False)
+    _constants: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def owns(self, array: Any) -> bool:
+        """Whether `array` belongs to this backend's library (any device)."""
+        return self._owns(array)
+
+    def asarray(self, obj: Any, dtype: Any = None) -> Any:
+        """Return `obj` as an array of this backend, on its device.
+
+        `obj` may be a nested sequence, a NumPy array, or an array of another supported library
+        (copied through host memory). `dtype` is a dtype of this library or a name such as
+        ``"float32"``.
+        """
+        if is_array_api_obj(obj) and not self._owns(obj):
+            from . import backend_of  # the registry imports this module: import late
+
+            obj = backend_of(obj, "obj").to_numpy(obj)
+        if isinstance(dtype, str):
+            dtype = self.dtype(dtype)
+        return self._native_asarray(obj, dtype)
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        """Copy `array` (of this backend) to a NumPy array in host memory."""
+        return self._to_numpy(array)
+
+    def scatter_add(self, target: Any, indices: Any, values: Any) -> Any:
+        """Return `target` with ``values[k]`` added at ``indices[k]`` for every k.
+
+        All three are 1-D; duplicate indices accumulate. Where the library allows it (NumPy, CuPy,
+        torch) `target` is updated in place and returned; JAX and array-api-strict return a new
+        array. Always use the returned array, and pass a `target` you own.
+        """
+        return self._scatter_add(target, indices, values)
+
+    def dtype(self, name: str) -> Any:
+        """The library's dtype called `name` (``"float32"``, ``"float64"``, ...)."""
+        dtypes = self.xp.__array_namespace_info__().dtypes(device=self.device)
+        if name not in dtypes:
+            raise TypeError(
+                f"dtype {name!r} is not available on backend {self.spec!r}; "
+                f"choose one of {sorted(dtypes)}"
+            )
+        return dtypes[name]
+
+    def constant(self, key: Hashable, make_host_array: Callable[[], np.ndarray]) -> Any:
+        """A read-only array built on the host once per `key`, kept on this backend's device.
+
+        Gather plans are pure functions of the geometry, so they are built and transferred
+        once and reused by every call with the same geometry.
+        """
+        with self._lock:
+            if key in self._constants:
+                self._constants.move_to_end(key)
+                return self._constants[key]
+        value = self._native_asarray(make_host_array(), None)
+        with self._lock:
+            self._constants[key] = value
+            while len(self._constants) > _CONSTANT_CACHE_SIZE:
+                self._constants.popitem(last=False)
+        return value

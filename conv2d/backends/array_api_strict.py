@@ -1,0 +1,83 @@
+"""array-api-strict: the standard and nothing else, to prove the core needs nothing more."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from ._base import Backend, BackendUnavailableError
+
+LIBRARY = "array_api_strict"
+INSTALL_HINT = "pip install 'conv2d[strict]'"
+
+
+def is_array(obj: Any) -> bool:
+    module = sys.modules.get("array_api_strict._array_object")  # the Array class is not exported
+    return module is not None and isinstance(obj, module.Array)
+
+
+def device_spec(array: Any) -> str | None:
+    name = _device_name(array.device)
+    return None if name == "CPU_DEVICE" else name
+
+
+def _device_name(device: Any) -> str:
+    # Device objects keep their name privately; their repr is "array_api_strict.Device('NAME')".
+    return repr(device).split("'")[1]
+
+
+def build(device: str | None) -> Backend:
+    try:
+        import array_api_strict as xp
+    except ImportError as exc:
+        raise BackendUnavailableError(f"array-api-strict is not installed ({exc})") from exc
+
+    devices = {_device_name(d): d for d in xp.__array_namespace_info__().devices()}
+    name = device or "CPU_DEVICE"
+    if name not in devices:
+        raise BackendUnavailableError(
+            f"array-api-strict has no device {name!r}; its devices are {sorted(devices)}"
+        )
+    dev = devices[name]
+
+    def native_asarray(obj, dtype):
+        return xp.asarray(obj, dtype=dtype, device=dev)
+
+    def to_numpy(array):
+        import numpy as np
+
+        # The standard's way out of a library: DLPack (only from the CPU device).
+        return np.from_dlpack(xp.asarray(array, device=xp.Device("CPU_DEVICE")))
+
+    return Backend(
+        name="array_api_strict",
+        spec="array_api_strict" if device is None else f"array_api_strict:{name}",
+        device=dev,
+        xp=xp,
+        _native_asarray=native_asarray,
+        _to_numpy=to_numpy,
+        _scatter_add=lambda target, indices, values: scatter_add_standard(xp, target, indices, values),
+        _owns=is_array,
+    )
+
+
+def scatter_add_standard(xp: Any, target: Any, indices: Any, values: Any) -> Any:
+    """Scatter-add written on the standard alone, which has no scatter and no item assignment.
+
+    Sort the values by index; a prefix sum turns every index's run into the difference of two
+    prefix sums; then each target position *gathers* its run's total, found by binary search.
+    The prefix sum is taken in float64 where the device has it, so that subtracting two large
+    partial sums does not lose the small ones.
+    """
+    info = xp.__array_namespace_info__()
+    dev = target.device
+    accumulate = info.dtypes(device=dev).get("float64", values.dtype)
+    order = xp.argsort(indices, stable=True)
+    sorted_indices = xp.take(indices, order)
+    sorted_values = xp.astype(xp.take(values, order), accumulate)
+    prefix = xp.cumulative_sum(sorted_values, include_initial=True)
+    positions = xp.arange(target.shape[0], dtype=sorted_indices.dtype, device=dev)
+    start = xp.searchsorted(sorted_indices, positions, side="left")
+    stop = xp.searchsorted(sorted_indices, positions, side="right")
+    totals = xp.take(prefix, stop) - xp.take(prefix, start)
+    return target + xp.astype(totals, target.dtype)

@@ -1,0 +1,71 @@
+"""JAX arrays (``jax`` for JAX's default device, ``jax:cpu``, ``jax:gpu``, ``jax:gpu:1``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import is_jax_array
+
+from ._base import Backend, BackendUnavailableError
+
+LIBRARY = "jax"
+INSTALL_HINT = "pip install 'conv2d[jax]'"
+
+
+def is_array(obj: Any) -> bool:
+    return is_jax_array(obj)
+
+
+def device_spec(array: Any) -> str | None:
+    device = array.device
+    return f"{device.platform}:{device.id}"
+
+
+def build(device: str | None) -> Backend:
+    try:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+    except ImportError as exc:
+        raise BackendUnavailableError(f"JAX is not installed ({exc})") from exc
+
+    if device is None:
+        dev = jax.devices()[0]
+    else:
+        platform, _, number = device.partition(":")
+        try:
+            candidates = jax.devices(platform)
+        except RuntimeError as exc:
+            raise BackendUnavailableError(f"JAX has no {platform!r} devices ({exc})") from exc
+        matches = [d for d in candidates if not number or str(d.id) == number]
+        if not matches:
+            raise BackendUnavailableError(
+                f"JAX has no device {device!r}; it has {[f'{d.platform}:{d.id}' for d in candidates]}"
+            )
+        dev = matches[0]
+
+    def native_asarray(obj, dtype):
+        if dtype is None and hasattr(obj, "dtype"):
+            dtype = obj.dtype
+        wide = dtype is not None and np.dtype(dtype).name in ("float64", "int64", "uint64")
+        if wide and not jax.config.jax_enable_x64:
+            # JAX would silently give 32 bits instead.
+            raise TypeError(
+                f"JAX has 64-bit types disabled, so {np.dtype(dtype)} would silently become 32-bit; "
+                "set JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True)) or use float32"
+            )
+        return jax.device_put(jnp.asarray(obj, dtype=dtype), dev)
+
+    def scatter_add(target, indices, values):
+        return target.at[indices].add(values)  # functional update; duplicates accumulate
+
+    return Backend(
+        name="jax",
+        spec=f"jax:{dev.platform}:{dev.id}",
+        device=dev,
+        xp=jnp,
+        _native_asarray=native_asarray,
+        _to_numpy=np.asarray,
+        _scatter_add=scatter_add,
+        _owns=is_array,
+    )

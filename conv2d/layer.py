@@ -1,0 +1,167 @@
+"""A convolution layer with the seed's protocol: ``forwardpass(X)``, ``backwardpass(lr, activation_prev, delta)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace
+
+from . import _conv
+from ._functional import check_arrays
+from ._geometry import IntPair, Padding, check_output_shape, make_geometry
+from .backends import Backend, get_backend
+
+
+def _sigmoid(xp: Any, z: Any) -> Any:
+    # Written so that exp never overflows: exp(-|z|) is at most 1.
+    e = xp.exp(-xp.abs(z))
+    return xp.where(z >= 0, 1 / (1 + e), e / (1 + e))
+
+
+# name -> (activation of the pre-activation, its derivative written in terms of the activation)
+ACTIVATIONS: dict[str | None, tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]] = {
+    "sigmoid": (_sigmoid, lambda xp, a: a * (1 - a)),
+    "relu": (lambda xp, z: xp.where(z > 0, z, xp.zeros_like(z)), lambda xp, a: xp.astype(a > 0, a.dtype)),
+    "tanh": (lambda xp, z: xp.tanh(z), lambda xp, a: 1 - a * a),
+    None: (lambda xp, z: z, lambda xp, a: xp.ones_like(a)),
+}
+
+
+class ConvolutionLayer:
+    """A 2-D convolution layer followed by an activation, trained by plain SGD.
+
+    A drop-in for the NumPy layer this project grew from, on any backend: same constructor
+    arguments, same attributes (``weights``, ``biases``, ``out_row``, ...), same methods.
+
+    Parameters
+    ----------
+    in_channels : (int, int, int)
+        (depth, rows, cols) of one input sample.
+    filter_size : (int, int)
+        (rows, cols) of each filter.
+    numfilters : int
+        Output depth.
+    stride : int or (int, int), default 1
+    padding : int, (int, int), "valid" or "same", default 0
+    dilation : int or (int, int), default 1
+    activation : {"sigmoid", "relu", "tanh", None}, default "sigmoid"
+    dtype : str, default "float64"
+        Floating dtype of the weights and of the computation; inputs are cast to it.
+    seed : int, optional
+        Seed of the NumPy Generator that draws the initial weights and biases (normal, mean 0,
+        standard deviation 0.1) on the host, so that a seed gives the same weights on every backend.
+    backend : str or Backend, optional
+        Where the layer lives; default: the active backend (see :func:`conv2d.get_backend`).
+
+    Examples
+    --------
+    >>> import numpy as np, conv2d
+    >>> layer = conv2d.ConvolutionLayer((3, 8, 8), (3, 3), 4, 1, seed=0)
+    >>> X = np.random.default_rng(1).standard_normal((2, 3, 8, 8))
+    >>> out = layer.forwardpass(X)
+    >>> out.shape
+    (2, 4, 6, 6)
+    >>> layer.backwardpass(0.1, X, out - 0.5).shape
+    (2, 3, 8, 8)
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        filter_size: Sequence[int],
+        numfilters: int,
+        stride: IntPair = 1,
+        *,
+        padding: Padding = 0,
+        dilation: IntPair = 1,
+        activation: str | None = "sigmoid",
+        dtype: str = "float64",
+        seed: int | None = None,
+        backend: str | Backend | None = None,
+    ) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        if not (isinstance(in_channels, Sequence) and len(in_channels) == 3):
+            raise ValueError(f"in_channels must be (depth, rows, cols) of one sample, got {in_channels!r}")
+        if not (isinstance(filter_size, Sequence) and len(filter_size) == 2):
+            raise ValueError(f"filter_size must be (rows, cols), got {filter_size!r}")
+        if dtype not in ("float16", "float32", "float64"):
+            raise TypeError(f"dtype must be 'float16', 'float32' or 'float64', got {dtype!r}")
+        self.backend = get_backend(backend)
+        self.in_depth, self.in_row, self.in_col = in_channels
+        self.filter_row, self.filter_col = filter_size
+        self.out_depth = numfilters
+        self.stride = stride
+        weight_shape = (numfilters, self.in_depth, self.filter_row, self.filter_col)
+        self._geom = make_geometry(
+            (1, *in_channels), weight_shape, None, stride=stride, padding=padding, dilation=dilation, groups=1
+        )
+        self.out_row, self.out_col = self._geom.out_h, self._geom.out_w
+        self.activation = activation
+        self.dtype = self.backend.dtype(dtype)
+        rng = np.random.default_rng(seed)
+        self.weights = self.backend.asarray(rng.normal(0.0, 0.1, weight_shape), dtype=self.dtype)
+        self.biases = self.backend.asarray(rng.normal(0.0, 0.1, numfilters), dtype=self.dtype)
+        self._saved: tuple[int, Any, Any] | None = None  # (batch, patches, activation) of the last forward
+
+    def _to_layer(self, name: str, array: Any) -> Any:
+        """`array` on the layer's backend and dtype; only floating data is accepted."""
+        array = self.backend.asarray(array)
+        if not self.backend.xp.isdtype(array.dtype, "real floating"):
+            raise TypeError(f"{name} has dtype {array.dtype}; the layer needs floating data ({self.dtype})")
+        return self.backend.xp.astype(array, self.dtype, copy=False)
+
+    def forwardpass(self, X: Any) -> Any:
+        """Return activation(conv(X) + biases), shape (n, out_depth, out_row, out_col).
+
+        `X` (n, in_depth, in_row, in_col) may come from any supported library; it is moved to
+        the layer's backend. The patch matrix is kept for :meth:`backwardpass`.
+        """
+        X = self._to_layer("X", X)
+        expected = (self._geom.in_channels, self._geom.height, self._geom.width)
+        if X.ndim != 4 or tuple(X.shape[1:]) != expected:
+            raise ValueError(f"X must have shape (n, {', '.join(map(str, expected))}), got {tuple(X.shape)}")
+        check_arrays({"X": X, "weights": self.weights, "biases": self.biases})
+        pre, cols = _conv.forward(self.backend, X, self.weights, self.biases, self._geom)
+        xp = array_namespace(pre)
+        out = ACTIVATIONS[self.activation][0](xp, pre)
+        self._saved = (X.shape[0], cols, out)
+        return out
+
+    def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
+        """Update weights and biases by SGD and return dE/dX.
+
+        Parameters
+        ----------
+        lr : float
+            Learning rate.
+        activation_prev : array
+            The input given to the last :meth:`forwardpass` (only its batch size is used).
+        delta : array, shape (n, out_depth, out_row, out_col)
+            dE/d(output of the last forwardpass).
+
+        Returns
+        -------
+        array, shape (n, in_depth, in_row, in_col)
+            dE/dX, computed with the weights as they were before this update.
+        """
+        if self._saved is None:
+            raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
+        batch, cols, out = self._saved
+        if activation_prev.shape[0] != batch:
+            raise ValueError(
+                f"activation_prev has batch size {activation_prev.shape[0]} but the last forwardpass had {batch}; "
+                "call forwardpass on this batch first"
+            )
+        delta = self._to_layer("delta", delta)
+        check_output_shape("delta", tuple(delta.shape), batch, self._geom)
+        xp = array_namespace(delta)
+        grad_pre = delta * ACTIVATIONS[self.activation][1](xp, out)
+        grad_x, grad_w, grad_b = _conv.backward(self.backend, grad_pre, None, self.weights, self._geom, cols)
+        # New arrays rather than in-place updates: JAX arrays are immutable, and the caller may
+        # still hold the old weights.
+        self.weights = self.weights - lr * grad_w
+        self.biases = self.biases - lr * grad_b
+        return grad_x
