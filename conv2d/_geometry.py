@@ -101,10 +101,10 @@ def make_geometry(
     weight_shape: tuple[int, ...],
     bias_shape: tuple[int, ...] | None,
     *,
-    stride: IntPair,
-    padding: Padding,
-    dilation: IntPair,
-    groups: int,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
 ) -> Geometry:
     """Check every argument of a convolution and return its geometry; raise before any work is done."""
     if len(x_shape) != 4:

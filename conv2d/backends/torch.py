@@ -9,7 +9,7 @@ from array_api_compat import is_torch_array
 from ._base import Backend, BackendUnavailableError
 
 LIBRARY = "torch"
-INSTALL_HINT = "pip install 'conv2d[torch]'"
+INSTALL_HINT = "pip install 'conv2d[torch]' (for 'torch:cuda', a CUDA build of PyTorch)"
 
 
 def is_array(obj: Any) -> bool:

@@ -1,0 +1,146 @@
+"""conv2d and conv2d_backward against PyTorch's conv2d and autograd, and against plain loops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import conv2d
+from conv2d._geometry import make_geometry, normalize_padding
+
+from .oracle import assert_close, loop_conv, torch_conv
+
+pytest.importorskip("torch")
+
+
+def _random_case(rng: np.random.Generator) -> dict:
+    groups = int(rng.choice([1, 1, 2, 3]))
+    kh, kw = (int(k) for k in rng.integers(1, 5, size=2))
+    dilation = tuple(int(d) for d in rng.integers(1, 3, size=2))
+    stride = tuple(int(s) for s in rng.integers(1, 4, size=2))
+    padding = rng.choice(["int", "pair", "same", "valid"])
+    if padding == "same":
+        stride = (1, 1)
+        pad = "same"
+    elif padding == "valid":
+        pad = "valid"
+    elif padding == "int":
+        pad = int(rng.integers(0, 3))
+    else:
+        pad = tuple(int(p) for p in rng.integers(0, 3, size=2))
+    top, bottom, left, right = normalize_padding(pad, (kh, kw), stride, dilation)
+    reach_h, reach_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    h = int(rng.integers(max(1, reach_h - top - bottom), reach_h + 8))
+    w = int(rng.integers(max(1, reach_w - left - right), reach_w + 8))
+    return dict(
+        n=int(rng.integers(1, 4)),
+        c=groups * int(rng.integers(1, 4)),
+        o=groups * int(rng.integers(1, 4)),
+        h=h, w=w, kh=kh, kw=kw,
+        kwargs=dict(stride=stride, padding=pad, dilation=dilation, groups=groups),
+    )
+
+
+# Hand-picked corners, then random geometries from a fixed seed.
+CASES = [
+    dict(n=1, c=1, o=1, h=1, w=1, kh=1, kw=1, kwargs={}),  # 1x1 everything
+    dict(n=2, c=3, o=4, h=5, w=5, kh=5, kw=5, kwargs={}),  # kernel = input
+    dict(n=1, c=2, o=3, h=3, w=4, kh=5, kw=6, kwargs=dict(padding=1)),  # kernel = padded input
+    dict(n=2, c=3, o=2, h=9, w=7, kh=2, kw=2, kwargs=dict(stride=3)),  # stride > kernel
+    dict(n=2, c=4, o=4, h=8, w=8, kh=3, kw=3, kwargs=dict(padding=1, groups=4)),  # depthwise
+    dict(n=2, c=4, o=8, h=8, w=6, kh=3, kw=3, kwargs=dict(padding=1, groups=4)),  # depthwise, multiplier 2
+    dict(n=3, c=2, o=3, h=7, w=9, kh=2, kw=4, kwargs=dict(padding="same", dilation=(2, 1))),  # odd total: asymmetric
+    dict(n=2, c=3, o=2, h=10, w=11, kh=3, kw=2, kwargs=dict(stride=(2, 3), padding=(2, 0), dilation=(3, 2))),
+    dict(n=1, c=6, o=4, h=6, w=6, kh=1, kw=1, kwargs=dict(groups=2)),  # pointwise, grouped
+] + [_random_case(np.random.default_rng(seed)) for seed in range(30)]
+
+
+def _ids(case: dict) -> str:
+    return f"n{case['n']}c{case['c']}o{case['o']}h{case['h']}w{case['w']}k{case['kh']}x{case['kw']}" + "".join(
+        f"-{k}={v}" for k, v in case["kwargs"].items()
+    )
+
+
+def _data(case: dict, seed: int):
+    rng = np.random.default_rng(seed)
+    groups = case["kwargs"].get("groups", 1)
+    x = rng.standard_normal((case["n"], case["c"], case["h"], case["w"]))
+    w = rng.standard_normal((case["o"], case["c"] // groups, case["kh"], case["kw"]))
+    b = rng.standard_normal(case["o"])
+    return rng, x, w, b
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_matches_pytorch(backend, case, dtype):
+    """Output and all three gradients agree with PyTorch (float64 reference) on every backend."""
+    rng, x, w, b = _data(case, 1)
+    geom = make_geometry(x.shape, w.shape, b.shape, **case["kwargs"])
+    grad_out = rng.standard_normal((case["n"], case["o"], geom.out_h, geom.out_w))
+    # Round the data to the tested dtype first, so the reference sees exactly what we see.
+    x, w, b, grad_out = (a.astype(dtype).astype(np.float64) for a in (x, w, b, grad_out))
+    y_ref, gx_ref, gw_ref, gb_ref = torch_conv(x, w, b, grad_out, **case["kwargs"])
+
+    X, W, B, G = (backend.asarray(a, dtype=dtype) for a in (x, w, b, grad_out))
+    y = conv2d.conv2d(X, W, B, **case["kwargs"])
+    gx, gw, gb = conv2d.conv2d_backward(G, X, W, **case["kwargs"])
+
+    for name, ours in (("y", y), ("grad_x", gx), ("grad_weight", gw), ("grad_bias", gb)):
+        assert backend.owns(ours), f"{name} left the input's library"
+        assert ours.dtype == X.dtype, f"{name} has dtype {ours.dtype}, input {X.dtype}"
+    assert_close(backend, y, y_ref, dtype, "y")
+    assert_close(backend, gx, gx_ref, dtype, "grad_x")
+    assert_close(backend, gw, gw_ref, dtype, "grad_weight")
+    assert_close(backend, gb, gb_ref, dtype, "grad_bias")
+
+
+@pytest.mark.parametrize("case", CASES[:9] + CASES[9:39:3], ids=_ids)
+def test_matches_loops(case):
+    """The same results by the definition, one multiply-add at a time: a reference without PyTorch."""
+    rng, x, w, b = _data(case, 2)
+    kw = case["kwargs"]
+    stride = kw.get("stride", 1)
+    stride = (stride, stride) if isinstance(stride, int) else stride
+    dilation = kw.get("dilation", 1)
+    dilation = (dilation, dilation) if isinstance(dilation, int) else dilation
+    pads = normalize_padding(kw.get("padding", 0), (case["kh"], case["kw"]), stride, dilation)
+    y_ref, backward = loop_conv(x, w, b, stride=stride, padding=pads, dilation=dilation, groups=kw.get("groups", 1))
+    grad_out = rng.standard_normal(y_ref.shape)
+    numpy = conv2d.get_backend("numpy")
+    assert_close(numpy, conv2d.conv2d(x, w, b, **kw), y_ref, "float64", "y")
+    for name, ours, ref in zip(("grad_x", "grad_weight", "grad_bias"), conv2d.conv2d_backward(grad_out, x, w, **kw), backward(grad_out)):
+        assert_close(numpy, ours, ref, "float64", name)
+
+
+def test_without_bias_equals_zero_bias(backend):
+    """bias=None is the same as a bias of zeros, and the backward still returns grad_bias."""
+    rng, x, w, b = _data(CASES[4], 3)
+    X, W = backend.asarray(x), backend.asarray(w)
+    Z = backend.asarray(np.zeros_like(b))
+    kw = CASES[4]["kwargs"]
+    np.testing.assert_array_equal(backend.to_numpy(conv2d.conv2d(X, W, **kw)), backend.to_numpy(conv2d.conv2d(X, W, Z, **kw)))
+
+
+def test_empty_batch(backend):
+    """N=0 gives an empty output of the right shape and zero weight and bias gradients."""
+    _, x, w, b = _data(CASES[3], 4)
+    X, W, B = (backend.asarray(a) for a in (x[:0], w, b))
+    y = conv2d.conv2d(X, W, B, **CASES[3]["kwargs"])
+    assert tuple(y.shape) == (0, 2, 3, 2)
+    gx, gw, gb = conv2d.conv2d_backward(y, X, W, **CASES[3]["kwargs"])
+    assert tuple(gx.shape) == tuple(X.shape)
+    np.testing.assert_array_equal(backend.to_numpy(gw), np.zeros(w.shape))
+    np.testing.assert_array_equal(backend.to_numpy(gb), np.zeros(b.shape))
+
+
+def test_repeated_calls_are_bitwise_identical(cpu_backend):
+    """The cached plan is reused, not corrupted: the same call twice gives the same bits."""
+    case = CASES[7]
+    rng, x, w, b = _data(case, 5)
+    X, W, B = (cpu_backend.asarray(a) for a in (x, w, b))
+    first = [cpu_backend.to_numpy(conv2d.conv2d(X, W, B, **case["kwargs"])) for _ in range(2)]
+    G = cpu_backend.asarray(rng.standard_normal(first[0].shape))
+    grads = [[cpu_backend.to_numpy(g) for g in conv2d.conv2d_backward(G, X, W, **case["kwargs"])] for _ in range(2)]
+    np.testing.assert_array_equal(first[0], first[1])
+    for a, b_ in zip(*grads):
+        np.testing.assert_array_equal(a, b_)
