@@ -209,6 +209,8 @@ def available_backends() -> dict[str, bool | str]:
             report[name] = True
         except BackendUnavailableError as exc:
             report[name] = f"{exc} (install: {_module(name).INSTALL_HINT})"
+        except Exception as exc:  # noqa: BLE001 - a broken install must not hide the other backends
+            report[name] = f"probing it failed: {type(exc).__name__}: {exc}"
     return report
 
 

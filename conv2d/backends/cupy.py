@@ -23,10 +23,8 @@ def device_spec(array: Any) -> str | None:
 def build(device: str | None) -> Backend:
     try:
         import cupy
-        import cupyx
     except ImportError as exc:
         raise BackendUnavailableError(f"CuPy is not installed ({exc})") from exc
-    import array_api_compat.cupy as xp
 
     try:
         index = 0 if device is None else int(device.removeprefix("cuda:"))
@@ -47,6 +45,8 @@ def build(device: str | None) -> Backend:
             cupy.empty(1)
     except Exception as exc:  # noqa: BLE001
         raise BackendUnavailableError(f"cannot allocate on CUDA device {index}: {exc}") from exc
+    import array_api_compat.cupy as xp
+    import cupyx
 
     def native_asarray(obj, dtype):
         with dev:
