@@ -149,6 +149,9 @@ class ConvolutionLayer:
         """
         if self._saved is None:
             raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
+        # A Python float keeps the weights' dtype: a NumPy float64 scalar would promote float32
+        # weights on NumPy and JAX, and array-api-strict rejects it outright.
+        lr = float(lr)
         batch, cols, out = self._saved
         if activation_prev.shape[0] != batch:
             raise ValueError(
