@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from array_api_compat import array_namespace
-from array_api_compat import device as device_of
 
 from . import _conv
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -54,17 +55,39 @@ class Geometry:
 
 
 def _is_int(value: object) -> bool:
-    # bool is an int subclass, but stride=True is a bug, not a stride of one.
-    return isinstance(value, int) and not isinstance(value, bool)
+    # NumPy integers are welcome; bool is an int subclass, but stride=True is a bug, not a stride of one.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def positive_int(name: str, value: object) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def positive_ints(name: str, value: object, meaning: str) -> tuple[int, ...]:
+    """A tuple of positive ints of the length `meaning` names, e.g. ``"(rows, cols)"``."""
+    length = meaning.count(",") + 1
+    if isinstance(value, str):
+        raise TypeError(f"{name} must be {meaning} of positive ints, got the string {value!r}")
+    if not isinstance(value, Sequence) or len(value) != length:
+        raise ValueError(f"{name} must be {meaning} of positive ints, got {value!r}")
+    if not all(map(_is_int, value)):
+        raise TypeError(f"{name} must be {meaning} of positive ints, got {value!r}")
+    if min(value) < 1:
+        raise ValueError(f"{name} must be {meaning} of positive ints (each at least 1), got {value!r}")
+    return tuple(int(v) for v in value)
 
 
 def int_pair(name: str, value: IntPair, *, minimum: int) -> tuple[int, int]:
     """`value` as (rows, cols): an int for both, or a pair; each at least `minimum`."""
     kind = "positive" if minimum == 1 else "non-negative"
     if _is_int(value):
-        pair = (value, value)
+        pair = (int(value), int(value))
     elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 and all(map(_is_int, value)):
-        pair = (value[0], value[1])
+        pair = (int(value[0]), int(value[1]))
     else:
         raise TypeError(f"{name} must be a {kind} int or a pair of {kind} ints (rows, cols), got {value!r}")
     if min(pair) < minimum:
@@ -93,7 +116,7 @@ def normalize_padding(
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
+    return str(tuple(int(s) for s in shape))
 
 
 def make_geometry(
@@ -113,8 +136,7 @@ def make_geometry(
         raise ValueError(
             f"weight must be 4-D (out_channels, in_channels/groups, kH, kW), got shape {_shape_text(weight_shape)}"
         )
-    if not _is_int(groups) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    groups = positive_int("groups", groups)
     _, channels, height, width = x_shape
     out_channels, channels_per_group, kernel_h, kernel_w = weight_shape
     if min(weight_shape) < 1:

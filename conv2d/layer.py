@@ -10,7 +10,7 @@ from array_api_compat import array_namespace
 
 from . import _conv
 from ._functional import check_arrays
-from ._geometry import IntPair, Padding, check_output_shape, make_geometry
+from ._geometry import IntPair, Padding, check_output_shape, make_geometry, positive_int, positive_ints
 from .backends import Backend, get_backend
 
 
@@ -83,10 +83,9 @@ class ConvolutionLayer:
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-        if not (isinstance(in_channels, Sequence) and len(in_channels) == 3):
-            raise ValueError(f"in_channels must be (depth, rows, cols) of one sample, got {in_channels!r}")
-        if not (isinstance(filter_size, Sequence) and len(filter_size) == 2):
-            raise ValueError(f"filter_size must be (rows, cols), got {filter_size!r}")
+        in_channels = positive_ints("in_channels", in_channels, "(depth, rows, cols)")
+        filter_size = positive_ints("filter_size", filter_size, "(rows, cols)")
+        numfilters = positive_int("numfilters", numfilters)
         if dtype not in ("float16", "float32", "float64"):
             raise TypeError(f"dtype must be 'float16', 'float32' or 'float64', got {dtype!r}")
         self.backend = get_backend(backend)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import importlib.util
 import os
 import sys
 import threading
@@ -71,7 +72,7 @@ def _split(spec: str, source: str) -> tuple[str, str | None]:
             f"backend spec from {source} must be a string such as 'numpy' or 'torch:cuda', "
             f"got {type(spec).__name__} {spec!r}"
         )
-    name, _, device = spec.strip().partition(":")
+    name, _, device = (part.strip() for part in spec.strip().partition(":"))
     name = _ALIASES.get(name.lower(), name.lower())
     if name not in CHOICES:
         raise ValueError(f"unknown conv2d backend {spec!r} (from {source}); choose one of: {_choices_text()}")
@@ -80,25 +81,30 @@ def _split(spec: str, source: str) -> tuple[str, str | None]:
     return name, device or None
 
 
-def _build(name: str, device: str | None, spec: str, source: str) -> Backend:
+def _build(name: str, device: str | None) -> Backend:
+    """The backend for (name, device), built once; BackendUnavailableError carries the bare reason."""
     key = (name, device)
     with _build_lock:
         if key in _built:
             return _built[key]
-        module = _module(name)
-        try:
-            backend = module.build(device)
-        except BackendUnavailableError as exc:
-            usable = [n for n, ok in available_backends().items() if ok is True]
-            raise BackendUnavailableError(
-                f"conv2d backend {spec!r} (from {source}) cannot be used here: {exc}. "
-                f"To use it: {module.INSTALL_HINT}, on a machine that has the device. "
-                f"Usable here: {', '.join(usable)}; choose one with {ENV_VAR}=NAME or conv2d.set_backend('NAME')."
-            ) from exc
-        # Keyed by the spec asked for and by the canonical one, so both find the same object.
+        backend = _module(name).build(device)
+        # One object per library and device, however it was spelled ("torch", "torch:cpu"):
+        # the canonical spec's entry wins if it was built first.
+        backend = _built.setdefault(_split(backend.spec, "canonical spec"), backend)
         _built[key] = backend
-        _built.setdefault(_split(backend.spec, "canonical spec"), backend)
         return backend
+
+
+def _unavailable(name: str, spec: str, source: str, reason: BackendUnavailableError) -> BackendUnavailableError:
+    """The user-facing error: what was asked, from where, why not, and what to do instead."""
+    module = _module(name)
+    installed = module.LIBRARY in sys.modules or importlib.util.find_spec(module.LIBRARY) is not None
+    install = "" if installed else f" Install it with {module.INSTALL_HINT}."
+    usable = ", ".join(n for n, ok in available_backends().items() if ok is True)
+    return BackendUnavailableError(
+        f"conv2d backend {spec!r} (from {source}) cannot be used here: {reason}.{install} "
+        f"Usable here: {usable}; choose one with {ENV_VAR}=NAME or conv2d.set_backend('NAME')."
+    )
 
 
 def _resolve(spec: str | Backend, source: str) -> Backend:
@@ -107,10 +113,13 @@ def _resolve(spec: str | Backend, source: str) -> Backend:
     name, device = _split(spec, source)
     if name == "auto":
         try:
-            return _build("cupy", None, "cupy", f"{source}: auto")
+            return _build("cupy", None)
         except BackendUnavailableError:
-            return _build("numpy", None, "numpy", f"{source}: auto")
-    return _build(name, device, spec, source)
+            return _build("numpy", None)
+    try:
+        return _build(name, device)
+    except BackendUnavailableError as exc:
+        raise _unavailable(name, spec, source, exc) from exc
 
 
 def get_backend(spec: str | Backend | None = None) -> Backend:
@@ -219,9 +228,7 @@ def backend_of(array: Any, argument: str = "array") -> Backend:
     for name in _MODULES:
         module = _module(name)
         if module.LIBRARY in sys.modules and module.is_array(array):
-            device = module.device_spec(array)
-            spec = name if device is None else f"{name}:{device}"
-            return _build(name, device, spec, f"the array {argument}")
+            return _build(name, module.device_spec(array))
     raise TypeError(
         f"{argument} must be an array of one of {', '.join(_MODULES)}, got {type(array).__module__}."
         f"{type(array).__qualname__}; convert it first, e.g. conv2d.get_backend().asarray({argument})"

@@ -51,7 +51,7 @@ def build(device: str | None) -> Backend:
 
     return Backend(
         name="array_api_strict",
-        spec="array_api_strict" if device is None else f"array_api_strict:{name}",
+        spec="array_api_strict" if name == "CPU_DEVICE" else f"array_api_strict:{name}",
         device=dev,
         xp=xp,
         _native_asarray=native_asarray,

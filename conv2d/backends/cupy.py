@@ -36,7 +36,10 @@ def build(device: str | None) -> Backend:
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # noqa: BLE001 - no driver, no runtime: the reason is in the message
-        raise BackendUnavailableError(f"CuPy finds no usable CUDA driver or device ({exc})") from exc
+        raise BackendUnavailableError(
+            f"CuPy finds no usable CUDA driver or device ({exc}); it needs an NVIDIA GPU with its driver, "
+            f"and a CuPy built for that CUDA version: {INSTALL_HINT}"
+        ) from exc
     if not 0 <= index < count:
         raise BackendUnavailableError(f"no CUDA device {index}: CuPy sees {count}")
     dev = cupy.cuda.Device(index)

@@ -36,7 +36,8 @@ def build(device: str | None) -> Backend:
         try:
             candidates = jax.devices(platform)
         except RuntimeError as exc:
-            raise BackendUnavailableError(f"JAX has no {platform!r} devices ({exc})") from exc
+            gpu_hint = "" if platform == "cpu" else "; for an NVIDIA GPU install JAX's CUDA build: pip install 'jax[cuda12]'"
+            raise BackendUnavailableError(f"JAX has no {platform!r} devices ({exc}){gpu_hint}") from exc
         matches = [d for d in candidates if not number or str(d.id) == number]
         if not matches:
             raise BackendUnavailableError(

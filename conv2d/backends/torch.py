@@ -9,7 +9,7 @@ from array_api_compat import is_torch_array
 from ._base import Backend, BackendUnavailableError
 
 LIBRARY = "torch"
-INSTALL_HINT = "pip install 'conv2d[torch]' (for 'torch:cuda', a CUDA build of PyTorch)"
+INSTALL_HINT = "pip install 'conv2d[torch]'"
 
 
 def is_array(obj: Any) -> bool:
@@ -35,7 +35,9 @@ def build(device: str | None) -> Backend:
         ) from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise BackendUnavailableError("this PyTorch build sees no CUDA device")
+            raise BackendUnavailableError(
+                "this PyTorch build sees no CUDA device; 'torch:cuda' needs an NVIDIA GPU and a CUDA build of PyTorch"
+            )
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         if dev.index >= torch.cuda.device_count():
