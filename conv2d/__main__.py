@@ -1,8 +1,9 @@
-"""Command line: ``python -m conv2d info``."""
+"""Command line of conv2d: python -m conv2d info | demo | bench."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import os
 import platform
@@ -38,12 +39,25 @@ def info() -> int:
     return 0
 
 
+# command -> (module that defines add_arguments(parser) and run(args) -> exit code, help line).
+# Modules are imported only for the command that runs: `info` must not pay for matplotlib.
+_COMMANDS = {
+    "info": (None, "versions, usable backends and the active one"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conv2d", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="versions, usable backends and the active one")
-    parser.parse_args(argv)
-    return info()
+    for name, (module_name, help_text) in _COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if module_name is not None:
+            importlib.import_module(module_name, __package__).add_arguments(sub)
+    args = parser.parse_args(argv)
+    module_name = _COMMANDS[args.command][0]
+    if module_name is None:
+        return info()
+    return importlib.import_module(module_name, __package__).run(args)
 
 
 if __name__ == "__main__":
