@@ -7,6 +7,8 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from . import _conv
+from ._algorithms import ALGORITHMS
+from ._workspace import resolve_limit
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry
 from .backends import Backend, backend_of
 
@@ -41,6 +43,12 @@ def check_arrays(named: dict[str, Any]) -> Backend:
     return backend
 
 
+def check_algorithm(algorithm: str) -> str:
+    if algorithm != "auto" and algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be 'auto' or one of {', '.join(map(repr, ALGORITHMS))}, got {algorithm!r}")
+    return algorithm
+
+
 def _shape(array: Any) -> tuple[int, ...]:
     return tuple(array.shape)
 
@@ -54,6 +62,8 @@ def conv2d(
     padding: Padding = 0,
     dilation: IntPair = 1,
     groups: int = 1,
+    algorithm: str = "auto",
+    max_workspace_bytes: int | None = None,
 ) -> Any:
     """2-D convolution (cross-correlation, as in PyTorch) of a batch of images.
 
@@ -72,6 +82,13 @@ def conv2d(
         putting the odd extra row or column after, as PyTorch does.
     groups : int, default 1
         Split channels into this many independent convolutions (``groups=C`` is depthwise).
+    algorithm : {"auto", "gather", "slices"}, default "auto"
+        How patches are built and their gradients summed back: ``"gather"`` (one indexed gather,
+        scatter-add back) or ``"slices"`` (kH*kW strided slices, slice additions back). All give
+        the same result to rounding; ``"auto"`` picks the faster for the backend.
+    max_workspace_bytes : int, optional
+        Scratch memory limit; the batch (and if needed the output rows) is split to stay under it.
+        Default: ``CONV2D_MAX_WORKSPACE`` (e.g. ``"512MB"``), else 1 GiB.
 
     Returns
     -------
@@ -84,8 +101,10 @@ def conv2d(
     TypeError
         An argument of the wrong type, a non-floating dtype, mixed dtypes or mixed libraries.
     ValueError
-        Inconsistent shapes, a bad stride/padding/dilation/groups, arrays on two devices,
-        or a kernel larger than the padded input.
+        Inconsistent shapes, a bad stride/padding/dilation/groups/algorithm, arrays on two
+        devices, or a kernel larger than the padded input.
+    MemoryError
+        When not even one output row of one sample fits in the workspace limit.
 
     Examples
     --------
@@ -102,7 +121,7 @@ def conv2d(
         _shape(x), _shape(weight), None if bias is None else _shape(bias),
         stride=stride, padding=padding, dilation=dilation, groups=groups,
     )
-    y, _ = _conv.forward(backend, x, weight, bias, geom)
+    y, _ = _conv.forward(backend, x, weight, bias, geom, check_algorithm(algorithm), resolve_limit(max_workspace_bytes))
     return y
 
 
@@ -115,6 +134,8 @@ def conv2d_backward(
     padding: Padding = 0,
     dilation: IntPair = 1,
     groups: int = 1,
+    algorithm: str = "auto",
+    max_workspace_bytes: int | None = None,
 ) -> tuple[Any, Any, Any]:
     """Gradients of a loss through :func:`conv2d`, given the gradient of its output.
 
@@ -124,7 +145,7 @@ def conv2d_backward(
         dLoss/dy for ``y = conv2d(x, weight, bias, ...)`` with the same arguments.
     x, weight : arrays
         The forward pass's input and filters.
-    stride, padding, dilation, groups
+    stride, padding, dilation, groups, algorithm, max_workspace_bytes
         As given to :func:`conv2d`.
 
     Returns
@@ -154,5 +175,7 @@ def conv2d_backward(
         _shape(x), _shape(weight), None, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
     check_output_shape("grad_out", _shape(grad_out), _shape(x)[0], geom)
-    return _conv.backward(backend, grad_out, x, weight, geom)
+    return _conv.backward(
+        backend, grad_out, x, weight, geom, check_algorithm(algorithm), resolve_limit(max_workspace_bytes)
+    )
 

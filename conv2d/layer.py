@@ -9,7 +9,8 @@ import numpy as np
 from array_api_compat import array_namespace
 
 from . import _conv
-from ._functional import check_arrays
+from ._functional import check_algorithm, check_arrays
+from ._workspace import resolve_limit
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry, positive_int, positive_ints
 from .backends import Backend, get_backend
 
@@ -54,6 +55,9 @@ class ConvolutionLayer:
         standard deviation 0.1) on the host, so that a seed gives the same weights on every backend.
     backend : str or Backend, optional
         Where the layer lives; default: the active backend (see :func:`conv2d.get_backend`).
+    algorithm, max_workspace_bytes
+        As in :func:`conv2d.conv2d`. The patch matrix built by `forwardpass` is kept for
+        `backwardpass` when the batch fits in the workspace in one piece.
 
     Examples
     --------
@@ -80,6 +84,8 @@ class ConvolutionLayer:
         dtype: str = "float64",
         seed: int | None = None,
         backend: str | Backend | None = None,
+        algorithm: str = "auto",
+        max_workspace_bytes: int | None = None,
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
@@ -88,6 +94,9 @@ class ConvolutionLayer:
         numfilters = positive_int("numfilters", numfilters)
         if dtype not in ("float16", "float32", "float64"):
             raise TypeError(f"dtype must be 'float16', 'float32' or 'float64', got {dtype!r}")
+        self.algorithm = check_algorithm(algorithm)
+        self.max_workspace_bytes = max_workspace_bytes
+        resolve_limit(max_workspace_bytes)  # a bad limit fails here, not at the first batch
         self.backend = get_backend(backend)
         self.in_depth, self.in_row, self.in_col = in_channels
         self.filter_row, self.filter_col = filter_size
@@ -103,7 +112,8 @@ class ConvolutionLayer:
         rng = np.random.default_rng(seed)
         self.weights = self.backend.asarray(rng.normal(0.0, 0.1, weight_shape), dtype=self.dtype)
         self.biases = self.backend.asarray(rng.normal(0.0, 0.1, numfilters), dtype=self.dtype)
-        self._saved: tuple[int, Any, Any] | None = None  # (batch, patches, activation) of the last forward
+        # (input, patches or None when the batch was split, activation) of the last forwardpass
+        self._saved: tuple[Any, Any | None, Any] | None = None
 
     def _to_layer(self, name: str, array: Any) -> Any:
         """`array` on the layer's backend and dtype; only floating data is accepted."""
@@ -123,10 +133,11 @@ class ConvolutionLayer:
         if X.ndim != 4 or tuple(X.shape[1:]) != expected:
             raise ValueError(f"X must have shape (n, {', '.join(map(str, expected))}), got {tuple(X.shape)}")
         check_arrays({"X": X, "weights": self.weights, "biases": self.biases})
-        pre, cols = _conv.forward(self.backend, X, self.weights, self.biases, self._geom)
+        limit = resolve_limit(self.max_workspace_bytes)
+        pre, cols = _conv.forward(self.backend, X, self.weights, self.biases, self._geom, self.algorithm, limit)
         xp = array_namespace(pre)
         out = ACTIVATIONS[self.activation][0](xp, pre)
-        self._saved = (X.shape[0], cols, out)
+        self._saved = (X, cols, out)
         return out
 
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
@@ -151,7 +162,8 @@ class ConvolutionLayer:
         # A Python float keeps the weights' dtype: a NumPy float64 scalar would promote float32
         # weights on NumPy and JAX, and array-api-strict rejects it outright.
         lr = float(lr)
-        batch, cols, out = self._saved
+        X, cols, out = self._saved
+        batch = X.shape[0]
         if activation_prev.shape[0] != batch:
             raise ValueError(
                 f"activation_prev has batch size {activation_prev.shape[0]} but the last forwardpass had {batch}; "
@@ -161,7 +173,10 @@ class ConvolutionLayer:
         check_output_shape("delta", tuple(delta.shape), batch, self._geom)
         xp = array_namespace(delta)
         grad_pre = delta * ACTIVATIONS[self.activation][1](xp, out)
-        grad_x, grad_w, grad_b = _conv.backward(self.backend, grad_pre, None, self.weights, self._geom, cols)
+        limit = resolve_limit(self.max_workspace_bytes)
+        grad_x, grad_w, grad_b = _conv.backward(
+            self.backend, grad_pre, X, self.weights, self._geom, self.algorithm, limit, cols
+        )
         # New arrays rather than in-place updates: JAX arrays are immutable, and the caller may
         # still hold the old weights.
         self.weights = self.weights - lr * grad_w

@@ -44,6 +44,7 @@ class Backend:
     _to_numpy: Callable[[Any], np.ndarray] = field(repr=False)
     _scatter_add: Callable[[Any, Any, Any], Any] = field(repr=False)
     _owns: Callable[[Any], bool] = field(repr=False)
+    _slice_add: Callable[[Any, Any, Any], Any] | None = field(default=None, repr=False)
     _constants: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -78,6 +79,16 @@ class Backend:
         array. Always use the returned array, and pass a `target` you own.
         """
         return self._scatter_add(target, indices, values)
+
+    def slice_add(self, target: Any, key: Any, values: Any) -> Any:
+        """Return `target` with `values` added to ``target[key]`` (basic indexing: ints and slices).
+
+        In place where the library allows it; JAX returns a new array. Always use the result.
+        """
+        if self._slice_add is not None:
+            return self._slice_add(target, key, values)
+        target[key] += values
+        return target
 
     def dtype(self, name: str) -> Any:
         """The library's dtype called `name` (``"float32"``, ``"float64"``, ...)."""

@@ -69,4 +69,5 @@ def build(device: str | None) -> Backend:
         _to_numpy=np.asarray,
         _scatter_add=scatter_add,
         _owns=is_array,
+        _slice_add=lambda target, key, values: target.at[key].add(values),  # JAX arrays are immutable
     )

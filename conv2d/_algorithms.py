@@ -1,0 +1,137 @@
+"""The two ways to build the patch matrix (im2col) and to sum its gradient back (col2im).
+
+Both produce the same layout, (n, groups, C/groups*kH*kW, rows*OW) for output rows [r0, r1),
+so the matrix products in ``_conv.py`` do not care which one ran:
+
+- ``gather``: the mission's design. One ``take`` with a precomputed flat index per patch element,
+  and the backend's scatter-add back. Works for every geometry with the same two operations.
+- ``slices``: kH*kW strided slices of the (padded) input, one per kernel tap. Each slice touches
+  distinct pixels, so the backward pass is kH*kW slice additions: no scatter, no atomics,
+  deterministic, and no index array to read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import array_namespace
+from array_api_compat import device as device_of
+
+from ._geometry import Geometry
+from ._plan import gather_indices, index_dtype, row_length
+from .backends import Backend
+
+
+class Gather:
+    name = "gather"
+
+    @staticmethod
+    def _plan(backend: Backend, geom: Geometry, rows: tuple[int, int]) -> Any:
+        def build():
+            plan = gather_indices(geom)
+            if rows == (0, geom.out_h):
+                return plan
+            per_row = plan.reshape(-1, geom.out_h, geom.out_w)[:, rows[0] : rows[1], :]
+            return per_row.reshape(-1).copy()
+
+        return backend.constant(("gather", geom, rows), build)
+
+    @classmethod
+    def patches(cls, backend: Backend, x: Any, geom: Geometry, rows: tuple[int, int]) -> Any:
+        xp = array_namespace(x)
+        n = x.shape[0]
+        flat = xp.reshape(x, (n, geom.sample_size))
+        if geom.padded:  # every padding position reads this one zero after the sample
+            flat = xp.concat([flat, xp.zeros((n, 1), dtype=x.dtype, device=device_of(x))], axis=1)
+        # The standard's `take` needs 1-D indices on one axis: the plan indexes a flattened sample.
+        cols = xp.take(flat, cls._plan(backend, geom, rows), axis=1)
+        return xp.reshape(cols, (n, geom.groups, geom.patch_size, (rows[1] - rows[0]) * geom.out_w))
+
+    @staticmethod
+    def grad_start(backend: Backend, like: Any, n: int, geom: Geometry) -> Any:
+        xp = array_namespace(like)
+        return xp.zeros((n * row_length(geom),), dtype=like.dtype, device=device_of(like))
+
+    @classmethod
+    def grad_add(cls, backend: Backend, acc: Any, grad_cols: Any, geom: Geometry, rows: tuple[int, int]) -> Any:
+        # A pixel read by several patches receives the sum of their gradients: a scatter-*add*
+        # over one flat index per patch element of the whole chunk.
+        xp = array_namespace(grad_cols)
+        n, length = grad_cols.shape[0], row_length(geom)
+        dtype = backend.dtype(index_dtype(max(n * length - 1, 0)))
+        offsets = xp.arange(0, n * length, length, dtype=dtype, device=device_of(grad_cols))
+        plan = xp.astype(cls._plan(backend, geom, rows), dtype, copy=False)
+        indices = xp.reshape(xp.reshape(offsets, (n, 1)) + plan, (-1,))
+        return backend.scatter_add(acc, indices, xp.reshape(grad_cols, (-1,)))
+
+    @staticmethod
+    def grad_finish(acc: Any, n: int, geom: Geometry) -> Any:
+        xp = array_namespace(acc)
+        interior = xp.reshape(acc, (n, row_length(geom)))[:, : geom.sample_size]  # drop the padding's zero
+        return xp.reshape(interior, (n, geom.in_channels, geom.height, geom.width))
+
+
+class Slices:
+    name = "slices"
+
+    @staticmethod
+    def _taps(geom: Geometry, rows: tuple[int, int]):
+        """For each kernel tap, the (row, column) slices of the padded input it reads."""
+        (sh, sw), (dh, dw) = geom.stride, geom.dilation
+        for i in range(geom.kernel_h):
+            top = i * dh + rows[0] * sh
+            row_slice = slice(top, top + (rows[1] - rows[0] - 1) * sh + 1, sh)
+            for j in range(geom.kernel_w):
+                yield row_slice, slice(j * dw, j * dw + (geom.out_w - 1) * sw + 1, sw)
+
+    @staticmethod
+    def _pad(x: Any, geom: Geometry) -> Any:
+        # The standard has no `pad`; concatenating zero blocks works on every library, JAX included.
+        xp, dev = array_namespace(x), device_of(x)
+        top, bottom, left, right = geom.padding
+        n, c, h, w = x.shape
+        if top or bottom:
+            blocks = [xp.zeros((n, c, top, w), dtype=x.dtype, device=dev), x,
+                      xp.zeros((n, c, bottom, w), dtype=x.dtype, device=dev)]
+            x = xp.concat(blocks, axis=2)
+        if left or right:
+            h = x.shape[2]
+            blocks = [xp.zeros((n, c, h, left), dtype=x.dtype, device=dev), x,
+                      xp.zeros((n, c, h, right), dtype=x.dtype, device=dev)]
+            x = xp.concat(blocks, axis=3)
+        return x
+
+    @classmethod
+    def patches(cls, backend: Backend, x: Any, geom: Geometry, rows: tuple[int, int]) -> Any:
+        xp = array_namespace(x)
+        padded = cls._pad(x, geom)
+        taps = [padded[:, :, r, c] for r, c in cls._taps(geom, rows)]
+        cols = xp.stack(taps, axis=2)  # (n, C, kH*kW, rows, OW): rows ordered like weight's (C, kH, kW)
+        return xp.reshape(cols, (x.shape[0], geom.groups, geom.patch_size, (rows[1] - rows[0]) * geom.out_w))
+
+    @staticmethod
+    def grad_start(backend: Backend, like: Any, n: int, geom: Geometry) -> Any:
+        xp = array_namespace(like)
+        top, bottom, left, right = geom.padding
+        shape = (n, geom.in_channels, geom.height + top + bottom, geom.width + left + right)
+        return xp.zeros(shape, dtype=like.dtype, device=device_of(like))
+
+    @classmethod
+    def grad_add(cls, backend: Backend, acc: Any, grad_cols: Any, geom: Geometry, rows: tuple[int, int]) -> Any:
+        xp = array_namespace(grad_cols)
+        n, r = grad_cols.shape[0], rows[1] - rows[0]
+        taps = xp.reshape(grad_cols, (n, geom.in_channels, geom.kernel_h * geom.kernel_w, r, geom.out_w))
+        for k, (row_slice, col_slice) in enumerate(cls._taps(geom, rows)):
+            acc = backend.slice_add(acc, (slice(None), slice(None), row_slice, col_slice), taps[:, :, k, ...])
+        return acc
+
+    @staticmethod
+    def grad_finish(acc: Any, n: int, geom: Geometry) -> Any:
+        top, _, left, _ = geom.padding
+        if not geom.padded:
+            return acc
+        xp = array_namespace(acc)
+        return xp.asarray(acc[:, :, top : top + geom.height, left : left + geom.width], copy=True)
+
+
+ALGORITHMS = {algorithm.name: algorithm for algorithm in (Gather, Slices)}

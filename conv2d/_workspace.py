@@ -1,0 +1,88 @@
+"""How much scratch memory one call may use, and how the work is split to stay under it.
+
+The scratch of a convolution is dominated by the patch matrix (C*kH*kW values per output
+position) and, in the backward pass, its gradient. Both grow with the batch, so the work is split
+over the batch, and over output rows when one sample alone does not fit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from ._geometry import Geometry
+
+ENV_VAR = "CONV2D_MAX_WORKSPACE"
+DEFAULT_BYTES = 2**30
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, source: str) -> int:
+    """Bytes from ``"512MB"``, ``"1GiB"``, ``"1.5gb"`` or a plain number of bytes."""
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise ValueError(
+            f"{source} must be a size such as '512MB', '1GiB' or a number of bytes, got {text!r} "
+            f"(units: {', '.join(u for u in _UNITS if u)})"
+        )
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size < 1:
+        raise ValueError(f"{source} must be at least 1 byte, got {text!r}")
+    return size
+
+
+def resolve_limit(max_workspace_bytes: int | None) -> int:
+    """The argument if given, else ``CONV2D_MAX_WORKSPACE`` (read at each call), else 1 GiB."""
+    if max_workspace_bytes is not None:
+        if isinstance(max_workspace_bytes, bool) or not isinstance(max_workspace_bytes, int):
+            raise TypeError(f"max_workspace_bytes must be an int number of bytes, got {max_workspace_bytes!r}")
+        if max_workspace_bytes < 1:
+            raise ValueError(f"max_workspace_bytes must be positive, got {max_workspace_bytes!r}")
+        return max_workspace_bytes
+    text = os.environ.get(ENV_VAR, "").strip()
+    return parse_size(text, f"the {ENV_VAR} environment variable") if text else DEFAULT_BYTES
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Samples [start, stop) and output rows [row_start, row_stop) computed together."""
+
+    start: int
+    stop: int
+    row_start: int
+    row_stop: int
+
+
+def scratch_bytes(geom: Geometry, samples: int, rows: int, itemsize: int) -> int:
+    """Scratch of one chunk: a padded copy of its input, the patch matrix and its gradient
+    (with their flat indices, counted at the item size: an upper bound for int32 and int64 alike),
+    and the per-sample weight-gradient products summed in the backward pass."""
+    top, bottom, left, right = geom.padding
+    padded_input = geom.in_channels * (geom.height + top + bottom) * (geom.width + left + right) + 1
+    patches = geom.in_channels * geom.kernel_h * geom.kernel_w * rows * geom.out_w
+    weight_grads = geom.out_channels * geom.patch_size
+    return samples * itemsize * (padded_input + 3 * patches + weight_grads)
+
+
+def plan_chunks(geom: Geometry, batch: int, itemsize: int, limit: int) -> list[Chunk]:
+    """Split a batch so that each chunk's scratch fits in `limit` bytes (MemoryError if none can)."""
+    if batch == 0 or scratch_bytes(geom, batch, geom.out_h, itemsize) <= limit:
+        return [Chunk(0, batch, 0, geom.out_h)]
+    per_sample = scratch_bytes(geom, 1, geom.out_h, itemsize)
+    if per_sample <= limit:
+        size = limit // per_sample
+        return [Chunk(s, min(s + size, batch), 0, geom.out_h) for s in range(0, batch, size)]
+    rows = next((r for r in range(geom.out_h - 1, 0, -1) if scratch_bytes(geom, 1, r, itemsize) <= limit), 0)
+    if rows == 0:
+        raise MemoryError(
+            f"one output row of one sample needs {scratch_bytes(geom, 1, 1, itemsize):,} bytes of scratch, more than "
+            f"the workspace limit of {limit:,} bytes; raise it with max_workspace_bytes= or {ENV_VAR} "
+            "(e.g. CONV2D_MAX_WORKSPACE=2GB)"
+        )
+    return [
+        Chunk(s, s + 1, r, min(r + rows, geom.out_h)) for s in range(batch) for r in range(0, geom.out_h, rows)
+    ]

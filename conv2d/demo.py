@@ -1,0 +1,243 @@
+"""``python -m conv2d demo``: train a small CNN on scikit-learn's handwritten digits, on any backend.
+
+The network is built from conv2d's layers (:class:`conv2d.ConvolutionLayer` and :mod:`conv2d.nn`)
+and trained by plain SGD; the same code runs on NumPy, PyTorch, JAX, array-api-strict or a GPU
+(``CONV2D_BACKEND=cupy python -m conv2d demo``). scikit-learn (data), tqdm (progress) and
+matplotlib (plots) are imported only when the demo runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import nn
+from .backends import ENV_VAR, Backend, BackendUnavailableError, get_backend
+from .layer import ConvolutionLayer
+
+DEFAULTS = dict(epochs=12, batch_size=32, lr=0.1, seed=0)
+DTYPE = "float32"
+
+
+@dataclass
+class Digits:
+    """The digits split in two, on the host: images (n, 1, 8, 8) float32 in [0, 1], labels int32."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+@dataclass
+class Run:
+    """A trained network and its history; every list has one entry per epoch, test ones from epoch 0."""
+
+    network: nn.Sequential
+    backend: Backend
+    train_loss: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)  # [0]: before training
+    test_accuracy: list[float] = field(default_factory=list)  # [0]: before training
+    epoch_seconds: list[float] = field(default_factory=list)
+
+
+def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Digits:
+    """scikit-learn's 1,797 8x8 digits (shipped with it, no download), split stratified by `seed`."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    images, labels = sklearn_digits(return_X_y=True)
+    images = (images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # pixel values are 0..16
+    # int32 labels: JAX without 64-bit types would refuse int64.
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, labels.astype(np.int32), test_size=test_fraction, stratify=labels, random_state=seed
+    )
+    return Digits(train_x, train_y, test_x, test_y)
+
+
+def build_network(backend: Backend, seed: int = 0, dtype: str = DTYPE) -> nn.Sequential:
+    """conv 3x3 (8) -> relu -> max-pool 2 -> conv 3x3 (16) -> relu -> max-pool 2 -> dense 10 (logits)."""
+    return nn.Sequential(
+        [
+            ConvolutionLayer((1, 8, 8), (3, 3), 8, padding=1, activation="relu", dtype=dtype, seed=seed, backend=backend),
+            nn.MaxPoolLayer((8, 8, 8), 2, backend=backend),  # -> 8 x 4 x 4
+            ConvolutionLayer((8, 4, 4), (3, 3), 16, padding=1, activation="relu", dtype=dtype, seed=seed + 1, backend=backend),
+            nn.MaxPoolLayer((16, 4, 4), 2, backend=backend),  # -> 16 x 2 x 2
+            nn.FlattenLayer(),
+            nn.DenseLayer(64, 10, dtype=dtype, seed=seed + 2, backend=backend),
+        ]
+    )
+
+
+def evaluate(network: nn.Sequential, backend: Backend, images: Any, labels: Any, batch_size: int = 512) -> tuple[float, float]:
+    """(mean loss, accuracy) of `network` on arrays already on `backend`."""
+    xp = backend.xp
+    n = images.shape[0]
+    loss_sum, correct = 0.0, 0
+    for start in range(0, n, batch_size):
+        x, y = images[start : start + batch_size, ...], labels[start : start + batch_size]
+        logits = network.forwardpass(x)
+        loss, _ = nn.softmax_cross_entropy(logits, y)
+        loss_sum += float(loss) * x.shape[0]
+        correct += int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == y, xp.int32)))
+    return loss_sum / n, correct / n
+
+
+def train(
+    backend: Backend,
+    *,
+    epochs: int = DEFAULTS["epochs"],
+    batch_size: int = DEFAULTS["batch_size"],
+    lr: float = DEFAULTS["lr"],
+    seed: int = DEFAULTS["seed"],
+    data: Digits | None = None,
+    max_batches: int | None = None,
+    progress: Callable[..., Any] | None = None,
+) -> Run:
+    """Train :func:`build_network` on `data` (default: :func:`load_digits`) by SGD on mini-batches.
+
+    The data goes to the backend's device once; each epoch visits it in an order drawn from
+    `seed`, so a seed gives the same run on every backend up to float32 rounding. `max_batches`
+    stops each epoch early (for tests). `progress`, if given, is called as
+    ``progress(total=..., desc=...)`` and must return a tqdm-like bar (``update``, ``set_postfix``, ``close``).
+    """
+    data = load_digits(seed) if data is None else data
+    xp = backend.xp
+    train_x, train_y = backend.asarray(data.train_x, dtype=DTYPE), backend.asarray(data.train_y)
+    test_x, test_y = backend.asarray(data.test_x, dtype=DTYPE), backend.asarray(data.test_y)
+    run = Run(build_network(backend, seed), backend)
+    loss, accuracy = evaluate(run.network, backend, test_x, test_y)
+    run.test_loss.append(loss)
+    run.test_accuracy.append(accuracy)
+    rng = np.random.default_rng(seed)
+    n = train_x.shape[0]
+    batches = -(-n // batch_size) if max_batches is None else min(max_batches, -(-n // batch_size))
+    for epoch in range(1, epochs + 1):
+        start_time = time.perf_counter()
+        order = backend.asarray(rng.permutation(n).astype(np.int32))
+        bar = None if progress is None else progress(total=batches, desc=f"epoch {epoch}/{epochs}")
+        seen = loss_sum = correct = 0
+        for b in range(batches):
+            index = order[b * batch_size : (b + 1) * batch_size]
+            x, y = xp.take(train_x, index, axis=0), xp.take(train_y, index, axis=0)
+            logits = run.network.forwardpass(x)
+            loss, grad = nn.softmax_cross_entropy(logits, y)
+            run.network.backwardpass(lr, x, grad)
+            seen += x.shape[0]
+            loss_sum += float(loss) * x.shape[0]
+            correct += int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == y, xp.int32)))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
+        run.train_loss.append(loss_sum / seen)
+        run.train_accuracy.append(correct / seen)
+        loss, accuracy = evaluate(run.network, backend, test_x, test_y)
+        run.test_loss.append(loss)
+        run.test_accuracy.append(accuracy)
+        run.epoch_seconds.append(time.perf_counter() - start_time)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", test_acc=f"{accuracy:.3f}")
+            bar.close()
+    return run
+
+
+def plot(run: Run, out: Path) -> list[Path]:
+    """Write loss.png (loss and accuracy per epoch) and filters.png (first layer's filters) to `out`."""
+    from matplotlib.figure import Figure  # a bare Figure: no pyplot, no GUI backend, no global state
+
+    out.mkdir(parents=True, exist_ok=True)
+    epochs = range(1, len(run.train_loss) + 1)
+    test_epochs = range(len(run.test_loss))
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    loss_ax.plot(epochs, run.train_loss, "o-", label="train")
+    loss_ax.plot(test_epochs, run.test_loss, "s-", label="test")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
+    acc_ax.plot(epochs, run.train_accuracy, "o-", label="train")
+    acc_ax.plot(test_epochs, run.test_accuracy, "s-", label="test")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02), title=f"accuracy (test: {run.test_accuracy[-1]:.1%})")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"conv2d demo: digits, backend {run.backend.spec}")
+    loss_path = out / "loss.png"
+    fig.savefig(loss_path, dpi=100)
+
+    first = run.network.layers[0]
+    filters = run.backend.to_numpy(first.weights)[:, 0]  # (filters, 3, 3): one input channel
+    limit = float(np.abs(filters).max())
+    fig = Figure(figsize=(1.3 * len(filters) + 0.8, 1.9), layout="constrained")
+    axes = fig.subplots(1, len(filters))
+    for number, (ax, kernel) in enumerate(zip(axes, filters)):
+        image = ax.imshow(kernel, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set(xticks=[], yticks=[], title=f"{number}")
+    fig.colorbar(image, ax=list(axes), shrink=0.8)
+    fig.suptitle("first layer's learned 3x3 filters")
+    filters_path = out / "filters.png"
+    fig.savefig(filters_path, dpi=100)
+    return [loss_path, filters_path]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DEFAULTS
+    parser.add_argument("--epochs", type=int, default=d["epochs"], help=f"passes over the training set (default {d['epochs']})")
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"SGD mini-batch size (default {d['batch_size']})")
+    parser.add_argument("--lr", type=float, default=d["lr"], help=f"learning rate (default {d['lr']})")
+    parser.add_argument("--backend", help=f"backend spec, e.g. numpy, torch, torch:cuda, cupy, jax (default: ${ENV_VAR}, else numpy)")
+    parser.add_argument("--seed", type=int, default=d["seed"], help=f"seed of the split, the weights and the batch order (default {d['seed']})")
+    parser.add_argument("--out", type=Path, default=Path("conv2d-demo"), help="folder for loss.png and filters.png (default ./conv2d-demo/)")
+    parser.add_argument("--no-plots", action="store_true", help="do not write the plots (matplotlib not needed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            return 2
+    if not args.lr > 0:
+        print(f"error: --lr must be positive, got {args.lr}")
+        return 2
+    try:
+        backend = get_backend(args.backend) if args.backend else get_backend()
+    except (ValueError, BackendUnavailableError) as exc:
+        print(f"error: {exc}")
+        return 2
+    source = "--backend" if args.backend else (f"{ENV_VAR}" if os.environ.get(ENV_VAR, "").strip() else "default")
+    try:
+        from tqdm.auto import tqdm
+        import sklearn  # noqa: F401 - fail here, with the fix, rather than mid-way
+        if not args.no_plots:
+            import matplotlib  # noqa: F401
+    except ImportError as exc:
+        print(f"error: the demo needs {exc.name}: python -m pip install 'conv2d[demo]'")
+        return 2
+
+    data = load_digits(args.seed)
+    print(
+        f"digits: {len(data.train_y)} training and {len(data.test_y)} test images (8x8); "
+        f"backend {backend.spec} on device {backend.device} (from {source}), {DTYPE}"
+    )
+    start = time.perf_counter()
+    result = train(
+        backend, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, data=data,
+        progress=lambda **kw: tqdm(unit="batch", leave=True, dynamic_ncols=True, **kw),
+    )
+    total = time.perf_counter() - start
+    seconds = result.epoch_seconds
+    print(f"test accuracy: {result.test_accuracy[-1]:.2%} ({round(result.test_accuracy[-1] * len(data.test_y))}/{len(data.test_y)})")
+    print(f"backend: {backend.spec}, device: {backend.device}")
+    print(
+        f"time per epoch: {sum(seconds) / len(seconds):.3f} s (first {seconds[0]:.3f} s), "
+        f"{args.epochs} epochs in {total:.1f} s"
+    )
+    if not args.no_plots:
+        for path in plot(result, args.out):
+            print(f"wrote {path}")
+    return 0

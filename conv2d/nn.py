@@ -1,0 +1,403 @@
+"""Companion layers for :class:`conv2d.ConvolutionLayer`, with the same protocol, on every backend.
+
+Each layer has ``forwardpass(X)`` (which keeps what the backward pass needs) and
+``backwardpass(lr, activation_prev, delta)`` (which returns dE/dX and, for :class:`DenseLayer`,
+takes a plain SGD step), so that they chain with the convolution layer in a layer-by-layer
+network. They are written on the array API namespace of their backend, like the convolution.
+
+Pooling reuses the convolution's gather plan: a pooling window is a depthwise convolution
+(``groups = channels``) with no padding, so one ``take`` with the plan gives every window, and the
+backend's scatter-add sends the window gradients back (overlapping windows add up).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from array_api_compat import array_namespace
+from array_api_compat import device as device_of
+
+from ._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
+from ._plan import gather_indices, index_dtype
+from .backends import Backend, backend_of, get_backend
+from .layer import ACTIVATIONS
+
+__all__ = ["AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "softmax_cross_entropy"]
+
+
+def _floating(backend: Backend, name: str, array: Any, dtype: Any = None) -> Any:
+    """`array` moved to `backend`; TypeError unless it is floating; cast to `dtype` if given."""
+    array = backend.asarray(array)
+    xp = backend.xp
+    if not xp.isdtype(array.dtype, "real floating"):
+        raise TypeError(f"{name} has dtype {array.dtype}; the layer needs real floating data")
+    return array if dtype is None else xp.astype(array, dtype, copy=False)
+
+
+def _check_batch(activation_prev: Any, batch: int) -> None:
+    if activation_prev.shape[0] != batch:
+        raise ValueError(
+            f"activation_prev has batch size {activation_prev.shape[0]} but the last forwardpass had {batch}; "
+            "call forwardpass on this batch first"
+        )
+
+
+def _plan(backend: Backend, geom: Geometry) -> Any:
+    # The key and the array are the convolution's own for this geometry: one copy per device.
+    return backend.constant(("gather", geom), lambda: gather_indices(geom))
+
+
+def _gather_windows(backend: Backend, x: Any, geom: Geometry) -> Any:
+    """Every pooling window of `x`: (n, depth, kH*kW, out_row*out_col)."""
+    xp, n = backend.xp, x.shape[0]
+    # The standard's `take` wants 1-D indices on one axis: the plan indexes a flattened sample.
+    windows = xp.take(xp.reshape(x, (n, geom.sample_size)), _plan(backend, geom), axis=1)
+    return xp.reshape(windows, (n, geom.in_channels, geom.patch_size, geom.positions))
+
+
+def _scatter_windows(backend: Backend, grad_windows: Any, geom: Geometry) -> Any:
+    """The inverse of :func:`_gather_windows` for gradients: each pixel gets the sum over its windows."""
+    xp, n, length = backend.xp, grad_windows.shape[0], geom.sample_size
+    dev = device_of(grad_windows)
+    dtype = backend.dtype(index_dtype(max(n * length - 1, 0)))
+    offsets = xp.reshape(xp.arange(0, n * length, length, dtype=dtype, device=dev), (n, 1))
+    indices = xp.reshape(offsets + xp.astype(_plan(backend, geom), dtype), (-1,))
+    target = xp.zeros((n * length,), dtype=grad_windows.dtype, device=dev)
+    summed = backend.scatter_add(target, indices, xp.reshape(grad_windows, (-1,)))
+    return xp.reshape(summed, (n, geom.in_channels, geom.height, geom.width))
+
+
+class _Pool:
+    """What max- and average-pooling share: the window geometry, input checks and saved state."""
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        pool_size: IntPair = 2,
+        stride: IntPair | None = None,
+        *,
+        backend: str | Backend | None = None,
+    ) -> None:
+        in_channels = positive_ints("in_channels", in_channels, "(depth, rows, cols)")
+        pool_rows, pool_cols = int_pair("pool_size", pool_size, minimum=1)
+        self.backend = get_backend(backend)
+        self.in_depth, self.in_row, self.in_col = in_channels
+        self.pool_row, self.pool_col = pool_rows, pool_cols
+        self.stride = (pool_rows, pool_cols) if stride is None else int_pair("stride", stride, minimum=1)
+        # One window per channel: the geometry of a depthwise convolution with a (1, kH, kW) filter.
+        self._geom: Geometry = make_geometry(
+            (1, *in_channels), (self.in_depth, 1, pool_rows, pool_cols), None,
+            stride=self.stride, padding=0, groups=self.in_depth,
+        )
+        self.out_depth, self.out_row, self.out_col = self.in_depth, self._geom.out_h, self._geom.out_w
+        self._saved: Any = None
+
+    def _windows(self, X: Any) -> tuple[Any, Any]:
+        """X on the layer's backend and its windows, (n, depth, kH*kW, out_row*out_col)."""
+        X = _floating(self.backend, "X", X)
+        expected = (self.in_depth, self.in_row, self.in_col)
+        if X.ndim != 4 or tuple(X.shape[1:]) != expected:
+            raise ValueError(f"X must have shape (n, {', '.join(map(str, expected))}), got {tuple(X.shape)}")
+        return X, _gather_windows(self.backend, X, self._geom)
+
+    def _delta(self, activation_prev: Any, delta: Any) -> tuple[int, Any]:
+        """The batch size and `delta` as (n, depth, 1, out_row*out_col), after the checks."""
+        if self._saved is None:
+            raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
+        batch, dtype = self._saved[0], self._saved[1]
+        _check_batch(activation_prev, batch)
+        delta = _floating(self.backend, "delta", delta, dtype)
+        check_output_shape("delta", tuple(delta.shape), batch, self._geom)
+        return batch, self.backend.xp.reshape(delta, (batch, self.in_depth, 1, self._geom.positions))
+
+
+class MaxPoolLayer(_Pool):
+    """Max-pooling over windows of each channel (PyTorch's ``max_pool2d`` without padding).
+
+    Parameters
+    ----------
+    in_channels : (int, int, int)
+        (depth, rows, cols) of one input sample.
+    pool_size : int or (int, int), default 2
+        Window (rows, cols).
+    stride : int or (int, int), optional
+        Step between windows; default: the window size (non-overlapping windows).
+    backend : str or Backend, optional
+        Where the layer works; default: the active backend. Inputs from other libraries are moved here.
+
+    Notes
+    -----
+    The gradient of each window goes to its maximum; where a window holds the maximum twice it
+    goes to the first one (in row-major order), as ``argmax`` picks it.
+
+    Examples
+    --------
+    >>> import numpy as np, conv2d.nn
+    >>> pool = conv2d.nn.MaxPoolLayer((3, 8, 8), 2)
+    >>> X = np.random.default_rng(0).standard_normal((2, 3, 8, 8))
+    >>> pool.forwardpass(X).shape
+    (2, 3, 4, 4)
+    >>> pool.backwardpass(0.1, X, np.ones((2, 3, 4, 4))).shape
+    (2, 3, 8, 8)
+    """
+
+    def forwardpass(self, X: Any) -> Any:
+        """Return the window maxima, shape (n, depth, out_row, out_col); keep where they were."""
+        X, windows = self._windows(X)
+        xp = self.backend.xp
+        where = xp.argmax(windows, axis=2, keepdims=True)  # (n, depth, 1, positions)
+        self._saved = (X.shape[0], X.dtype, where)
+        out = xp.max(windows, axis=2)
+        return xp.reshape(out, (X.shape[0], self.out_depth, self.out_row, self.out_col))
+
+    def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
+        """Return dE/dX: each window's delta at its maximum, zero elsewhere (`lr` is unused: no parameters)."""
+        batch, delta = self._delta(activation_prev, delta)
+        xp = self.backend.xp
+        where = self._saved[2]
+        taps = self.pool_row * self.pool_col
+        # A one-hot mask along the window axis by comparison with arange: the standard has no scatter.
+        tap = xp.reshape(xp.arange(taps, dtype=where.dtype, device=device_of(where)), (1, 1, taps, 1))
+        grad_windows = xp.where(tap == where, delta, xp.zeros_like(delta))
+        return _scatter_windows(self.backend, grad_windows, self._geom)
+
+
+class AvgPoolLayer(_Pool):
+    """Average-pooling over windows of each channel (PyTorch's ``avg_pool2d`` without padding).
+
+    Parameters are those of :class:`MaxPoolLayer`.
+
+    Examples
+    --------
+    >>> import numpy as np, conv2d.nn
+    >>> pool = conv2d.nn.AvgPoolLayer((1, 4, 4), 2)
+    >>> pool.forwardpass(np.arange(16.0).reshape(1, 1, 4, 4))[0, 0]
+    array([[ 2.5,  4.5],
+           [10.5, 12.5]])
+    """
+
+    def forwardpass(self, X: Any) -> Any:
+        """Return the window means, shape (n, depth, out_row, out_col)."""
+        X, windows = self._windows(X)
+        xp = self.backend.xp
+        self._saved = (X.shape[0], X.dtype)
+        out = xp.mean(windows, axis=2)
+        return xp.reshape(out, (X.shape[0], self.out_depth, self.out_row, self.out_col))
+
+    def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
+        """Return dE/dX: each window's delta shared equally by its pixels (`lr` is unused)."""
+        batch, delta = self._delta(activation_prev, delta)
+        xp = self.backend.xp
+        taps = self.pool_row * self.pool_col
+        grad_windows = xp.broadcast_to(delta / taps, (batch, self.in_depth, taps, self._geom.positions))
+        return _scatter_windows(self.backend, grad_windows, self._geom)
+
+
+class FlattenLayer:
+    """Reshape (n, ...) to (n, features) for a :class:`DenseLayer`; the backward pass reshapes back.
+
+    Works in the library of its input (no backend of its own): a reshape needs none.
+    """
+
+    def __init__(self) -> None:
+        self._shape: tuple[int, ...] | None = None
+
+    def forwardpass(self, X: Any) -> Any:
+        """Return X as (n, prod(X.shape[1:]))."""
+        xp = array_namespace(X)
+        self._shape = tuple(X.shape)
+        return xp.reshape(X, (X.shape[0], math.prod(X.shape[1:])))
+
+    def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
+        """Return `delta` in the shape of the last forwardpass's input (`lr` is unused)."""
+        if self._shape is None:
+            raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
+        _check_batch(activation_prev, self._shape[0])
+        expected = (self._shape[0], math.prod(self._shape[1:]))
+        if tuple(delta.shape) != expected:
+            raise ValueError(f"delta must have the forward output's shape {expected}, got {tuple(delta.shape)}")
+        return array_namespace(delta).reshape(delta, self._shape)
+
+
+class DenseLayer:
+    """A fully connected layer, ``activation(X @ weights.T + biases)``, trained by plain SGD.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    activation : {"sigmoid", "relu", "tanh", None}, default None
+        As for :class:`conv2d.ConvolutionLayer`; None gives logits for :func:`softmax_cross_entropy`.
+    dtype : str, default "float64"
+    seed : int, optional
+        Seed of the NumPy Generator that draws the initial weights (out_features, in_features)
+        and then the biases on the host, uniform in ±1/sqrt(in_features) as PyTorch's ``nn.Linear``,
+        so that a seed gives the same weights on every backend.
+    backend : str or Backend, optional
+        Where the layer lives; default: the active backend.
+
+    Examples
+    --------
+    >>> import numpy as np, conv2d.nn
+    >>> dense = conv2d.nn.DenseLayer(6, 3, seed=0)
+    >>> X = np.random.default_rng(1).standard_normal((4, 6))
+    >>> dense.forwardpass(X).shape
+    (4, 3)
+    >>> dense.backwardpass(0.1, X, np.ones((4, 3))).shape
+    (4, 6)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        activation: str | None = None,
+        dtype: str = "float64",
+        seed: int | None = None,
+        backend: str | Backend | None = None,
+    ) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features = positive_int("out_features", out_features)
+        if dtype not in ("float16", "float32", "float64"):
+            raise TypeError(f"dtype must be 'float16', 'float32' or 'float64', got {dtype!r}")
+        self.backend = get_backend(backend)
+        self.activation = activation
+        self.dtype = self.backend.dtype(dtype)
+        bound = 1.0 / math.sqrt(self.in_features)
+        rng = np.random.default_rng(seed)
+        weights = rng.uniform(-bound, bound, (self.out_features, self.in_features))
+        self.weights = self.backend.asarray(weights, dtype=self.dtype)
+        self.biases = self.backend.asarray(rng.uniform(-bound, bound, self.out_features), dtype=self.dtype)
+        self._saved: tuple[Any, Any] | None = None  # (input, activation) of the last forward
+
+    def forwardpass(self, X: Any) -> Any:
+        """Return activation(X @ weights.T + biases), shape (n, out_features); keep X for the backward pass."""
+        X = _floating(self.backend, "X", X, self.dtype)
+        if X.ndim != 2 or X.shape[1] != self.in_features:
+            raise ValueError(f"X must have shape (n, {self.in_features}), got {tuple(X.shape)}")
+        xp = self.backend.xp
+        out = ACTIVATIONS[self.activation][0](xp, xp.matmul(X, xp.matrix_transpose(self.weights)) + self.biases)
+        self._saved = (X, out)
+        return out
+
+    def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
+        """Update weights and biases by SGD and return dE/dX (with the weights before the update).
+
+        Parameters
+        ----------
+        lr : float
+        activation_prev : array
+            The input of the last :meth:`forwardpass` (only its batch size is used: the layer kept it).
+        delta : array, shape (n, out_features)
+            dE/d(output of the last forwardpass).
+        """
+        if self._saved is None:
+            raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
+        lr = float(lr)  # a NumPy scalar would promote float32 weights (see ConvolutionLayer)
+        X, out = self._saved
+        _check_batch(activation_prev, X.shape[0])
+        delta = _floating(self.backend, "delta", delta, self.dtype)
+        if tuple(delta.shape) != tuple(out.shape):
+            raise ValueError(f"delta must have the forward output's shape {tuple(out.shape)}, got {tuple(delta.shape)}")
+        xp = self.backend.xp
+        grad_pre = delta * ACTIVATIONS[self.activation][1](xp, out)
+        grad_x = xp.matmul(grad_pre, self.weights)
+        grad_w = xp.matmul(xp.matrix_transpose(grad_pre), X)
+        grad_b = xp.sum(grad_pre, axis=0)
+        # New arrays, not in-place updates: JAX arrays are immutable.
+        self.weights = self.weights - lr * grad_w
+        self.biases = self.biases - lr * grad_b
+        return grad_x
+
+
+def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
+    """Mean softmax cross-entropy of a batch and its gradient with respect to the logits.
+
+    Parameters
+    ----------
+    logits : array, shape (n, classes)
+        Real floating scores of any supported library.
+    labels : array or sequence of int, shape (n,)
+        Class indices in [0, classes); moved to the logits' library and device if needed.
+
+    Returns
+    -------
+    loss : array, shape ()
+        ``mean(-log softmax(logits)[i, labels[i]])``, PyTorch's ``cross_entropy``; a 0-d array on
+        the logits' device (``float(loss)`` to read it).
+    grad : array, shape (n, classes)
+        d loss / d logits = (softmax(logits) - onehot(labels)) / n: the delta to pass backwards.
+
+    Examples
+    --------
+    >>> import numpy as np, conv2d.nn
+    >>> loss, grad = conv2d.nn.softmax_cross_entropy(np.zeros((2, 4)), np.array([1, 3]))
+    >>> round(float(loss), 6), grad.shape
+    (1.386294, (2, 4))
+    """
+    backend = backend_of(logits, "logits")
+    xp = backend.xp
+    if not xp.isdtype(logits.dtype, "real floating"):
+        raise TypeError(f"logits has dtype {logits.dtype}; it needs a real floating dtype")
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be 2-D (n, classes), got shape {tuple(logits.shape)}")
+    labels = backend.asarray(labels)
+    n, classes = logits.shape
+    if not xp.isdtype(labels.dtype, "integral"):
+        raise TypeError(f"labels has dtype {labels.dtype}; it needs class indices (an integer dtype)")
+    if tuple(labels.shape) != (n,):
+        raise ValueError(f"labels must have shape ({n},) (one class index per row of logits), got {tuple(labels.shape)}")
+    # Subtracting each row's maximum keeps exp from overflowing and changes nothing else.
+    shifted = logits - xp.max(logits, axis=1, keepdims=True)
+    exp = xp.exp(shifted)
+    total = xp.sum(exp, axis=1, keepdims=True)
+    log_prob = shifted - xp.log(total)
+    classes_row = xp.reshape(xp.arange(classes, dtype=labels.dtype, device=device_of(labels)), (1, classes))
+    onehot = xp.astype(xp.reshape(labels, (n, 1)) == classes_row, logits.dtype)
+    loss = -xp.sum(onehot * log_prob) / n
+    grad = (exp / total - onehot) / n
+    return loss, grad
+
+
+class Sequential:
+    """Layers run one after the other; itself a layer with the same protocol.
+
+    ``forwardpass`` keeps each layer's input, and ``backwardpass`` hands each layer its own input
+    as ``activation_prev``, in reverse order.
+
+    Examples
+    --------
+    >>> import numpy as np, conv2d, conv2d.nn as nn
+    >>> net = nn.Sequential([
+    ...     conv2d.ConvolutionLayer((1, 8, 8), (3, 3), 4, padding=1, activation="relu", seed=0),
+    ...     nn.MaxPoolLayer((4, 8, 8), 2), nn.FlattenLayer(), nn.DenseLayer(64, 10, seed=1)])
+    >>> X, y = np.random.default_rng(2).random((5, 1, 8, 8)), np.array([0, 1, 2, 3, 4])
+    >>> loss, grad = nn.softmax_cross_entropy(net.forwardpass(X), y)
+    >>> net.backwardpass(0.1, X, grad).shape
+    (5, 1, 8, 8)
+    """
+
+    def __init__(self, layers: Iterable[Any]) -> None:
+        self.layers = list(layers)
+        self._inputs: list[Any] | None = None
+
+    def forwardpass(self, X: Any) -> Any:
+        inputs = []
+        for layer in self.layers:
+            inputs.append(X)
+            X = layer.forwardpass(X)
+        self._inputs = inputs
+        return X
+
+    def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
+        if self._inputs is None:
+            raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
+        _check_batch(activation_prev, self._inputs[0].shape[0])
+        for layer, layer_input in zip(reversed(self.layers), reversed(self._inputs)):
+            delta = layer.backwardpass(lr, layer_input, delta)
+        return delta
