@@ -1,6 +1,7 @@
 """conv2d: one 2-D convolution (im2col + matrix product + scatter-add) for NumPy, CuPy, torch, JAX
 and any array API library, chosen by ``CONV2D_BACKEND`` or by the arrays you pass in."""
 
+from ._algorithms import ALGORITHMS as _ALGORITHM_TABLE
 from ._functional import conv2d, conv2d_backward
 from .backends import (
     Backend,
@@ -14,7 +15,11 @@ from .layer import ConvolutionLayer
 
 __version__ = "0.1.0"
 
+#: Names accepted by ``algorithm=`` besides "auto".
+ALGORITHMS: tuple[str, ...] = tuple(_ALGORITHM_TABLE)
+
 __all__ = [
+    "ALGORITHMS",
     "Backend",
     "BackendUnavailableError",
     "ConvolutionLayer",

@@ -1,7 +1,9 @@
 """The two ways to build the patch matrix (im2col) and to sum its gradient back (col2im).
 
-Both produce the same layout, (n, groups, C/groups*kH*kW, rows*OW) for output rows [r0, r1),
-so the matrix products in ``_conv.py`` do not care which one ran:
+Both produce the same layout for samples [0, n) and output rows [r0, r1):
+(groups, C/groups*kH*kW, n*rows*OW), columns ordered sample, output row, output column. With
+all samples side by side in the columns, each matrix product of ``_conv.py`` is one large GEMM
+per group (as in the seed), whose inner dimension in the weight gradient is the whole batch.
 
 - ``gather``: the mission's design. One ``take`` with a precomputed flat index per patch element,
   and the backend's scatter-add back. Works for every geometry with the same two operations.
@@ -44,8 +46,9 @@ class Gather:
         if geom.padded:  # every padding position reads this one zero after the sample
             flat = xp.concat([flat, xp.zeros((n, 1), dtype=x.dtype, device=device_of(x))], axis=1)
         # The standard's `take` needs 1-D indices on one axis: the plan indexes a flattened sample.
-        cols = xp.take(flat, cls._plan(backend, geom, rows), axis=1)
-        return xp.reshape(cols, (n, geom.groups, geom.patch_size, (rows[1] - rows[0]) * geom.out_w))
+        cols = xp.take(flat, cls._plan(backend, geom, rows), axis=1)  # (n, C*kH*kW*positions)
+        cols = xp.permute_dims(xp.reshape(cols, (n, geom.in_channels * geom.kernel_h * geom.kernel_w, -1)), (1, 0, 2))
+        return xp.reshape(cols, (geom.groups, geom.patch_size, -1))
 
     @staticmethod
     def grad_start(backend: Backend, like: Any, n: int, geom: Geometry) -> Any:
@@ -57,7 +60,10 @@ class Gather:
         # A pixel read by several patches receives the sum of their gradients: a scatter-*add*
         # over one flat index per patch element of the whole chunk.
         xp = array_namespace(grad_cols)
-        n, length = grad_cols.shape[0], row_length(geom)
+        n, length = acc.shape[0] // row_length(geom), row_length(geom)
+        # Back to the plan's per-sample order: (n, C*kH*kW, positions).
+        grad_cols = xp.permute_dims(xp.reshape(grad_cols, (geom.in_channels * geom.kernel_h * geom.kernel_w, n, -1)),
+                                    (1, 0, 2))
         dtype = backend.dtype(index_dtype(max(n * length - 1, 0)))
         offsets = xp.arange(0, n * length, length, dtype=dtype, device=device_of(grad_cols))
         plan = xp.astype(cls._plan(backend, geom, rows), dtype, copy=False)
@@ -104,34 +110,34 @@ class Slices:
     @classmethod
     def patches(cls, backend: Backend, x: Any, geom: Geometry, rows: tuple[int, int]) -> Any:
         xp = array_namespace(x)
-        padded = cls._pad(x, geom)
+        # Channel-major (C, n, H, W) first: each tap is then a (C, n, rows, OW) block of the layout.
+        padded = cls._pad(xp.permute_dims(x, (1, 0, 2, 3)), geom)
         taps = [padded[:, :, r, c] for r, c in cls._taps(geom, rows)]
-        cols = xp.stack(taps, axis=2)  # (n, C, kH*kW, rows, OW): rows ordered like weight's (C, kH, kW)
-        return xp.reshape(cols, (x.shape[0], geom.groups, geom.patch_size, (rows[1] - rows[0]) * geom.out_w))
+        cols = xp.stack(taps, axis=1)  # (C, kH*kW, n, rows, OW): rows ordered like the weight's (C, kH, kW)
+        return xp.reshape(cols, (geom.groups, geom.patch_size, -1))
 
     @staticmethod
     def grad_start(backend: Backend, like: Any, n: int, geom: Geometry) -> Any:
         xp = array_namespace(like)
         top, bottom, left, right = geom.padding
-        shape = (n, geom.in_channels, geom.height + top + bottom, geom.width + left + right)
+        shape = (geom.in_channels, n, geom.height + top + bottom, geom.width + left + right)
         return xp.zeros(shape, dtype=like.dtype, device=device_of(like))
 
     @classmethod
     def grad_add(cls, backend: Backend, acc: Any, grad_cols: Any, geom: Geometry, rows: tuple[int, int]) -> Any:
         xp = array_namespace(grad_cols)
-        n, r = grad_cols.shape[0], rows[1] - rows[0]
-        taps = xp.reshape(grad_cols, (n, geom.in_channels, geom.kernel_h * geom.kernel_w, r, geom.out_w))
+        n, r = acc.shape[1], rows[1] - rows[0]
+        taps = xp.reshape(grad_cols, (geom.in_channels, geom.kernel_h * geom.kernel_w, n, r, geom.out_w))
         for k, (row_slice, col_slice) in enumerate(cls._taps(geom, rows)):
-            acc = backend.slice_add(acc, (slice(None), slice(None), row_slice, col_slice), taps[:, :, k, ...])
+            acc = backend.slice_add(acc, (slice(None), slice(None), row_slice, col_slice), taps[:, k, ...])
         return acc
 
     @staticmethod
     def grad_finish(acc: Any, n: int, geom: Geometry) -> Any:
-        top, _, left, _ = geom.padding
-        if not geom.padded:
-            return acc
         xp = array_namespace(acc)
-        return xp.asarray(acc[:, :, top : top + geom.height, left : left + geom.width], copy=True)
+        top, _, left, _ = geom.padding
+        interior = acc[:, :, top : top + geom.height, left : left + geom.width]
+        return xp.permute_dims(interior, (1, 0, 2, 3))  # a view; _conv places it into the result
 
 
 ALGORITHMS = {algorithm.name: algorithm for algorithm in (Gather, Slices)}

@@ -58,23 +58,28 @@ class Chunk:
 
 
 def scratch_bytes(geom: Geometry, samples: int, rows: int, itemsize: int) -> int:
-    """Scratch of one chunk: a padded copy of its input, the patch matrix and its gradient
-    (with their flat indices, counted at the item size: an upper bound for int32 and int64 alike),
-    and the per-sample weight-gradient products summed in the backward pass."""
+    """Scratch of one chunk, in bytes: an upper bound over both algorithms and both passes.
+
+    Per sample: a padded copy of its input; four patch-matrix-sized arrays (the patches, their
+    gradient, a reordered copy of one of them, and the gather's flat indices, counted at the item
+    size: an upper bound for int32 and int64 alike); two output-sized arrays (the product before it
+    is placed in NCHW order, and the reordered output gradient). Per chunk: one weight gradient.
+    """
     top, bottom, left, right = geom.padding
     padded_input = geom.in_channels * (geom.height + top + bottom) * (geom.width + left + right) + 1
     patches = geom.in_channels * geom.kernel_h * geom.kernel_w * rows * geom.out_w
-    weight_grads = geom.out_channels * geom.patch_size
-    return samples * itemsize * (padded_input + 3 * patches + weight_grads)
+    outputs = geom.out_channels * rows * geom.out_w
+    weight = geom.out_channels * geom.patch_size
+    return itemsize * (samples * (padded_input + 4 * patches + 2 * outputs) + weight)
 
 
 def plan_chunks(geom: Geometry, batch: int, itemsize: int, limit: int) -> list[Chunk]:
     """Split a batch so that each chunk's scratch fits in `limit` bytes (MemoryError if none can)."""
     if batch == 0 or scratch_bytes(geom, batch, geom.out_h, itemsize) <= limit:
         return [Chunk(0, batch, 0, geom.out_h)]
-    per_sample = scratch_bytes(geom, 1, geom.out_h, itemsize)
-    if per_sample <= limit:
-        size = limit // per_sample
+    if scratch_bytes(geom, 1, geom.out_h, itemsize) <= limit:
+        fixed = scratch_bytes(geom, 0, geom.out_h, itemsize)
+        size = (limit - fixed) // (scratch_bytes(geom, 1, geom.out_h, itemsize) - fixed)
         return [Chunk(s, min(s + size, batch), 0, geom.out_h) for s in range(0, batch, size)]
     rows = next((r for r in range(geom.out_h - 1, 0, -1) if scratch_bytes(geom, 1, r, itemsize) <= limit), 0)
     if rows == 0:

@@ -70,10 +70,11 @@ def _data(case: dict, seed: int):
     return rng, x, w, b
 
 
+@pytest.mark.parametrize("algorithm", conv2d.ALGORITHMS)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_matches_pytorch(backend, case, dtype):
-    """Output and all three gradients agree with PyTorch (float64 reference) on every backend."""
+def test_matches_pytorch(backend, case, dtype, algorithm):
+    """Output and all three gradients agree with PyTorch (float64 reference), every backend and algorithm."""
     rng, x, w, b = _data(case, 1)
     geom = make_geometry(x.shape, w.shape, b.shape, **case["kwargs"])
     grad_out = rng.standard_normal((case["n"], case["o"], geom.out_h, geom.out_w))
@@ -82,8 +83,8 @@ def test_matches_pytorch(backend, case, dtype):
     y_ref, gx_ref, gw_ref, gb_ref = torch_conv(x, w, b, grad_out, **case["kwargs"])
 
     X, W, B, G = (backend.asarray(a, dtype=dtype) for a in (x, w, b, grad_out))
-    y = conv2d.conv2d(X, W, B, **case["kwargs"])
-    gx, gw, gb = conv2d.conv2d_backward(G, X, W, **case["kwargs"])
+    y = conv2d.conv2d(X, W, B, algorithm=algorithm, **case["kwargs"])
+    gx, gw, gb = conv2d.conv2d_backward(G, X, W, algorithm=algorithm, **case["kwargs"])
 
     for name, ours in (("y", y), ("grad_x", gx), ("grad_weight", gw), ("grad_bias", gb)):
         assert backend.owns(ours), f"{name} left the input's library"
@@ -94,11 +95,12 @@ def test_matches_pytorch(backend, case, dtype):
     assert_close(backend, gb, gb_ref, dtype, "grad_bias")
 
 
+@pytest.mark.parametrize("algorithm", conv2d.ALGORITHMS)
 @pytest.mark.parametrize("case", CASES[:9] + CASES[9:39:3], ids=_ids)
-def test_matches_loops(case):
+def test_matches_loops(case, algorithm):
     """The same results by the definition, one multiply-add at a time: a reference without PyTorch."""
     rng, x, w, b = _data(case, 2)
-    kw = case["kwargs"]
+    kw = dict(case["kwargs"], algorithm=algorithm)
     stride = kw.get("stride", 1)
     stride = (stride, stride) if isinstance(stride, int) else stride
     dilation = kw.get("dilation", 1)
@@ -144,3 +146,28 @@ def test_repeated_calls_are_bitwise_identical(cpu_backend):
     np.testing.assert_array_equal(first[0], first[1])
     for a, b_ in zip(*grads):
         np.testing.assert_array_equal(a, b_)
+
+
+@pytest.mark.parametrize("chosen", conv2d.ALGORITHMS)
+def test_auto_runs_the_algorithm_it_chooses(monkeypatch, cpu_backend, chosen):
+    """'auto' really delegates: with every other algorithm broken, the chosen one still gives the answer."""
+    from conv2d import _algorithms, _conv
+
+    def broken(*args, **kwargs):
+        raise AssertionError("the algorithm 'auto' did not choose was called")
+
+    for name, algorithm in _algorithms.ALGORITHMS.items():
+        if name != chosen:
+            for method in ("patches", "grad_add"):
+                monkeypatch.setattr(algorithm, method, broken)
+    monkeypatch.setattr(_conv, "choose_algorithm", lambda backend, geom, name: _algorithms.ALGORITHMS[chosen if name == "auto" else name])
+    case = CASES[7]
+    rng, x, w, b = _data(case, 6)
+    X, W, B = (cpu_backend.asarray(a) for a in (x, w, b))
+    y = conv2d.conv2d(X, W, B, **case["kwargs"])
+    G = cpu_backend.asarray(rng.standard_normal(tuple(y.shape)))
+    grads = conv2d.conv2d_backward(G, X, W, **case["kwargs"])
+    y_ref, *grads_ref = torch_conv(x, w, b, cpu_backend.to_numpy(G), **case["kwargs"])
+    assert_close(cpu_backend, y, y_ref, "float64", "y")
+    for ours, ref in zip(grads, grads_ref):
+        assert_close(cpu_backend, ours, ref, "float64", "grad")
