@@ -11,6 +11,7 @@ from .backends import (
     set_backend,
     use_backend,
 )
+from . import nn
 from .layer import ConvolutionLayer
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "ConvolutionLayer",
+    "nn",
     "available_backends",
     "conv2d",
     "conv2d_backward",

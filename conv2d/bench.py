@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.metadata
-import inspect
 import json
 import math
 import os
@@ -41,6 +40,8 @@ import numpy as np
 from . import __version__
 from ._functional import conv2d, conv2d_backward
 from .backends import Backend, BackendUnavailableError, get_backend
+
+__all__ = ["PRESETS", "Shape", "add_arguments", "measure", "parse_shape", "parse_shapes", "run"]
 
 # --------------------------------------------------------------------------------------------------
 # Shapes
@@ -175,7 +176,7 @@ def parse_shape(text: str) -> Shape:
             f"shape {text!r}: expected {SHAPE_FORMAT} (9 to 11 integers), got {len(parts)} fields"
         )
     values = []
-    for key, part in zip(_SHAPE_FIELDS, parts):
+    for key, part in zip(_SHAPE_FIELDS, parts, strict=False):  # fewer parts: dilation and groups default to 1
         try:
             values.append(int(part))
         except ValueError:
@@ -293,11 +294,11 @@ def ours_calls(case: Case) -> dict[str, Callable[[], Any]]:
     def forward_backward() -> Any:
         return forward(), backward()
 
-    sync = case.backend
+    backend = case.backend
     return {
-        "ours_fwd": _synced(sync, forward),
-        "ours_bwd": _synced(sync, backward),
-        "ours_fwdbwd": _synced(sync, forward_backward),
+        "ours_fwd": _synced(backend, forward),
+        "ours_bwd": _synced(backend, backward),
+        "ours_fwdbwd": _synced(backend, forward_backward),
     }
 
 
@@ -323,16 +324,21 @@ def floor_calls(case: Case) -> dict[str, Callable[[], Any]]:
     }
 
 
+def _on_gpu(backend: Backend) -> bool:
+    if backend.name == "cupy":
+        return True
+    if backend.name == "torch":
+        return backend.device.type == "cuda"
+    return backend.name == "jax" and getattr(backend.device, "platform", "cpu") in ("gpu", "cuda", "rocm")
+
+
 def _torch_device(backend: Backend) -> tuple[Any, str | None]:
     """The torch device to compare with, or None and why: CPU for CPU backends, CUDA for GPU ones."""
     import torch
 
     if backend.name == "torch":
         return backend.device, None
-    on_gpu = backend.name == "cupy" or (
-        backend.name == "jax" and getattr(backend.device, "platform", "cpu") == "gpu"
-    )
-    if not on_gpu:
+    if not _on_gpu(backend):
         return torch.device("cpu"), None
     if not torch.cuda.is_available():
         return None, "the backend is on a GPU but this torch has no CUDA"
@@ -435,7 +441,7 @@ def seed_skip_reason(shape: Shape) -> str | None:
     """Why the seed cannot (or should not) run `shape`, or None."""
     if shape.groups != 1 or shape.dilation != 1:
         return "the seed has no groups and no dilation"
-    g, m, k, p = shape.gemm
+    _, _, k, p = shape.gemm
     if k * p * 8 > SEED_MAX_PATCH_BYTES:
         return f"its float64 patch matrix ({k * p * 8 / 2**20:.0f} MB) is over {SEED_MAX_PATCH_BYTES // 2**20} MB"
     return None
@@ -467,47 +473,52 @@ SMALL_LIMIT = 64 * 2**20
 LIMITS = {"default": None, "64MB": SMALL_LIMIT}  # label -> max_workspace_bytes (None: the default)
 
 
-def _accepts(keyword: str) -> bool:
-    """Whether this conv2d's functions take `keyword` (the workspace and algorithm options are newer)."""
-    return all(keyword in inspect.signature(fn).parameters for fn in (conv2d, conv2d_backward))
-
-
 class _PeakTracker:
-    """Peak bytes allocated on the backend's device while it is active, above what was there before."""
+    """Peak bytes allocated on the backend's device while it is active, above what was there before.
+
+    Only where the allocations can be seen: NumPy reports its data allocations to tracemalloc (and
+    array-api-strict wraps NumPy arrays), torch on CUDA keeps a peak counter, CuPy takes hooks.
+    torch's and JAX's CPU allocators are invisible from Python.
+    """
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self.peak = 0
+        if backend.name in ("numpy", "array_api_strict"):
+            self.kind: str | None = "tracemalloc"
+        elif backend.name == "torch" and backend.device.type == "cuda":
+            self.kind = "torch_cuda"
+        elif backend.name == "cupy":
+            self.kind = "cupy"
+        else:
+            self.kind = None
 
     def __enter__(self) -> _PeakTracker:
-        name = self.backend.name
-        self.peak = 0
-        if name in ("numpy", "array_api_strict"):
-            # NumPy reports its data allocations to tracemalloc; array-api-strict wraps NumPy arrays.
+        if self.kind == "tracemalloc":
             self._was_tracing = tracemalloc.is_tracing()
             if not self._was_tracing:
                 tracemalloc.start()
             self._start = tracemalloc.get_traced_memory()[0]
             tracemalloc.reset_peak()
-        elif name == "torch" and self.backend.device.type == "cuda":
+        elif self.kind == "torch_cuda":
             import torch
 
             torch.cuda.synchronize(self.backend.device)
             self._start = torch.cuda.memory_allocated(self.backend.device)
             torch.cuda.reset_peak_memory_stats(self.backend.device)
-        elif name == "cupy":
+        elif self.kind == "cupy":
             self._hook = _cupy_peak_hook()
             self._hook.__enter__()
         else:
-            raise NotImplementedError(f"peak memory is not measured for backend {self.backend.spec}")
+            raise NotImplementedError(f"peak memory is not measured on {self.backend.spec}")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        name = self.backend.name
-        if name in ("numpy", "array_api_strict"):
+        if self.kind == "tracemalloc":
             self.peak = tracemalloc.get_traced_memory()[1] - self._start
             if not self._was_tracing:
                 tracemalloc.stop()
-        elif name == "torch":
+        elif self.kind == "torch_cuda":
             import torch
 
             torch.cuda.synchronize(self.backend.device)
@@ -545,16 +556,11 @@ def peak_memory(case: Case) -> dict[str, int | None] | str:
 
     Returns the reason instead where the backend's allocations cannot be seen.
     """
-    if case.backend.name not in ("numpy", "array_api_strict", "cupy") and not (
-        case.backend.name == "torch" and case.backend.device.type == "cuda"
-    ):
-        return f"not measured on {case.backend.spec} (its allocations are invisible to tracemalloc)"
+    if _PeakTracker(case.backend).kind is None:
+        return f"not measured on {case.backend.spec} (its allocations are invisible from Python)"
     a = case.arrays
     peaks: dict[str, int | None] = {}
     for label, limit in LIMITS.items():
-        if limit is not None and not _accepts("max_workspace_bytes"):
-            peaks[label] = None  # this conv2d predates the workspace limit
-            continue
         kw = dict(case.kwargs)
         if limit is not None:
             kw["max_workspace_bytes"] = limit
@@ -572,28 +578,28 @@ def peak_memory(case: Case) -> dict[str, int | None] | str:
 # One shape, all of it
 
 
-def _median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1e3
+# How the repeats of one call are summarised. The median is the default; on a shared machine the
+# fastest call is the one least disturbed by other processes.
+STATISTICS: dict[str, Callable[[list[float]], float]] = {"median": statistics.median, "min": min}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def measure(case: Case, repeat: int) -> dict[str, Any]:
-    """Every number for one shape: times (median and samples, ms), ratios, peak memory, what was skipped."""
-    calls = {**ours_calls(case), **floor_calls(case)}
-    skipped: dict[str, str] = {}
-    for label, make in (("torch", torch_calls), ("seed", seed_calls)):
-        made = make(case)
-        if isinstance(made, str):
-            skipped[label] = made
-        elif label == "torch":
-            calls.update(made)
+def measure(case: Case, repeat: int, stat: str = "median") -> dict[str, Any]:
+    """Every number for one shape: times (ms), ratios, peak memory, what was skipped.
+
+    ``ms`` and the ratios use `stat` (a key of :data:`STATISTICS`); the median, the minimum and
+    every sample are kept beside them.
+    """
+    torch, seed = torch_calls(case), seed_calls(case)
+    skipped = {label: made for label, made in (("torch", torch), ("seed", seed)) if isinstance(made, str)}
+    calls = {**ours_calls(case), **floor_calls(case), **({} if isinstance(torch, str) else torch)}
     samples = time_calls(calls, repeat)
-    if "seed" not in skipped:
-        samples.update(time_calls(seed_calls(case), min(repeat, SEED_REPEAT)))
-    ms = {name: _median_ms(values) for name, values in samples.items()}
+    if not isinstance(seed, str):
+        samples.update(time_calls(seed, min(repeat, SEED_REPEAT)))
+    ms = {name: STATISTICS[stat](values) * 1e3 for name, values in samples.items()}
     ms["floor_fwdbwd"] = ms["floor_fwd"] + ms["floor_grad_w"] + ms["floor_grad_cols"]
 
     peaks = peak_memory(case)
@@ -606,6 +612,8 @@ def measure(case: Case, repeat: int) -> dict[str, Any]:
                   "out_h": s.out_h, "out_w": s.out_w},
         "forward_gflop": s.forward_flops / 1e9,
         "ms": ms,
+        "median_ms": {name: statistics.median(values) * 1e3 for name, values in samples.items()},
+        "min_ms": {name: min(values) * 1e3 for name, values in samples.items()},
         "samples_ms": {name: [t * 1e3 for t in values] for name, values in samples.items()},
         "ratios": {
             "ours_over_torch": _ratio(ms["ours_fwdbwd"], ms.get("torch_fwdbwd")),
@@ -657,45 +665,71 @@ def table_row(result: dict[str, Any], name_width: int) -> str:
     )
 
 
-def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The numbers the targets are read from: medians over shapes, the worst shape, the memory check."""
+# The project's targets (issue #3), printed beside the numbers they are read from.
+TARGETS = {
+    "ours_over_torch": "target <= 1.5 in float32",
+    "fwd_over_floor": "target <= 1.3",
+    "seed_shape": "target >= 3 in float64",
+}
 
-    def over_shapes(key: str) -> list[tuple[float, str]]:
-        return sorted((r["ratios"][key], r["shape"]["name"]) for r in results if r["ratios"][key] is not None)
 
+def summary(results: list[dict[str, Any]], dtype: str) -> dict[str, Any]:
+    """The numbers the targets are read from: medians over shapes, the worst shape, the memory check.
+
+    With an odd number of shapes the median is the value of one shape, "the median shape".
+    """
     out: dict[str, Any] = {}
     for key in ("ours_over_torch", "fwd_over_floor", "fwdbwd_over_floor", "seed_over_ours"):
-        values = over_shapes(key)
+        values = sorted((r["ratios"][key], r["shape"]["name"]) for r in results if r["ratios"][key] is not None)
         if values:
-            out[key] = {
-                "median": statistics.median(v for v, _ in values),
-                "worst": max(values)[0] if key != "seed_over_ours" else min(values)[0],
-                "worst_shape": (max(values) if key != "seed_over_ours" else min(values))[1],
-            }
+            # For seed/ours the worst shape is the one we beat the seed by least.
+            worst = values[0] if key == "seed_over_ours" else values[-1]
+            out[key] = {"median": statistics.median(v for v, _ in values), "worst": worst[0], "worst_shape": worst[1]}
+    seed_rows = [r for r in results if r["shape"]["spec"] == SEED_SHAPE.spec and r["ratios"]["seed_over_ours"] is not None]
+    if seed_rows:
+        out["seed_shape"] = {"seed_over_ours": seed_rows[0]["ratios"]["seed_over_ours"], "ours_dtype": dtype}
     limited = [r for r in results if r["peak_bytes"].get("64MB") is not None]
     if limited:
-        # Target: peak of one forward+backward at 64 MB below 64 MB plus output and gradient arrays.
-        over = [r["shape"]["name"] for r in limited if r["peak_bytes"]["64MB"] - r["outputs_bytes"] > SMALL_LIMIT]
-        out["limit_64MB"] = {"shapes": len(limited), "over_limit": over}
+        # Target: one forward+backward at a 64 MB limit peaks below 64 MB plus its output and gradients.
+        extra = {r["shape"]["name"]: r["peak_bytes"]["64MB"] - r["outputs_bytes"] for r in limited}
+        out["limit_64MB"] = {
+            "shapes": len(limited),
+            "max_extra_bytes": max(extra.values()),
+            "over_limit": [name for name, value in extra.items() if value > SMALL_LIMIT],
+        }
     return out
 
 
 def summary_lines(summ: dict[str, Any]) -> list[str]:
+    """The summary under the table, each number with the target it is read against."""
     lines = []
-    if "ours_over_torch" in summ:
-        t = summ["ours_over_torch"]
-        lines.append(f"fwd+bwd ours/torch: median {t['median']:.2f}, worst {t['worst']:.2f} ({t['worst_shape']})")
-    for key, label in (("fwd_over_floor", "fwd/floor"), ("fwdbwd_over_floor", "fwd+bwd/floor")):
+    for key, label in (
+        ("ours_over_torch", "fwd+bwd ours/torch"),
+        ("fwd_over_floor", "fwd/floor"),
+        ("fwdbwd_over_floor", "fwd+bwd/floor"),
+        ("seed_over_ours", "fwd+bwd seed/ours"),
+    ):
         if key in summ:
             t = summ[key]
-            lines.append(f"{label}: median {t['median']:.2f}, worst {t['worst']:.2f} ({t['worst_shape']})")
-    if "seed_over_ours" in summ:
-        t = summ["seed_over_ours"]
-        lines.append(f"fwd+bwd seed/ours: median {t['median']:.2f}, least {t['worst']:.2f} ({t['worst_shape']})")
+            target = f" ({TARGETS[key]})" if key in TARGETS else ""
+            worst = "least" if key == "seed_over_ours" else "worst"
+            lines.append(
+                f"{label}: median {t['median']:.2f}{target}, {worst} {t['worst']:.2f} ({t['worst_shape']})"
+            )
+    if "seed_shape" in summ:
+        t = summ["seed_shape"]
+        note = "" if t["ours_dtype"] == "float64" else (
+            f"; ours ran in {t['ours_dtype']}, rerun with --shapes seed --dtype float64 for the target"
+        )
+        lines.append(f"seed geometry fwd+bwd seed/ours: {t['seed_over_ours']:.2f} ({TARGETS['seed_shape']}{note})")
     if "limit_64MB" in summ:
         m = summ["limit_64MB"]
-        verdict = "all within" if not m["over_limit"] else "over on " + ", ".join(m["over_limit"])
-        lines.append(f"peak at 64MB limit minus outputs and gradients: {verdict} 64 MB ({m['shapes']} shapes)")
+        over = f"over 64 MB on {len(m['over_limit'])} of" if m["over_limit"] else "within 64 MB on all"
+        names = f" ({', '.join(m['over_limit'])})" if m["over_limit"] else ""
+        lines.append(
+            f"peak at the 64 MB limit minus output and gradients: at most {m['max_extra_bytes'] / 2**20:.1f} MB, "
+            f"{over} {m['shapes']} shape{'s' if m['shapes'] != 1 else ''}{names}"
+        )
     return lines
 
 
@@ -756,6 +790,25 @@ def machine_info(backend: Backend) -> dict[str, Any]:
     return info
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average, where the OS has one: it says how much else was running."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _other_load(load: dict[str, float | None], cores: int | None) -> float | None:
+    """Roughly how many cores other processes kept busy throughout, or None where unknown.
+
+    This run itself adds up to `cores` to the load after it; the load before it may still be that
+    of the previous command. Busy on both counts means busy throughout.
+    """
+    if load["before"] is None or load["after"] is None or not cores:
+        return None
+    return max(0.0, min(load["before"], load["after"] - cores))
+
+
 def _blas_line(info: dict[str, Any]) -> str:
     pools = info.get("threadpools")
     if not isinstance(pools, list):
@@ -765,7 +818,7 @@ def _blas_line(info: dict[str, Any]) -> str:
     return "BLAS: " + (", ".join(blas) or "none found")
 
 
-def write_plot(results: list[dict[str, Any]], path: str, title: str) -> None:
+def write_plot(results: list[dict[str, Any]], path: str, title: str, stat: str = "median") -> None:
     """A grouped bar chart, forward+backward ms per shape: ours, torch, the floor (log scale)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI; Agg draws the PNG
 
@@ -779,7 +832,7 @@ def write_plot(results: list[dict[str, Any]], path: str, title: str) -> None:
         ax.bar([pos + (index - 1) * width for pos in range(len(names))], values, width, label=label)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("forward+backward, ms (median)")
+    ax.set_ylabel(f"forward+backward, ms ({stat})")
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.savefig(path, dpi=120)
@@ -816,7 +869,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"presets ({', '.join(PRESETS)}) and/or custom shapes {SHAPE_FORMAT}; default cpu, "
                              "or gpu on a GPU backend")
     parser.add_argument("--repeat", type=_positive_arg, default=5,
-                        help=f"timed calls per measurement, median reported (seed: at most {SEED_REPEAT}); default 5")
+                        help=f"timed calls per measurement, summarised by --stat (seed: at most {SEED_REPEAT}); default 5")
+    parser.add_argument("--stat", default="median", choices=tuple(STATISTICS),
+                        help="summary of the repeats: median (default), or min, the least disturbed on a busy machine")
     parser.add_argument("--algorithm", default="auto",
                         help="conv2d's algorithm= (one of conv2d.ALGORITHMS, or auto); default auto")
     parser.add_argument("--json", metavar="PATH", help="write every number and the machine's details here")
@@ -824,20 +879,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _algorithm_extra(algorithm: str) -> dict[str, Any]:
-    """conv2d keyword arguments for --algorithm; "auto" adds none, so it works with any conv2d."""
+    """conv2d keyword arguments for --algorithm ("auto", the default, adds none)."""
     if algorithm == "auto":
         return {}
-    known = getattr(sys.modules[__package__], "ALGORITHMS", None)
-    if known is None or not _accepts("algorithm"):
-        raise ValueError(f"--algorithm {algorithm!r}: this conv2d has no algorithm= option; use auto")
-    if algorithm not in known:
-        raise ValueError(f"--algorithm {algorithm!r}: choose auto or one of {', '.join(known)}")
+    # A one-pixel call checks the name now, with conv2d's own message listing the choices,
+    # rather than after the first shape's data is made.
+    pixel = np.ones((1, 1, 1, 1))
+    conv2d(pixel, pixel, algorithm=algorithm)
     return {"algorithm": algorithm}
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``python -m conv2d bench``: print the table, write the JSON and plot if asked; exit code."""
     started = time.perf_counter()
+    load_before = _load_average()
     try:
         backend = get_backend(args.backend)
         backend.dtype(args.dtype)  # fails now, with the reason, rather than at the first shape
@@ -846,8 +901,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.shapes is None:
-        on_gpu = backend.name == "cupy" or getattr(backend.device, "type", None) == "cuda"
-        shapes = list(PRESETS["gpu" if on_gpu else "cpu"])
+        shapes = list(PRESETS["gpu" if _on_gpu(backend) else "cpu"])
     else:
         shapes = [shape for group in args.shapes for shape in group]
     if args.plot:
@@ -859,43 +913,51 @@ def run(args: argparse.Namespace) -> int:
 
     info = machine_info(backend)
     print(f"conv2d {__version__} bench: backend {backend.spec}, {args.dtype}, algorithm {args.algorithm}; "
-          f"median of {args.repeat} (seed: {min(args.repeat, SEED_REPEAT)}, float64) after 1 warm-up")
+          f"{args.stat} of {args.repeat} (seed: {min(args.repeat, SEED_REPEAT)}, float64) after 1 warm-up")
     print(f"CPU: {info['cpu_model'] or info['processor'] or info['machine']}, {info['cpus_usable']} usable cores; "
           f"{_blas_line(info)}")
     name_width = max(len("shape"), *(len(s.label) for s in shapes))
     print(table_header(name_width), flush=True)
     results = []
     for shape in shapes:
-        result = measure(Case.make(backend, shape, args.dtype, extra), args.repeat)
+        result = measure(Case.make(backend, shape, args.dtype, extra), args.repeat, args.stat)
         results.append(result)
         print(table_row(result, name_width), flush=True)
     skipped = sorted({f"{what}: {why}" for r in results for what, why in r["skipped"].items()})
     for line in skipped:
         print(f"  '-' {line}")
-    summ = summary(results)
+    summ = summary(results, args.dtype)
     for line in summary_lines(summ):
         print(line)
     info = machine_info(backend)  # again: torch is imported by now, so its threads are known
     elapsed = time.perf_counter() - started
-    print(f"total {elapsed:.0f} s; times in ms, ratios of medians; peak MB: one forward+backward including "
-          "its output and gradients, at the default workspace limit and at 64 MB")
+    load = {"before": load_before, "after": _load_average()}
+    print(f"total {elapsed:.0f} s; times in ms, ratios of the {args.stat} times; peak MB: one forward+backward "
+          "including its output and gradients, at the default workspace limit and at 64 MB")
+    others = _other_load(load, info["cpus_usable"])
+    if others is not None and others >= 1:
+        # Other processes competing for the cores make multi-threaded BLAS calls many times slower.
+        print(f"warning: about {others:.1f} cores were busy with other work (load average {load['before']:.1f} "
+              f"before, {load['after']:.1f} after, on {info['cpus_usable']} cores): the times are noisy; "
+              "rerun, or use --stat min")
 
     if args.json:
         report = {
             "command": sys.argv,
             "settings": {"backend": backend.spec, "dtype": args.dtype, "repeat": args.repeat,
-                         "seed_repeat": min(args.repeat, SEED_REPEAT), "warmup": 1, "algorithm": args.algorithm,
+                         "seed_repeat": min(args.repeat, SEED_REPEAT), "warmup": 1, "stat": args.stat,
+                         "algorithm": args.algorithm,
                          "small_limit_bytes": SMALL_LIMIT},
             "machine": info,
             "results": results,
             "summary": summ,
             "total_seconds": elapsed,
+            "load_average_1min": load,
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, default=str)
     if args.plot:
-        write_plot(results, args.plot, f"conv2d {__version__} on {backend.spec}, {args.dtype}: {info['cpu_model']}")
+        title = f"conv2d {__version__} on {backend.spec}, {args.dtype}: {info['cpu_model']}"
+        write_plot(results, args.plot, title, args.stat)
     return 0
 
-
-__all__ = ["PRESETS", "Shape", "add_arguments", "measure", "parse_shape", "parse_shapes", "run"]

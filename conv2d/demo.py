@@ -1,19 +1,21 @@
 """``python -m conv2d demo``: train a small CNN on scikit-learn's handwritten digits, on any backend.
 
-The network is built from conv2d's layers (:class:`conv2d.ConvolutionLayer` and :mod:`conv2d.nn`)
+The network is made of conv2d's own layers (:class:`conv2d.ConvolutionLayer` and :mod:`conv2d.nn`)
 and trained by plain SGD; the same code runs on NumPy, PyTorch, JAX, array-api-strict or a GPU
-(``CONV2D_BACKEND=cupy python -m conv2d demo``). scikit-learn (data), tqdm (progress) and
-matplotlib (plots) are imported only when the demo runs.
+(``CONV2D_BACKEND=cupy python -m conv2d demo``). scikit-learn (the data), tqdm (progress bars) and
+matplotlib (plots) are imported only when the demo runs, so ``python -m conv2d info`` stays light.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +23,8 @@ from . import nn
 from .backends import ENV_VAR, Backend, BackendUnavailableError, get_backend
 from .layer import ConvolutionLayer
 
-DEFAULTS = dict(epochs=12, batch_size=32, lr=0.1, seed=0)
+#: Measured on a 2-core machine with NumPy: 97-99% test accuracy for seeds 0-9, a few seconds a run.
+DEFAULTS = {"epochs": 25, "batch_size": 32, "lr": 0.2, "seed": 0}
 DTYPE = "float32"
 
 
@@ -36,16 +39,16 @@ class Digits:
 
 
 @dataclass
-class Run:
-    """A trained network and its history; every list has one entry per epoch, test ones from epoch 0."""
+class TrainingRun:
+    """A trained network and its history: one entry per epoch; the test lists start with epoch 0."""
 
     network: nn.Sequential
     backend: Backend
-    train_loss: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)  # mean over the epoch's batches
     train_accuracy: list[float] = field(default_factory=list)
-    test_loss: list[float] = field(default_factory=list)  # [0]: before training
-    test_accuracy: list[float] = field(default_factory=list)  # [0]: before training
-    epoch_seconds: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)  # [0]: before any training
+    test_accuracy: list[float] = field(default_factory=list)  # [0]: before any training
+    epoch_seconds: list[float] = field(default_factory=list)  # training plus the test pass
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Digits:
@@ -55,7 +58,7 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Digits:
 
     images, labels = sklearn_digits(return_X_y=True)
     images = (images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # pixel values are 0..16
-    # int32 labels: JAX without 64-bit types would refuse int64.
+    # int32 labels: JAX without 64-bit types refuses int64 rather than narrowing it silently.
     train_x, test_x, train_y, test_y = train_test_split(
         images, labels.astype(np.int32), test_size=test_fraction, stratify=labels, random_state=seed
     )
@@ -63,30 +66,35 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Digits:
 
 
 def build_network(backend: Backend, seed: int = 0, dtype: str = DTYPE) -> nn.Sequential:
-    """conv 3x3 (8) -> relu -> max-pool 2 -> conv 3x3 (16) -> relu -> max-pool 2 -> dense 10 (logits)."""
+    """conv 3x3 (16) -> relu -> max-pool 2 -> conv 3x3 (32) -> relu -> max-pool 2 -> dense 10 (logits)."""
+    layer = {"dtype": dtype, "backend": backend}
     return nn.Sequential(
         [
-            ConvolutionLayer((1, 8, 8), (3, 3), 8, padding=1, activation="relu", dtype=dtype, seed=seed, backend=backend),
-            nn.MaxPoolLayer((8, 8, 8), 2, backend=backend),  # -> 8 x 4 x 4
-            ConvolutionLayer((8, 4, 4), (3, 3), 16, padding=1, activation="relu", dtype=dtype, seed=seed + 1, backend=backend),
-            nn.MaxPoolLayer((16, 4, 4), 2, backend=backend),  # -> 16 x 2 x 2
+            ConvolutionLayer((1, 8, 8), (3, 3), 16, padding=1, activation="relu", seed=seed, **layer),
+            nn.MaxPoolLayer((16, 8, 8), 2, backend=backend),  # -> 16 x 4 x 4
+            ConvolutionLayer((16, 4, 4), (3, 3), 32, padding=1, activation="relu", seed=seed + 1, **layer),
+            nn.MaxPoolLayer((32, 4, 4), 2, backend=backend),  # -> 32 x 2 x 2
             nn.FlattenLayer(),
-            nn.DenseLayer(64, 10, dtype=dtype, seed=seed + 2, backend=backend),
+            nn.DenseLayer(128, 10, seed=seed + 2, **layer),
         ]
     )
 
 
-def evaluate(network: nn.Sequential, backend: Backend, images: Any, labels: Any, batch_size: int = 512) -> tuple[float, float]:
-    """(mean loss, accuracy) of `network` on arrays already on `backend`."""
-    xp = backend.xp
+def _count_correct(xp: Any, logits: Any, labels: Any) -> int:
+    return int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == labels, xp.int32)))
+
+
+def evaluate(network: nn.Sequential, images: Any, labels: Any, batch_size: int = 512) -> tuple[float, float]:
+    """(mean loss, accuracy) of `network` on `images` and `labels`, arrays on the network's backend."""
     n = images.shape[0]
     loss_sum, correct = 0.0, 0
     for start in range(0, n, batch_size):
-        x, y = images[start : start + batch_size, ...], labels[start : start + batch_size]
+        stop = min(start + batch_size, n)  # the standard leaves out-of-bounds slice ends unspecified
+        x, y = images[start:stop, ...], labels[start:stop]
         logits = network.forwardpass(x)
         loss, _ = nn.softmax_cross_entropy(logits, y)
-        loss_sum += float(loss) * x.shape[0]
-        correct += int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == y, xp.int32)))
+        loss_sum += float(loss) * (stop - start)
+        correct += _count_correct(network.layers[0].backend.xp, logits, y)
     return loss_sum / n, correct / n
 
 
@@ -100,20 +108,21 @@ def train(
     data: Digits | None = None,
     max_batches: int | None = None,
     progress: Callable[..., Any] | None = None,
-) -> Run:
+) -> TrainingRun:
     """Train :func:`build_network` on `data` (default: :func:`load_digits`) by SGD on mini-batches.
 
     The data goes to the backend's device once; each epoch visits it in an order drawn from
-    `seed`, so a seed gives the same run on every backend up to float32 rounding. `max_batches`
-    stops each epoch early (for tests). `progress`, if given, is called as
-    ``progress(total=..., desc=...)`` and must return a tqdm-like bar (``update``, ``set_postfix``, ``close``).
+    `seed` on the host, so a seed gives the same run on every backend up to float32 rounding.
+    `max_batches` cuts every epoch short (for tests). `progress`, if given, is called as
+    ``progress(total=..., desc=...)`` at the start of each epoch and must return a tqdm-like bar
+    (``update``, ``set_postfix``, ``close``).
     """
     data = load_digits(seed) if data is None else data
     xp = backend.xp
     train_x, train_y = backend.asarray(data.train_x, dtype=DTYPE), backend.asarray(data.train_y)
     test_x, test_y = backend.asarray(data.test_x, dtype=DTYPE), backend.asarray(data.test_y)
-    run = Run(build_network(backend, seed), backend)
-    loss, accuracy = evaluate(run.network, backend, test_x, test_y)
+    run = TrainingRun(build_network(backend, seed), backend)
+    loss, accuracy = evaluate(run.network, test_x, test_y)
     run.test_loss.append(loss)
     run.test_accuracy.append(accuracy)
     rng = np.random.default_rng(seed)
@@ -123,22 +132,23 @@ def train(
         start_time = time.perf_counter()
         order = backend.asarray(rng.permutation(n).astype(np.int32))
         bar = None if progress is None else progress(total=batches, desc=f"epoch {epoch}/{epochs}")
-        seen = loss_sum = correct = 0
+        seen = correct = 0
+        loss_sum = 0.0
         for b in range(batches):
-            index = order[b * batch_size : (b + 1) * batch_size]
+            index = order[b * batch_size : min((b + 1) * batch_size, n)]
             x, y = xp.take(train_x, index, axis=0), xp.take(train_y, index, axis=0)
             logits = run.network.forwardpass(x)
             loss, grad = nn.softmax_cross_entropy(logits, y)
             run.network.backwardpass(lr, x, grad)
             seen += x.shape[0]
             loss_sum += float(loss) * x.shape[0]
-            correct += int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == y, xp.int32)))
+            correct += _count_correct(xp, logits, y)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
         run.train_loss.append(loss_sum / seen)
         run.train_accuracy.append(correct / seen)
-        loss, accuracy = evaluate(run.network, backend, test_x, test_y)
+        loss, accuracy = evaluate(run.network, test_x, test_y)
         run.test_loss.append(loss)
         run.test_accuracy.append(accuracy)
         run.epoch_seconds.append(time.perf_counter() - start_time)
@@ -148,8 +158,8 @@ def train(
     return run
 
 
-def plot(run: Run, out: Path) -> list[Path]:
-    """Write loss.png (loss and accuracy per epoch) and filters.png (first layer's filters) to `out`."""
+def plot(run: TrainingRun, out: Path) -> list[Path]:
+    """Write loss.png (loss and accuracy per epoch) and filters.png (the first layer's filters) to `out`."""
     from matplotlib.figure import Figure  # a bare Figure: no pyplot, no GUI backend, no global state
 
     out.mkdir(parents=True, exist_ok=True)
@@ -170,59 +180,69 @@ def plot(run: Run, out: Path) -> list[Path]:
     loss_path = out / "loss.png"
     fig.savefig(loss_path, dpi=100)
 
-    first = run.network.layers[0]
-    filters = run.backend.to_numpy(first.weights)[:, 0]  # (filters, 3, 3): one input channel
+    filters = run.backend.to_numpy(run.network.layers[0].weights)[:, 0]  # (filters, kH, kW): one input channel
     limit = float(np.abs(filters).max())
-    fig = Figure(figsize=(1.3 * len(filters) + 0.8, 1.9), layout="constrained")
-    axes = fig.subplots(1, len(filters))
-    for number, (ax, kernel) in enumerate(zip(axes, filters)):
-        image = ax.imshow(kernel, cmap="RdBu_r", vmin=-limit, vmax=limit)
-        ax.set(xticks=[], yticks=[], title=f"{number}")
-    fig.colorbar(image, ax=list(axes), shrink=0.8)
-    fig.suptitle("first layer's learned 3x3 filters")
+    cols = min(8, len(filters))
+    rows = -(-len(filters) // cols)
+    fig = Figure(figsize=(1.1 * cols + 1.2, 1.2 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for number, ax in enumerate(axes.flat):
+        ax.set(xticks=[], yticks=[])
+        if number < len(filters):
+            image = ax.imshow(filters[number], cmap="RdBu_r", vmin=-limit, vmax=limit)
+            ax.set_title(f"{number}", fontsize=9)
+        else:
+            ax.set_axis_off()
+    fig.colorbar(image, ax=axes, shrink=0.9, label="weight")
+    fig.suptitle(f"first layer's learned {filters.shape[1]}x{filters.shape[2]} filters")
     filters_path = out / "filters.png"
     fig.savefig(filters_path, dpi=100)
     return [loss_path, filters_path]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options (``python -m conv2d demo --help``)."""
     d = DEFAULTS
-    parser.add_argument("--epochs", type=int, default=d["epochs"], help=f"passes over the training set (default {d['epochs']})")
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"SGD mini-batch size (default {d['batch_size']})")
-    parser.add_argument("--lr", type=float, default=d["lr"], help=f"learning rate (default {d['lr']})")
-    parser.add_argument("--backend", help=f"backend spec, e.g. numpy, torch, torch:cuda, cupy, jax (default: ${ENV_VAR}, else numpy)")
-    parser.add_argument("--seed", type=int, default=d["seed"], help=f"seed of the split, the weights and the batch order (default {d['seed']})")
-    parser.add_argument("--out", type=Path, default=Path("conv2d-demo"), help="folder for loss.png and filters.png (default ./conv2d-demo/)")
-    parser.add_argument("--no-plots", action="store_true", help="do not write the plots (matplotlib not needed)")
+    add = parser.add_argument
+    add("--epochs", type=int, default=d["epochs"], help=f"passes over the training set (default {d['epochs']})")
+    add("--batch-size", type=int, default=d["batch_size"], help=f"SGD mini-batch size (default {d['batch_size']})")
+    add("--lr", type=float, default=d["lr"], help=f"learning rate (default {d['lr']})")
+    add("--backend", help=f"numpy, torch, torch:cuda, cupy, jax, ... (default: ${ENV_VAR}, else numpy)")
+    add("--seed", type=int, default=d["seed"], help=f"seed of the split, weights and batch order (default {d['seed']})")
+    add("--out", type=Path, default=Path("conv2d-demo"), help="folder for the plots (default ./conv2d-demo/)")
+    add("--no-plots", action="store_true", help="do not write loss.png and filters.png")
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train with the options in `args`, print the results, write the plots; return the exit status."""
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-            return 2
+            return _error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0:
-        print(f"error: --lr must be positive, got {args.lr}")
-        return 2
+        return _error(f"--lr must be positive, got {args.lr}")
     try:
         backend = get_backend(args.backend) if args.backend else get_backend()
     except (ValueError, BackendUnavailableError) as exc:
-        print(f"error: {exc}")
-        return 2
-    source = "--backend" if args.backend else (f"{ENV_VAR}" if os.environ.get(ENV_VAR, "").strip() else "default")
-    try:
-        from tqdm.auto import tqdm
-        import sklearn  # noqa: F401 - fail here, with the fix, rather than mid-way
+        return _error(str(exc))
+    source = "--backend" if args.backend else (ENV_VAR if os.environ.get(ENV_VAR, "").strip() else "default")
+    try:  # fail now, with the fix, rather than after training
+        import sklearn  # noqa: F401
+        from tqdm import tqdm
+
         if not args.no_plots:
             import matplotlib  # noqa: F401
     except ImportError as exc:
-        print(f"error: the demo needs {exc.name}: python -m pip install 'conv2d[demo]'")
-        return 2
+        return _error(f"the demo needs {exc.name}: python -m pip install 'conv2d[demo]'")
 
     data = load_digits(args.seed)
     print(
-        f"digits: {len(data.train_y)} training and {len(data.test_y)} test images (8x8); "
-        f"backend {backend.spec} on device {backend.device} (from {source}), {DTYPE}"
+        f"digits: {len(data.train_y)} training and {len(data.test_y)} test images (8x8), {DTYPE}, "
+        f"backend {backend.spec} (from {source})"
     )
     start = time.perf_counter()
     result = train(
@@ -231,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
     )
     total = time.perf_counter() - start
     seconds = result.epoch_seconds
-    print(f"test accuracy: {result.test_accuracy[-1]:.2%} ({round(result.test_accuracy[-1] * len(data.test_y))}/{len(data.test_y)})")
+    accuracy, n_test = result.test_accuracy[-1], len(data.test_y)
+    print(f"test accuracy: {accuracy:.2%} ({round(accuracy * n_test)}/{n_test})")
     print(f"backend: {backend.spec}, device: {backend.device}")
     print(
         f"time per epoch: {sum(seconds) / len(seconds):.3f} s (first {seconds[0]:.3f} s), "

@@ -5,9 +5,9 @@ Each layer has ``forwardpass(X)`` (which keeps what the backward pass needs) and
 takes a plain SGD step), so that they chain with the convolution layer in a layer-by-layer
 network. They are written on the array API namespace of their backend, like the convolution.
 
-Pooling reuses the convolution's gather plan: a pooling window is a depthwise convolution
-(``groups = channels``) with no padding, so one ``take`` with the plan gives every window, and the
-backend's scatter-add sends the window gradients back (overlapping windows add up).
+Pooling reuses the convolution's im2col and col2im: a pooling window is a depthwise convolution
+(``groups = channels``) with no padding, so the convolution's patches are every window, and its
+col2im sends the window gradients back (overlapping windows add up).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from ._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
-from ._plan import gather_indices, index_dtype
+from ._conv import choose_algorithm
 from .backends import Backend, backend_of, get_backend
 from .layer import ACTIVATIONS
 
@@ -45,29 +45,23 @@ def _check_batch(activation_prev: Any, batch: int) -> None:
         )
 
 
-def _plan(backend: Backend, geom: Geometry) -> Any:
-    # The key and the array are the convolution's own for this geometry: one copy per device.
-    return backend.constant(("gather", geom), lambda: gather_indices(geom))
-
-
 def _gather_windows(backend: Backend, x: Any, geom: Geometry) -> Any:
-    """Every pooling window of `x`: (n, depth, kH*kW, out_row*out_col)."""
-    xp, n = backend.xp, x.shape[0]
-    # The standard's `take` wants 1-D indices on one axis: the plan indexes a flattened sample.
-    windows = xp.take(xp.reshape(x, (n, geom.sample_size)), _plan(backend, geom), axis=1)
-    return xp.reshape(windows, (n, geom.in_channels, geom.patch_size, geom.positions))
+    """Every pooling window of `x`: (depth, kH*kW, n*out_row*out_col), the convolution's patch layout."""
+    algorithm = choose_algorithm(backend, geom, "auto")
+    return algorithm.patches(backend, x, geom, (0, geom.out_h))
 
 
-def _scatter_windows(backend: Backend, grad_windows: Any, geom: Geometry) -> Any:
+def _scatter_windows(backend: Backend, grad_windows: Any, n: int, geom: Geometry) -> Any:
     """The inverse of :func:`_gather_windows` for gradients: each pixel gets the sum over its windows."""
-    xp, n, length = backend.xp, grad_windows.shape[0], geom.sample_size
-    dev = device_of(grad_windows)
-    dtype = backend.dtype(index_dtype(max(n * length - 1, 0)))
-    offsets = xp.reshape(xp.arange(0, n * length, length, dtype=dtype, device=dev), (n, 1))
-    indices = xp.reshape(offsets + xp.astype(_plan(backend, geom), dtype), (-1,))
-    target = xp.zeros((n * length,), dtype=grad_windows.dtype, device=dev)
-    summed = backend.scatter_add(target, indices, xp.reshape(grad_windows, (-1,)))
-    return xp.reshape(summed, (n, geom.in_channels, geom.height, geom.width))
+    algorithm = choose_algorithm(backend, geom, "auto")
+    acc = algorithm.grad_start(backend, grad_windows, n, geom)
+    acc = algorithm.grad_add(backend, acc, grad_windows, geom, (0, geom.out_h))
+    return algorithm.grad_finish(acc, n, geom)
+
+
+def _to_nchw(xp: Any, per_channel: Any, n: int, geom: Geometry) -> Any:
+    """(depth, n*out_row*out_col) -> (n, depth, out_row, out_col)."""
+    return xp.permute_dims(xp.reshape(per_channel, (geom.in_channels, n, geom.out_h, geom.out_w)), (1, 0, 2, 3))
 
 
 class _Pool:
@@ -96,7 +90,7 @@ class _Pool:
         self._saved: Any = None
 
     def _windows(self, X: Any) -> tuple[Any, Any]:
-        """X on the layer's backend and its windows, (n, depth, kH*kW, out_row*out_col)."""
+        """X on the layer's backend and its windows, (depth, kH*kW, n*out_row*out_col)."""
         X = _floating(self.backend, "X", X)
         expected = (self.in_depth, self.in_row, self.in_col)
         if X.ndim != 4 or tuple(X.shape[1:]) != expected:
@@ -104,14 +98,15 @@ class _Pool:
         return X, _gather_windows(self.backend, X, self._geom)
 
     def _delta(self, activation_prev: Any, delta: Any) -> tuple[int, Any]:
-        """The batch size and `delta` as (n, depth, 1, out_row*out_col), after the checks."""
+        """The batch size and `delta` as (depth, 1, n*out_row*out_col), after the checks."""
         if self._saved is None:
             raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
         batch, dtype = self._saved[0], self._saved[1]
         _check_batch(activation_prev, batch)
         delta = _floating(self.backend, "delta", delta, dtype)
         check_output_shape("delta", tuple(delta.shape), batch, self._geom)
-        return batch, self.backend.xp.reshape(delta, (batch, self.in_depth, 1, self._geom.positions))
+        xp = self.backend.xp
+        return batch, xp.reshape(xp.permute_dims(delta, (1, 0, 2, 3)), (self.in_depth, 1, -1))
 
 
 class MaxPoolLayer(_Pool):
@@ -148,10 +143,9 @@ class MaxPoolLayer(_Pool):
         """Return the window maxima, shape (n, depth, out_row, out_col); keep where they were."""
         X, windows = self._windows(X)
         xp = self.backend.xp
-        where = xp.argmax(windows, axis=2, keepdims=True)  # (n, depth, 1, positions)
+        where = xp.argmax(windows, axis=1, keepdims=True)  # (depth, 1, n*positions)
         self._saved = (X.shape[0], X.dtype, where)
-        out = xp.max(windows, axis=2)
-        return xp.reshape(out, (X.shape[0], self.out_depth, self.out_row, self.out_col))
+        return _to_nchw(xp, xp.max(windows, axis=1), X.shape[0], self._geom)
 
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
         """Return dE/dX: each window's delta at its maximum, zero elsewhere (`lr` is unused: no parameters)."""
@@ -160,9 +154,9 @@ class MaxPoolLayer(_Pool):
         where = self._saved[2]
         taps = self.pool_row * self.pool_col
         # A one-hot mask along the window axis by comparison with arange: the standard has no scatter.
-        tap = xp.reshape(xp.arange(taps, dtype=where.dtype, device=device_of(where)), (1, 1, taps, 1))
+        tap = xp.reshape(xp.arange(taps, dtype=where.dtype, device=device_of(where)), (1, taps, 1))
         grad_windows = xp.where(tap == where, delta, xp.zeros_like(delta))
-        return _scatter_windows(self.backend, grad_windows, self._geom)
+        return _scatter_windows(self.backend, grad_windows, batch, self._geom)
 
 
 class AvgPoolLayer(_Pool):
@@ -184,16 +178,15 @@ class AvgPoolLayer(_Pool):
         X, windows = self._windows(X)
         xp = self.backend.xp
         self._saved = (X.shape[0], X.dtype)
-        out = xp.mean(windows, axis=2)
-        return xp.reshape(out, (X.shape[0], self.out_depth, self.out_row, self.out_col))
+        return _to_nchw(xp, xp.mean(windows, axis=1), X.shape[0], self._geom)
 
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
         """Return dE/dX: each window's delta shared equally by its pixels (`lr` is unused)."""
         batch, delta = self._delta(activation_prev, delta)
         xp = self.backend.xp
         taps = self.pool_row * self.pool_col
-        grad_windows = xp.broadcast_to(delta / taps, (batch, self.in_depth, taps, self._geom.positions))
-        return _scatter_windows(self.backend, grad_windows, self._geom)
+        grad_windows = xp.broadcast_to(delta / taps, (self.in_depth, taps, batch * self._geom.positions))
+        return _scatter_windows(self.backend, grad_windows, batch, self._geom)
 
 
 class FlattenLayer:
@@ -351,7 +344,10 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
     if not xp.isdtype(labels.dtype, "integral"):
         raise TypeError(f"labels has dtype {labels.dtype}; it needs class indices (an integer dtype)")
     if tuple(labels.shape) != (n,):
-        raise ValueError(f"labels must have shape ({n},) (one class index per row of logits), got {tuple(labels.shape)}")
+        raise ValueError(f"labels must have shape ({n},), one class index per row of logits, got {tuple(labels.shape)}")
+    # An out-of-range label would match no class and silently add nothing to the loss.
+    if n and not bool(xp.all((labels >= 0) & (labels < classes))):
+        raise ValueError(f"labels must be class indices in [0, {classes}) for logits with {classes} columns")
     # Subtracting each row's maximum keeps exp from overflowing and changes nothing else.
     shifted = logits - xp.max(logits, axis=1, keepdims=True)
     exp = xp.exp(shifted)
@@ -384,9 +380,12 @@ class Sequential:
 
     def __init__(self, layers: Iterable[Any]) -> None:
         self.layers = list(layers)
+        if not self.layers:
+            raise ValueError("Sequential needs at least one layer")
         self._inputs: list[Any] | None = None
 
     def forwardpass(self, X: Any) -> Any:
+        """Run `X` through every layer in order and return the last layer's output."""
         inputs = []
         for layer in self.layers:
             inputs.append(X)
@@ -395,9 +394,10 @@ class Sequential:
         return X
 
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
+        """Run `delta` (dE/d(output)) back through the layers, updating each; return dE/dX."""
         if self._inputs is None:
             raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
         _check_batch(activation_prev, self._inputs[0].shape[0])
-        for layer, layer_input in zip(reversed(self.layers), reversed(self._inputs)):
+        for layer, layer_input in zip(reversed(self.layers), reversed(self._inputs), strict=True):
             delta = layer.backwardpass(lr, layer_input, delta)
         return delta

@@ -1,0 +1,119 @@
+"""``python -m conv2d demo``: its training loop learns on every CPU backend, backends agree, the CLI works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import conv2d
+from conv2d import demo
+from conv2d.__main__ import main
+
+pytest.importorskip("sklearn")
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def digits() -> demo.Digits:
+    return demo.load_digits(seed=0)
+
+
+def _subset(data: demo.Digits, train: int, test: int) -> demo.Digits:
+    return demo.Digits(data.train_x[:train], data.train_y[:train], data.test_x[:test], data.test_y[:test])
+
+
+def test_digits_split(digits):
+    """Stratified 80/20 split of the 1,797 digits, images in [0, 1], int32 labels, every class in both parts."""
+    assert digits.train_x.shape == (1437, 1, 8, 8) and digits.test_x.shape == (360, 1, 8, 8)
+    assert digits.train_x.dtype == np.float32 and digits.train_y.dtype == np.int32
+    assert 0.0 == digits.train_x.min() and digits.train_x.max() == 1.0
+    per_class = np.bincount(digits.train_y) + np.bincount(digits.test_y)
+    assert (np.abs(np.bincount(digits.test_y) - 0.2 * per_class) <= 1).all(), "not stratified"
+    again = demo.load_digits(seed=0)
+    np.testing.assert_array_equal(again.test_y, digits.test_y)
+
+
+def test_a_few_batches_lower_the_loss(cpu_backend, digits):
+    """Eight SGD steps of the demo's loop lower the held-out loss, on every CPU backend."""
+    # 32 test images, one batch: the same shapes as training, so JAX compiles each operation once.
+    run = demo.train(cpu_backend, epochs=1, batch_size=32, lr=0.2, seed=0, data=_subset(digits, 256, 32), max_batches=8)
+    assert run.network.layers[0].backend is cpu_backend
+    assert len(run.train_loss) == 1 and len(run.test_loss) == 2
+    before, after = run.test_loss
+    assert np.isfinite(run.train_loss).all()
+    assert after < before - 0.01, f"test loss went from {before:.4f} to {after:.4f} on {cpu_backend.spec}"
+
+
+def test_numpy_and_torch_reach_the_same_accuracy(digits):
+    """With the same seed, two epochs on NumPy and on torch give the same test accuracy to within 1%."""
+    pytest.importorskip("torch")
+    runs = {name: demo.train(conv2d.get_backend(name), epochs=2, seed=0, data=digits) for name in ("numpy", "torch")}
+    accuracy = {name: run.test_accuracy[-1] for name, run in runs.items()}
+    assert accuracy["numpy"] > 0.5, f"two epochs should learn something: {accuracy}"
+    assert abs(accuracy["numpy"] - accuracy["torch"]) <= 0.01, accuracy
+    np.testing.assert_allclose(runs["numpy"].train_loss, runs["torch"].train_loss, rtol=1e-3)
+
+
+def test_default_settings_reach_95_percent(digits):
+    """The README's promise: the default run reaches at least 95% test accuracy (NumPy)."""
+    run = demo.train(conv2d.get_backend("numpy"), data=digits)
+    assert len(run.epoch_seconds) == demo.DEFAULTS["epochs"]
+    assert run.test_accuracy[-1] >= 0.95, run.test_accuracy
+
+
+def test_cli_writes_the_plots(tmp_path, capsys):
+    """`python -m conv2d demo` prints accuracy, backend and time per epoch, and writes the two PNGs."""
+    out = tmp_path / "nested" / "out"
+    assert main(["demo", "--epochs", "1", "--batch-size", "64", "--lr", "0.3", "--seed", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for text in ("test accuracy:", "backend: numpy, device: cpu", "time per epoch:", "(from default)"):
+        assert text in printed, printed
+    for name in ("loss.png", "filters.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, name
+
+
+def test_cli_backend_option_overrides_the_environment(tmp_path, capsys, monkeypatch):
+    """--backend wins over CONV2D_BACKEND; --no-plots writes nothing."""
+    monkeypatch.setenv("CONV2D_BACKEND", "numpy")
+    pytest.importorskip("array_api_strict")
+    args = ["demo", "--epochs", "1", "--backend", "array_api_strict", "--no-plots", "--out", str(tmp_path / "x")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "backend: array_api_strict" in printed and "(from --backend)" in printed, printed
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_environment_variable_picks_the_backend(capsys, monkeypatch):
+    monkeypatch.setenv("CONV2D_BACKEND", "array_api_strict")
+    pytest.importorskip("array_api_strict")
+    assert main(["demo", "--epochs", "1", "--no-plots"]) == 0
+    assert "(from CONV2D_BACKEND)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backend", "nope"], "unknown conv2d backend 'nope'"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--lr", "-1"], "--lr must be positive"),
+    ],
+)
+def test_cli_bad_arguments(args, message, capsys):
+    assert main(["demo", *args, "--no-plots"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_module_imports_no_demo_dependency():
+    """scikit-learn, matplotlib and tqdm are imported by the demo's run, not by importing conv2d or its CLI."""
+    code = (
+        "import sys, conv2d, conv2d.nn, conv2d.demo, conv2d.__main__\n"
+        "heavy = {'sklearn', 'matplotlib', 'tqdm'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
