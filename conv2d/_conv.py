@@ -50,6 +50,20 @@ def _grad_patches(xp: Any, w: Any, grad_y: Any) -> Any:
     return xp.matmul(xp.matrix_transpose(w), grad_y)
 
 
+def _place(backend: Backend, whole: Any | None, shape: tuple[int, ...], key: tuple, piece: Any) -> Any:
+    """Put one chunk's (reordered, non-contiguous) result into its place of the NCHW result.
+
+    The first piece that is the whole result becomes it, as one contiguous copy (a flat reshape
+    of a view copies); pieces of a split result are added into a zero array of the full shape.
+    """
+    xp = array_namespace(piece)
+    if whole is None and tuple(piece.shape) == shape:
+        return xp.reshape(xp.reshape(piece, (-1,)), shape)
+    if whole is None:
+        whole = xp.zeros(shape, dtype=piece.dtype, device=device_of(piece))
+    return backend.slice_add(whole, key, piece)
+
+
 def forward(
     backend: Backend, x: Any, weight: Any, bias: Any | None, geom: Geometry, algorithm: str, limit: int
 ) -> tuple[Any, Any | None]:
@@ -60,9 +74,7 @@ def forward(
     chunks = _chunks(x, geom, limit)
     n = x.shape[0]
     w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.patch_size))
-    # Each chunk's (O, n, rows, OW) result is added into its place of the NCHW output: one write,
-    # which also turns the channel-major product into a contiguous NCHW array.
-    y = xp.zeros((n, geom.out_channels, geom.out_h, geom.out_w), dtype=x.dtype, device=device_of(x))
+    y = None
     for chunk in chunks:
         rows = (chunk.row_start, chunk.row_stop)
         cols = algo.patches(backend, x[chunk.start : chunk.stop, ...], geom, rows)
@@ -70,7 +82,7 @@ def forward(
             xp.matmul(w, cols), (geom.out_channels, chunk.stop - chunk.start, rows[1] - rows[0], geom.out_w)
         )
         key = (slice(chunk.start, chunk.stop), slice(None), slice(*rows), slice(None))
-        y = backend.slice_add(y, key, xp.permute_dims(product, (1, 0, 2, 3)))
+        y = _place(backend, y, (n, geom.out_channels, geom.out_h, geom.out_w), key, xp.permute_dims(product, (1, 0, 2, 3)))
     if bias is not None:
         y = y + xp.reshape(bias, (1, geom.out_channels, 1, 1))
     return y, cols if len(chunks) == 1 else None
@@ -94,7 +106,7 @@ def backward(
     w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.patch_size))
     grad_bias = xp.sum(grad_out, axis=(0, 2, 3))
     grad_weight = xp.zeros(w.shape, dtype=weight.dtype, device=device_of(weight))
-    grad_x = xp.zeros((n, geom.in_channels, geom.height, geom.width), dtype=grad_out.dtype, device=device_of(grad_out))
+    grad_x = None
     for (start, stop), row_chunks in groupby(chunks, key=lambda c: (c.start, c.stop)):
         acc = algo.grad_start(backend, grad_out, stop - start, geom)
         for chunk in row_chunks:
@@ -105,5 +117,6 @@ def backward(
             grad_y = xp.reshape(grad_y, (geom.groups, geom.filters_per_group, -1))
             grad_weight = grad_weight + xp.matmul(grad_y, xp.matrix_transpose(patches))
             acc = algo.grad_add(backend, acc, _grad_patches(xp, w, grad_y), geom, rows)
-        grad_x = backend.slice_add(grad_x, (slice(start, stop), ...), algo.grad_finish(acc, stop - start, geom))
+        piece = algo.grad_finish(acc, stop - start, geom)
+        grad_x = _place(backend, grad_x, (n, geom.in_channels, geom.height, geom.width), (slice(start, stop), ...), piece)
     return grad_x, xp.reshape(grad_weight, weight.shape), grad_bias
