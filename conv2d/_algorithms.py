@@ -117,7 +117,9 @@ class Slices:
         # Channel-major (C, n, H, W) first: each tap is then a (C, n, rows, OW) block of the layout.
         padded = cls._pad(xp.permute_dims(x, (1, 0, 2, 3)), geom)
         taps = [padded[:, :, r, c] for r, c in cls._taps(geom, rows)]
-        cols = xp.stack(taps, axis=1)  # (C, kH*kW, n, rows, OW): rows ordered like the weight's (C, kH, kW)
+        # (C, kH*kW, n, rows, OW): rows ordered like the weight's (C, kH, kW). A 1x1 kernel's one
+        # tap is the input itself: no second copy.
+        cols = xp.expand_dims(taps[0], axis=1) if len(taps) == 1 else xp.stack(taps, axis=1)
         return xp.reshape(cols, (geom.groups, geom.patch_size, -1))
 
     @staticmethod
