@@ -47,13 +47,13 @@ def _check_batch(activation_prev: Any, batch: int) -> None:
 
 def _gather_windows(backend: Backend, x: Any, geom: Geometry) -> Any:
     """Every pooling window of `x`: (depth, kH*kW, n*out_row*out_col), the convolution's patch layout."""
-    algorithm = choose_algorithm(backend, geom, "auto")
+    algorithm = choose_algorithm("auto")
     return algorithm.patches(backend, x, geom, (0, geom.out_h))
 
 
 def _scatter_windows(backend: Backend, grad_windows: Any, n: int, geom: Geometry) -> Any:
     """The inverse of :func:`_gather_windows` for gradients: each pixel gets the sum over its windows."""
-    algorithm = choose_algorithm(backend, geom, "auto")
+    algorithm = choose_algorithm("auto")
     acc = algorithm.grad_start(backend, grad_windows, n, geom)
     acc = algorithm.grad_add(backend, acc, grad_windows, geom, (0, geom.out_h))
     return algorithm.grad_finish(acc, n, geom)
