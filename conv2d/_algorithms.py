@@ -47,8 +47,10 @@ class Gather:
             flat = xp.concat([flat, xp.zeros((n, 1), dtype=x.dtype, device=device_of(x))], axis=1)
         # The standard's `take` needs 1-D indices on one axis: the plan indexes a flattened sample.
         cols = xp.take(flat, cls._plan(backend, geom, rows), axis=1)  # (n, C*kH*kW*positions)
-        cols = xp.permute_dims(xp.reshape(cols, (n, geom.in_channels * geom.kernel_h * geom.kernel_w, -1)), (1, 0, 2))
-        return xp.reshape(cols, (geom.groups, geom.patch_size, -1))
+        positions = (rows[1] - rows[0]) * geom.out_w  # explicit sizes: -1 is ambiguous for an empty batch
+        taps = geom.in_channels * geom.kernel_h * geom.kernel_w
+        cols = xp.permute_dims(xp.reshape(cols, (n, taps, positions)), (1, 0, 2))
+        return xp.reshape(cols, (geom.groups, geom.patch_size, n * positions))
 
     @staticmethod
     def grad_start(backend: Backend, like: Any, n: int, geom: Geometry) -> Any:
@@ -62,8 +64,9 @@ class Gather:
         xp = array_namespace(grad_cols)
         n, length = acc.shape[0] // row_length(geom), row_length(geom)
         # Back to the plan's per-sample order: (n, C*kH*kW, positions).
-        grad_cols = xp.permute_dims(xp.reshape(grad_cols, (geom.in_channels * geom.kernel_h * geom.kernel_w, n, -1)),
-                                    (1, 0, 2))
+        positions = (rows[1] - rows[0]) * geom.out_w
+        taps = geom.in_channels * geom.kernel_h * geom.kernel_w
+        grad_cols = xp.permute_dims(xp.reshape(grad_cols, (taps, n, positions)), (1, 0, 2))
         dtype = backend.dtype(index_dtype(max(n * length - 1, 0)))
         offsets = xp.arange(0, n * length, length, dtype=dtype, device=device_of(grad_cols))
         plan = xp.astype(cls._plan(backend, geom, rows), dtype, copy=False)

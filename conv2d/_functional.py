@@ -44,6 +44,8 @@ def check_arrays(named: dict[str, Any]) -> Backend:
 
 
 def check_algorithm(algorithm: str) -> str:
+    if not isinstance(algorithm, str):
+        raise TypeError(f"algorithm must be a string, 'auto' or one of {', '.join(map(repr, ALGORITHMS))}, got {algorithm!r}")
     if algorithm != "auto" and algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be 'auto' or one of {', '.join(map(repr, ALGORITHMS))}, got {algorithm!r}")
     return algorithm

@@ -1,4 +1,6 @@
-"""The `backend` fixture: every backend this machine can run, GPU ones skipped with the reason."""
+"""The `backend` fixture: every backend this machine can run, GPU ones skipped with the reason; and the
+hypothesis profiles: "ci" (loaded by default: fixed examples, reproducible) and "thorough" (10x the
+examples, freshly random each run), chosen with ``--hypothesis-profile=thorough``."""
 
 from __future__ import annotations
 
@@ -8,9 +10,23 @@ import os
 os.environ.setdefault("JAX_ENABLE_X64", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import conv2d  # noqa: E402
 from conv2d.backends import BackendUnavailableError  # noqa: E402
+
+# The properties run on small arrays but compile (JAX) or call PyTorch per example: no deadline.
+# "ci" is derandomized (the examples are a function of the test alone) and keeps no example database,
+# so every CI run checks the same inputs; tests scale their own max_examples with this profile's.
+settings.register_profile(
+    "ci", max_examples=100, derandomize=True, database=None, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow], print_blob=True,
+)
+settings.register_profile(
+    "thorough", max_examples=1000, derandomize=False, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow], print_blob=True,
+)
+settings.load_profile("ci")  # --hypothesis-profile=NAME (read after this file) replaces it
 
 CPU_BACKENDS = ["numpy", "array_api_strict", "torch", "jax"]
 GPU_BACKENDS = ["cupy", "torch:cuda"]

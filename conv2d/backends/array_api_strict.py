@@ -64,20 +64,29 @@ def build(device: str | None) -> Backend:
 def scatter_add_standard(xp: Any, target: Any, indices: Any, values: Any) -> Any:
     """Scatter-add written on the standard alone, which has no scatter and no item assignment.
 
-    Sort the values by index; a prefix sum turns every index's run into the difference of two
-    prefix sums; then each target position *gathers* its run's total, found by binary search.
-    The prefix sum is taken in float64 where the device has it, so that subtracting two large
-    partial sums does not lose the small ones.
+    Sort the values by index, so that each index's values form one run; sum within the runs by a
+    segmented scan (log-step doubling: at step k every value adds the partial sum k places back
+    if that one belongs to the same run), so each run's total ends at its last element; then
+    every target position *gathers* its run's total, found by binary search. Sums never cross
+    runs, so a NaN, an Inf or a large value at one index reaches no other.
     """
-    info = xp.__array_namespace_info__()
+    if indices.shape[0] == 0:
+        return target
     dev = target.device
-    accumulate = info.dtypes(device=dev).get("float64", values.dtype)
     order = xp.argsort(indices, stable=True)
     sorted_indices = xp.take(indices, order)
-    sorted_values = xp.astype(xp.take(values, order), accumulate)
-    prefix = xp.cumulative_sum(sorted_values, include_initial=True)
+    sums = xp.take(values, order)
+    zero = xp.zeros((), dtype=sums.dtype, device=dev)
+    step = 1
+    while step < sums.shape[0]:
+        same_run = sorted_indices[step:] == sorted_indices[:-step]
+        if not bool(xp.any(same_run)):  # no run is longer than `step`: every total is complete
+            break
+        carried = xp.where(same_run, sums[:-step], zero)
+        sums = xp.concat([sums[:step], sums[step:] + carried])
+        step *= 2
     positions = xp.arange(target.shape[0], dtype=sorted_indices.dtype, device=dev)
     start = xp.searchsorted(sorted_indices, positions, side="left")
     stop = xp.searchsorted(sorted_indices, positions, side="right")
-    totals = xp.take(prefix, stop) - xp.take(prefix, start)
-    return target + xp.astype(totals, target.dtype)
+    last = xp.take(sums, xp.clip(stop - 1, 0, None))  # the run's last element holds its total
+    return target + xp.where(stop > start, last, zero)

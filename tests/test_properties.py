@@ -1,0 +1,245 @@
+"""Properties over random geometries (hypothesis): conv2d and its three gradients agree with PyTorch on
+every CPU backend, algorithm and float dtype; splitting the work to fit a small workspace changes
+nothing; and the output size is the seed's rule for valid padding and PyTorch's in general.
+
+The geometries span batch 0..4, channels 1..8 with groups dividing both channel counts (depthwise
+included), rectangular kernels 1..5, strides 1..4 (often larger than the kernel), dilation 1..3,
+padding as an int, a pair, "valid" or "same" (stride 1), and input sizes from the smallest the
+kernel allows up to 20. The example counts below are those of the "ci" profile (tests/conftest.py,
+derandomized); ``--hypothesis-profile=thorough`` multiplies them by ten, with fresh random inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import conv2d
+from conv2d._geometry import make_geometry
+from conv2d._workspace import plan_chunks, scratch_bytes
+
+from .conftest import _get
+from .oracle import assert_close, torch_conv
+
+torch = pytest.importorskip("torch")
+
+_CI_MAX_EXAMPLES = 100  # max_examples of the "ci" profile in tests/conftest.py
+
+
+def _examples(ci_count: int) -> int:
+    """`ci_count` under the "ci" profile, scaled like the loaded profile's max_examples (thorough: 10x)."""
+    return max(1, ci_count * settings().max_examples // _CI_MAX_EXAMPLES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies
+# ---------------------------------------------------------------------------------------------
+
+
+def _padding_rows_cols(padding, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
+    """Total padding added to the rows and to the columns, as PyTorch documents each padding form."""
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":
+        return dilation[0] * (kernel[0] - 1), dilation[1] * (kernel[1] - 1)
+    if isinstance(padding, int):
+        return 2 * padding, 2 * padding
+    return 2 * padding[0], 2 * padding[1]
+
+
+@st.composite
+def convolutions(draw, batch=st.integers(0, 4), max_size: int = 20) -> dict:
+    """Shapes and keyword arguments of one legal convolution."""
+    groups = draw(st.integers(1, 8))
+    c = groups * draw(st.integers(1, 8 // groups))
+    o = groups * draw(st.integers(1, 8 // groups))
+    kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = draw(
+        st.one_of(
+            st.integers(0, 3),
+            st.tuples(st.integers(0, 3), st.integers(0, 3)),
+            st.sampled_from(["valid", "same"]),
+        )
+    )
+    stride = (1, 1) if padding == "same" else (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    pad_h, pad_w = _padding_rows_cols(padding, kernel, dilation)
+    # The smallest legal input: the dilated kernel just fits in the padded input.
+    reach_h, reach_w = dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1
+    h = draw(st.integers(max(1, reach_h - pad_h), max_size))
+    w = draw(st.integers(max(1, reach_w - pad_w), max_size))
+    kwargs = dict(stride=draw(st.sampled_from([stride, stride[0]])) if stride[0] == stride[1] else stride,
+                  padding=padding, dilation=dilation, groups=groups)
+    return dict(x=(draw(batch), c, h, w), weight=(o, c // groups, *kernel), kwargs=kwargs)
+
+
+DTYPES = st.sampled_from(["float32", "float64"])
+ALGORITHMS = st.sampled_from(conv2d.ALGORITHMS)
+SEEDS = st.integers(0, 2**32 - 1)
+
+
+def _output_shape_pytorch(case: dict) -> tuple[int, int, int, int]:
+    """PyTorch's documented output size: floor((H + pads - dilation*(k-1) - 1) / stride + 1)."""
+    n, _, h, w = case["x"]
+    o, _, kh, kw = case["weight"]
+    kw_ = case["kwargs"]
+    stride = kw_["stride"] if isinstance(kw_["stride"], tuple) else (kw_["stride"],) * 2
+    dilation = kw_["dilation"]
+    pad_h, pad_w = _padding_rows_cols(kw_["padding"], (kh, kw), dilation)
+    out_h = math.floor((h + pad_h - dilation[0] * (kh - 1) - 1) / stride[0] + 1)
+    out_w = math.floor((w + pad_w - dilation[1] * (kw - 1) - 1) / stride[1] + 1)
+    return n, o, out_h, out_w
+
+
+def _data(case: dict, seed: int, dtype: str):
+    """x, weight, bias and an output gradient, rounded to `dtype` and held in float64."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(case["x"])
+    w = rng.standard_normal(case["weight"])
+    b = rng.standard_normal(case["weight"][0])
+    g = rng.standard_normal(_output_shape_pytorch(case))
+    return tuple(a.astype(dtype).astype(np.float64) for a in (x, w, b, g))
+
+
+# ---------------------------------------------------------------------------------------------
+# Against PyTorch, every backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_against_pytorch(spec: str, case: dict, dtype: str, algorithm: str, seed: int) -> None:
+    backend = _get(spec)
+    x, w, b, g = _data(case, seed, dtype)
+    # The reference sees exactly the values we pass: the data was rounded to the tested dtype.
+    y_ref, gx_ref, gw_ref, gb_ref = torch_conv(x, w, b, g, **case["kwargs"])
+    X, W, B, G = (backend.asarray(a, dtype=dtype) for a in (x, w, b, g))
+    kw = dict(case["kwargs"], algorithm=algorithm)
+    y = conv2d.conv2d(X, W, B, **kw)
+    gx, gw, gb = conv2d.conv2d_backward(G, X, W, **kw)
+    for name, ours, ref in (("y", y, y_ref), ("grad_x", gx, gx_ref), ("grad_weight", gw, gw_ref), ("grad_bias", gb, gb_ref)):
+        assert backend.owns(ours) and ours.dtype == X.dtype, f"{name}: {type(ours)} {ours.dtype}"
+        assert_close(backend, ours, ref, dtype, f"{name} ({spec}, {dtype}, {algorithm}, {case})")
+
+
+@settings(max_examples=_examples(300))
+@given(case=convolutions(), dtype=DTYPES, algorithm=ALGORITHMS, seed=SEEDS)
+def test_numpy_matches_pytorch(case, dtype, algorithm, seed):
+    """NumPy: output and the three gradients equal PyTorch's for any legal geometry."""
+    _check_against_pytorch("numpy", case, dtype, algorithm, seed)
+
+
+@settings(max_examples=_examples(120))
+@given(case=convolutions(), dtype=DTYPES, algorithm=ALGORITHMS, seed=SEEDS)
+def test_array_api_strict_matches_pytorch(case, dtype, algorithm, seed):
+    """array-api-strict (the standard alone): output and the three gradients equal PyTorch's."""
+    _check_against_pytorch("array_api_strict", case, dtype, algorithm, seed)
+
+
+@settings(max_examples=_examples(120))
+@given(case=convolutions(), dtype=DTYPES, algorithm=ALGORITHMS, seed=SEEDS)
+def test_torch_matches_pytorch(case, dtype, algorithm, seed):
+    """torch (CPU) tensors: output and the three gradients equal PyTorch's own conv2d and autograd."""
+    _check_against_pytorch("torch", case, dtype, algorithm, seed)
+
+
+@settings(max_examples=_examples(40))  # JAX compiles each new shape: fewer examples
+@given(case=convolutions(), dtype=DTYPES, algorithm=ALGORITHMS, seed=SEEDS)
+def test_jax_matches_pytorch(case, dtype, algorithm, seed):
+    """JAX (CPU): output and the three gradients equal PyTorch's for any legal geometry."""
+    _check_against_pytorch("jax", case, dtype, algorithm, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# A workspace small enough to split the work
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def split_convolutions(draw) -> tuple[dict, str, int, str]:
+    """(case, dtype, limit, how): a batch of 2..4 and a workspace limit that forces splitting it
+    into smaller batches, or one sample into runs of output rows."""
+    case = draw(convolutions(batch=st.integers(2, 4), max_size=14))
+    dtype = draw(DTYPES)
+    geom = make_geometry(case["x"], case["weight"], None, **case["kwargs"])
+    n, itemsize = case["x"][0], np.dtype(dtype).itemsize
+    splits = [("batch", k) for k in range(1, n)] + [("rows", r) for r in range(1, geom.out_h)]
+    how, size = draw(st.sampled_from(splits))
+    limit = scratch_bytes(geom, size, geom.out_h, itemsize) if how == "batch" else scratch_bytes(geom, 1, size, itemsize)
+    return case, dtype, limit, how
+
+
+@settings(max_examples=_examples(100))
+@given(split=split_convolutions(), backend=st.sampled_from(["numpy", "torch", "array_api_strict"]), algorithm=ALGORITHMS,
+       seed=SEEDS)
+def test_split_workspace_gives_the_same_results(split, backend, algorithm, seed):
+    """A max_workspace_bytes that forces batch or row chunks changes only rounding, and stays right."""
+    case, dtype, limit, how = split
+    geom = make_geometry(case["x"], case["weight"], None, **case["kwargs"])
+    chunks = plan_chunks(geom, case["x"][0], np.dtype(dtype).itemsize, limit)
+    assert len(chunks) > 1
+    assert (how == "rows") == any(c.row_stop - c.row_start < geom.out_h for c in chunks)
+    be = _get(backend)
+    x, w, b, g = _data(case, seed, dtype)
+    X, W, B, G = (be.asarray(a, dtype=dtype) for a in (x, w, b, g))
+    kw = dict(case["kwargs"], algorithm=algorithm)
+    whole = (conv2d.conv2d(X, W, B, **kw), *conv2d.conv2d_backward(G, X, W, **kw))
+    split_ = (conv2d.conv2d(X, W, B, max_workspace_bytes=limit, **kw),
+              *conv2d.conv2d_backward(G, X, W, max_workspace_bytes=limit, **kw))
+    reference = torch_conv(x, w, b, g, **case["kwargs"])
+    for name, s, a, r in zip(("y", "grad_x", "grad_weight", "grad_bias"), split_, whole, reference):
+        assert_close(be, s, be.to_numpy(a).astype(np.float64), dtype, f"{name}: split vs whole ({how})")
+        assert_close(be, s, r, dtype, f"{name}: split vs PyTorch ({how})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Output size
+# ---------------------------------------------------------------------------------------------
+
+
+def _meta_output_shape(case: dict) -> tuple[int, ...]:
+    """The shape PyTorch's conv2d gives, computed on meta tensors (shapes only, no data)."""
+    x = torch.empty(case["x"], device="meta", dtype=torch.float64)
+    w = torch.empty(case["weight"], device="meta", dtype=torch.float64)
+    with warnings.catch_warnings():  # PyTorch warns that asymmetric "same" padding costs it a copy
+        warnings.filterwarnings("ignore", message="Using padding='same'", category=UserWarning)
+        return tuple(torch.nn.functional.conv2d(x, w, **case["kwargs"]).shape)
+
+
+@settings(max_examples=_examples(100))
+@given(case=convolutions(batch=st.integers(0, 2), max_size=40))
+def test_output_shape_is_pytorchs_formula(case):
+    """The output shape is PyTorch's formula (and PyTorch's own result); "same" keeps H and W."""
+    x = np.zeros(case["x"], dtype=np.float32)
+    w = np.zeros(case["weight"], dtype=np.float32)
+    shape = tuple(conv2d.conv2d(x, w, **case["kwargs"]).shape)
+    assert shape == _output_shape_pytorch(case) == _meta_output_shape(case)
+    if case["kwargs"]["padding"] == "same":
+        assert shape[2:] == case["x"][2:]
+
+
+@settings(max_examples=_examples(50))
+@given(
+    n=st.integers(0, 3),
+    depth=st.integers(1, 4),
+    size=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    filter_size=st.tuples(st.integers(1, 7), st.integers(1, 7)),
+    stride=st.integers(1, 5),
+    dilation=st.integers(1, 3),
+)
+def test_valid_output_shape_is_the_seeds_rule(n, depth, size, filter_size, stride, dilation):
+    """With no padding, out = int((in - f) / stride + 1), the seed's rule, f being the dilated kernel's reach."""
+    reach = tuple(dilation * (f - 1) + 1 for f in filter_size)
+    size = tuple(max(s, r) for s, r in zip(size, reach))  # the smallest legal input, or larger
+    seed_rule = tuple(int((i - f) / stride + 1) for i, f in zip(size, reach))
+    x = np.zeros((n, depth, *size))
+    w = np.zeros((2, depth, *filter_size))
+    for padding in (0, "valid", (0, 0)):
+        assert tuple(conv2d.conv2d(x, w, stride=stride, dilation=dilation, padding=padding).shape) == (n, 2, *seed_rule)
+    if dilation == 1:  # the seed's layer itself
+        layer = conv2d.ConvolutionLayer((depth, *size), filter_size, 2, stride, seed=0)
+        assert (layer.out_row, layer.out_col) == seed_rule
+        assert tuple(layer.forwardpass(x).shape) == (n, 2, *seed_rule)
