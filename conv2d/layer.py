@@ -30,6 +30,30 @@ ACTIVATIONS: dict[str | None, tuple[Callable[[Any, Any], Any], Callable[[Any, An
 }
 
 
+def to_floating(backend: Backend, name: str, array: Any, dtype: Any = None) -> Any:
+    """`array` moved to `backend`; TypeError unless it is real floating; cast to `dtype` if given."""
+    array = backend.asarray(array)
+    if not backend.xp.isdtype(array.dtype, "real floating"):
+        raise TypeError(f"{name} has dtype {array.dtype}; the layer needs real floating data")
+    return array if dtype is None else backend.xp.astype(array, dtype, copy=False)
+
+
+def forward_state(saved: Any) -> Any:
+    """What the last forwardpass kept for the backward pass; RuntimeError when there was none."""
+    if saved is None:
+        raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
+    return saved
+
+
+def check_batch(activation_prev: Any, batch: int) -> None:
+    """backwardpass must be given the batch of the last forwardpass, not stale state of another one."""
+    if activation_prev.shape[0] != batch:
+        raise ValueError(
+            f"activation_prev has batch size {activation_prev.shape[0]} but the last forwardpass had {batch}; "
+            "call forwardpass on this batch first"
+        )
+
+
 class ConvolutionLayer:
     """A 2-D convolution layer followed by an activation, trained by plain SGD.
 
@@ -115,20 +139,13 @@ class ConvolutionLayer:
         # (input, patches or None when the batch was split, activation) of the last forwardpass
         self._saved: tuple[Any, Any | None, Any] | None = None
 
-    def _to_layer(self, name: str, array: Any) -> Any:
-        """`array` on the layer's backend and dtype; only floating data is accepted."""
-        array = self.backend.asarray(array)
-        if not self.backend.xp.isdtype(array.dtype, "real floating"):
-            raise TypeError(f"{name} has dtype {array.dtype}; the layer needs floating data ({self.dtype})")
-        return self.backend.xp.astype(array, self.dtype, copy=False)
-
     def forwardpass(self, X: Any) -> Any:
         """Return activation(conv(X) + biases), shape (n, out_depth, out_row, out_col).
 
         `X` (n, in_depth, in_row, in_col) may come from any supported library; it is moved to
         the layer's backend. The patch matrix is kept for :meth:`backwardpass`.
         """
-        X = self._to_layer("X", X)
+        X = to_floating(self.backend, "X", X, self.dtype)
         expected = (self._geom.in_channels, self._geom.height, self._geom.width)
         if X.ndim != 4 or tuple(X.shape[1:]) != expected:
             raise ValueError(f"X must have shape (n, {', '.join(map(str, expected))}), got {tuple(X.shape)}")
@@ -157,19 +174,13 @@ class ConvolutionLayer:
         array, shape (n, in_depth, in_row, in_col)
             dE/dX, computed with the weights as they were before this update.
         """
-        if self._saved is None:
-            raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
+        X, cols, out = forward_state(self._saved)
         # A Python float keeps the weights' dtype: a NumPy float64 scalar would promote float32
         # weights on NumPy and JAX, and array-api-strict rejects it outright.
         lr = float(lr)
-        X, cols, out = self._saved
         batch = X.shape[0]
-        if activation_prev.shape[0] != batch:
-            raise ValueError(
-                f"activation_prev has batch size {activation_prev.shape[0]} but the last forwardpass had {batch}; "
-                "call forwardpass on this batch first"
-            )
-        delta = self._to_layer("delta", delta)
+        check_batch(activation_prev, batch)
+        delta = to_floating(self.backend, "delta", delta, self.dtype)
         check_output_shape("delta", tuple(delta.shape), batch, self._geom)
         xp = array_namespace(delta)
         grad_pre = delta * ACTIVATIONS[self.activation][1](xp, out)

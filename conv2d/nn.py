@@ -23,26 +23,9 @@ from array_api_compat import device as device_of
 from ._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
 from ._conv import choose_algorithm
 from .backends import Backend, backend_of, get_backend
-from .layer import ACTIVATIONS
+from .layer import ACTIVATIONS, check_batch, forward_state, to_floating
 
 __all__ = ["AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "softmax_cross_entropy"]
-
-
-def _floating(backend: Backend, name: str, array: Any, dtype: Any = None) -> Any:
-    """`array` moved to `backend`; TypeError unless it is floating; cast to `dtype` if given."""
-    array = backend.asarray(array)
-    xp = backend.xp
-    if not xp.isdtype(array.dtype, "real floating"):
-        raise TypeError(f"{name} has dtype {array.dtype}; the layer needs real floating data")
-    return array if dtype is None else xp.astype(array, dtype, copy=False)
-
-
-def _check_batch(activation_prev: Any, batch: int) -> None:
-    if activation_prev.shape[0] != batch:
-        raise ValueError(
-            f"activation_prev has batch size {activation_prev.shape[0]} but the last forwardpass had {batch}; "
-            "call forwardpass on this batch first"
-        )
 
 
 def _gather_windows(backend: Backend, x: Any, geom: Geometry) -> Any:
@@ -91,7 +74,7 @@ class _Pool:
 
     def _windows(self, X: Any) -> tuple[Any, Any]:
         """X on the layer's backend and its windows, (depth, kH*kW, n*out_row*out_col)."""
-        X = _floating(self.backend, "X", X)
+        X = to_floating(self.backend, "X", X)
         expected = (self.in_depth, self.in_row, self.in_col)
         if X.ndim != 4 or tuple(X.shape[1:]) != expected:
             raise ValueError(f"X must have shape (n, {', '.join(map(str, expected))}), got {tuple(X.shape)}")
@@ -99,11 +82,9 @@ class _Pool:
 
     def _delta(self, activation_prev: Any, delta: Any) -> tuple[int, Any]:
         """The batch size and `delta` as (depth, 1, n*out_row*out_col), after the checks."""
-        if self._saved is None:
-            raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
-        batch, dtype = self._saved[0], self._saved[1]
-        _check_batch(activation_prev, batch)
-        delta = _floating(self.backend, "delta", delta, dtype)
+        batch, dtype = forward_state(self._saved)[:2]
+        check_batch(activation_prev, batch)
+        delta = to_floating(self.backend, "delta", delta, dtype)
         check_output_shape("delta", tuple(delta.shape), batch, self._geom)
         xp = self.backend.xp
         return batch, xp.reshape(xp.permute_dims(delta, (1, 0, 2, 3)), (self.in_depth, 1, -1))
@@ -206,9 +187,7 @@ class FlattenLayer:
 
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
         """Return `delta` in the shape of the last forwardpass's input (`lr` is unused)."""
-        if self._shape is None:
-            raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
-        _check_batch(activation_prev, self._shape[0])
+        check_batch(activation_prev, forward_state(self._shape)[0])
         expected = (self._shape[0], math.prod(self._shape[1:]))
         if tuple(delta.shape) != expected:
             raise ValueError(f"delta must have the forward output's shape {expected}, got {tuple(delta.shape)}")
@@ -270,7 +249,7 @@ class DenseLayer:
 
     def forwardpass(self, X: Any) -> Any:
         """Return activation(X @ weights.T + biases), shape (n, out_features); keep X for the backward pass."""
-        X = _floating(self.backend, "X", X, self.dtype)
+        X = to_floating(self.backend, "X", X, self.dtype)
         if X.ndim != 2 or X.shape[1] != self.in_features:
             raise ValueError(f"X must have shape (n, {self.in_features}), got {tuple(X.shape)}")
         xp = self.backend.xp
@@ -289,12 +268,10 @@ class DenseLayer:
         delta : array, shape (n, out_features)
             dE/d(output of the last forwardpass).
         """
-        if self._saved is None:
-            raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
+        X, out = forward_state(self._saved)
         lr = float(lr)  # a NumPy scalar would promote float32 weights (see ConvolutionLayer)
-        X, out = self._saved
-        _check_batch(activation_prev, X.shape[0])
-        delta = _floating(self.backend, "delta", delta, self.dtype)
+        check_batch(activation_prev, X.shape[0])
+        delta = to_floating(self.backend, "delta", delta, self.dtype)
         if tuple(delta.shape) != tuple(out.shape):
             raise ValueError(f"delta must have the forward output's shape {tuple(out.shape)}, got {tuple(delta.shape)}")
         xp = self.backend.xp
@@ -395,9 +372,7 @@ class Sequential:
 
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
         """Run `delta` (dE/d(output)) back through the layers, updating each; return dE/dX."""
-        if self._inputs is None:
-            raise RuntimeError("backwardpass needs a forwardpass first: there is no saved forward state")
-        _check_batch(activation_prev, self._inputs[0].shape[0])
+        check_batch(activation_prev, forward_state(self._inputs)[0].shape[0])
         for layer, layer_input in zip(reversed(self.layers), reversed(self._inputs), strict=True):
             delta = layer.backwardpass(lr, layer_input, delta)
         return delta
