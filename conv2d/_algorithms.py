@@ -10,6 +10,13 @@ per group (as in the seed), whose inner dimension in the weight gradient is the 
 - ``slices``: kH*kW strided slices of the (padded) input, one per kernel tap. Each slice touches
   distinct pixels, so the backward pass is kH*kW slice additions: no scatter, no atomics,
   deterministic, and no index array to read.
+- ``kernels``: the backend's own device kernels (CuPy: ``backends/_cuda_source.py``), one thread
+  per patch element for im2col and one per input pixel for col2im: two launches in all,
+  deterministic.
+
+``GatherTransposed`` is ``gather`` in deterministic mode on a backend whose scatter-add uses
+atomics: the patches are gathered the same way, and their gradient is summed back by a gather
+through the transposed plan (each pixel reads its readers, in a fixed order).
 """
 
 from __future__ import annotations
@@ -20,23 +27,17 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from ._geometry import Geometry
-from ._plan import gather_indices, index_dtype, row_length
+from ._plan import gather_readers, index_dtype, input_rows, row_length, row_plan
 from .backends import Backend
+from .backends._cuda_source import kernel_args
 
 
 class Gather:
     name = "gather"
 
-    @staticmethod
-    def _plan(backend: Backend, geom: Geometry, rows: tuple[int, int]) -> Any:
-        def build():
-            plan = gather_indices(geom)
-            if rows == (0, geom.out_h):
-                return plan
-            per_row = plan.reshape(-1, geom.out_h, geom.out_w)[:, rows[0] : rows[1], :]
-            return per_row.reshape(-1).copy()
-
-        return backend.constant(("gather", geom, rows), build)
+    @classmethod
+    def _plan(cls, backend: Backend, geom: Geometry, rows: tuple[int, int]) -> Any:
+        return backend.constant(("gather", geom, rows), lambda: row_plan(geom, rows))
 
     @classmethod
     def patches(cls, backend: Backend, x: Any, geom: Geometry, rows: tuple[int, int]) -> Any:
@@ -149,4 +150,67 @@ class Slices:
         return xp.permute_dims(interior, (1, 0, 2, 3))  # a view; _conv places it into the result
 
 
-ALGORITHMS = {algorithm.name: algorithm for algorithm in (Gather, Slices)}
+class GatherTransposed(Gather):
+    """``gather`` with a deterministic backward pass: a gather through the transposed plan."""
+
+    @staticmethod
+    def grad_start(backend: Backend, like: Any, n: int, geom: Geometry) -> Any:
+        xp = array_namespace(like)
+        return xp.zeros((n, geom.in_channels, geom.height, geom.width), dtype=like.dtype, device=device_of(like))
+
+    @classmethod
+    def grad_add(cls, backend: Backend, acc: Any, grad_cols: Any, geom: Geometry, rows: tuple[int, int]) -> Any:
+        xp = array_namespace(grad_cols)
+        n = acc.shape[0]
+        positions = (rows[1] - rows[0]) * geom.out_w
+        taps = geom.in_channels * geom.kernel_h * geom.kernel_w
+        # Per sample, in the plan's order, and a zero at the end for the readers' padding.
+        grad_cols = xp.reshape(xp.permute_dims(xp.reshape(grad_cols, (taps, n, positions)), (1, 0, 2)), (n, -1))
+        grad_cols = xp.concat([grad_cols, xp.zeros((n, 1), dtype=acc.dtype, device=device_of(acc))], axis=1)
+        readers = backend.constant(("readers", geom, rows), lambda: gather_readers(geom, rows))
+        (h0, h1), depth = input_rows(geom, rows), readers.shape[0]
+        if depth == 0:  # these output rows read only padding
+            return acc
+        gathered = xp.take(grad_cols, xp.reshape(readers, (-1,)), axis=1)
+        gathered = xp.reshape(gathered, (n, depth, geom.in_channels, h1 - h0, geom.width))
+        total = gathered[:, 0, ...]
+        for k in range(1, depth):  # one reader at a time: the order of the sum is fixed
+            total = total + gathered[:, k, ...]
+        return backend.slice_add(acc, (slice(None), slice(None), slice(h0, h1), slice(None)), total)
+
+    @staticmethod
+    def grad_finish(acc: Any, n: int, geom: Geometry) -> Any:
+        return acc
+
+
+class Kernels:
+    """The backend's device kernels (``Backend.kernels``): im2col, and col2im summed per pixel."""
+
+    name = "kernels"
+
+    @staticmethod
+    def patches(backend: Backend, x: Any, geom: Geometry, rows: tuple[int, int]) -> Any:
+        xp = array_namespace(x)
+        n = x.shape[0]
+        columns = n * (rows[1] - rows[0]) * geom.out_w
+        cols = xp.empty((geom.groups * geom.patch_size * columns,), dtype=x.dtype, device=device_of(x))
+        cols = backend.kernels.im2col(x, cols, kernel_args(geom, n, rows))
+        return xp.reshape(cols, (geom.groups, geom.patch_size, columns))
+
+    @staticmethod
+    def grad_start(backend: Backend, like: Any, n: int, geom: Geometry) -> Any:
+        xp = array_namespace(like)
+        return xp.zeros((n * geom.sample_size,), dtype=like.dtype, device=device_of(like))
+
+    @staticmethod
+    def grad_add(backend: Backend, acc: Any, grad_cols: Any, geom: Geometry, rows: tuple[int, int]) -> Any:
+        n = acc.shape[0] // geom.sample_size
+        return backend.kernels.col2im(grad_cols, acc, kernel_args(geom, n, rows))
+
+    @staticmethod
+    def grad_finish(acc: Any, n: int, geom: Geometry) -> Any:
+        xp = array_namespace(acc)
+        return xp.reshape(acc, (n, geom.in_channels, geom.height, geom.width))
+
+
+ALGORITHMS = {algorithm.name: algorithm for algorithm in (Gather, Slices, Kernels)}

@@ -23,19 +23,30 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from ._algorithms import ALGORITHMS
+from ._algorithms import ALGORITHMS, GatherTransposed
 from ._geometry import Geometry
 from ._workspace import Chunk, plan_chunks
 from .backends import Backend
 
 
-def choose_algorithm(name: str):
-    """The algorithm object for `name`.
+def choose_algorithm(name: str, backend: Backend, deterministic: bool = False):
+    """The algorithm object for `name` on `backend`.
 
-    ``"auto"`` is ``slices``: measured faster than ``gather`` on most shapes on NumPy, torch and JAX
-    (and never far slower), deterministic, and with no index array to keep (docs/benchmarks.md).
+    ``"auto"`` is ``kernels`` where the backend has device kernels (CuPy), else ``slices``: measured
+    faster than ``gather`` on most shapes on NumPy, torch and JAX (and never far slower),
+    deterministic, and with no index array to keep (docs/benchmarks.md). In deterministic mode,
+    ``gather`` on a backend whose scatter-add uses atomics sums its gradient by a gather instead.
     """
-    return ALGORITHMS["slices" if name == "auto" else name]
+    if name == "auto":
+        name = "kernels" if backend.kernels is not None else "slices"
+    if name == "kernels" and backend.kernels is None:
+        raise ValueError(
+            f"algorithm 'kernels' runs device kernels, which backend {backend.spec!r} does not have (only cupy "
+            "does); use algorithm='auto', 'gather' or 'slices'"
+        )
+    if name == "gather" and deterministic and not backend.deterministic_scatter:
+        return GatherTransposed
+    return ALGORITHMS[name]
 
 
 def _chunks(x: Any, geom: Geometry, limit: int):
@@ -67,12 +78,13 @@ def _place(backend: Backend, whole: Any | None, shape: tuple[int, ...], key: tup
 
 
 def forward(
-    backend: Backend, x: Any, weight: Any, bias: Any | None, geom: Geometry, algorithm: str, limit: int
+    backend: Backend, x: Any, weight: Any, bias: Any | None, geom: Geometry, algorithm: str, limit: int,
+    deterministic: bool = False,
 ) -> tuple[Any, Any | None]:
     """Return (y, patches): y is (N, O, OH, OW); patches (kept only when the batch was one chunk)
     can be handed back to :func:`backward` to save rebuilding them."""
     xp = array_namespace(x, weight)
-    algo = choose_algorithm(algorithm)
+    algo = choose_algorithm(algorithm, backend, deterministic)
     chunks = _chunks(x, geom, limit)
     n = x.shape[0]
     w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.patch_size))
@@ -99,10 +111,11 @@ def backward(
     algorithm: str,
     limit: int,
     cols: Any | None = None,
+    deterministic: bool = False,
 ) -> tuple[Any, Any, Any]:
     """Return (grad_x, grad_weight, grad_bias). `cols` are the forward's patches; if given, `x` is not read."""
     xp = array_namespace(grad_out, weight)
-    algo = choose_algorithm(algorithm)
+    algo = choose_algorithm(algorithm, backend, deterministic)
     n = grad_out.shape[0]
     chunks = _chunks(grad_out, geom, limit) if cols is None else [Chunk(0, n, 0, geom.out_h)]
     w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.patch_size))

@@ -8,6 +8,7 @@ from array_api_compat import array_namespace
 
 from . import _conv
 from ._algorithms import ALGORITHMS
+from ._determinism import resolve_deterministic
 from ._workspace import resolve_limit
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry
 from .backends import Backend, backend_of
@@ -33,7 +34,7 @@ def check_arrays(named: dict[str, Any]) -> Backend:
         if not xp.isdtype(array.dtype, "real floating"):
             raise TypeError(
                 f"{name} has dtype {array.dtype}; conv2d needs a real floating dtype "
-                f"(float32 or float64): convert it, e.g. {name}.astype('float32')"
+                f"(float16, float32 or float64): convert it, e.g. {name}.astype('float32')"
             )
         if array.dtype != dtype:
             raise TypeError(
@@ -66,6 +67,7 @@ def conv2d(
     groups: int = 1,
     algorithm: str = "auto",
     max_workspace_bytes: int | None = None,
+    deterministic: bool | None = None,
 ) -> Any:
     """2-D convolution (cross-correlation, as in PyTorch) of a batch of images.
 
@@ -84,13 +86,18 @@ def conv2d(
         putting the odd extra row or column after, as PyTorch does.
     groups : int, default 1
         Split channels into this many independent convolutions (``groups=C`` is depthwise).
-    algorithm : {"auto", "gather", "slices"}, default "auto"
+    algorithm : {"auto", "gather", "slices", "kernels"}, default "auto"
         How patches are built and their gradients summed back: ``"gather"`` (one indexed gather,
-        scatter-add back) or ``"slices"`` (kH*kW strided slices, slice additions back). All give
-        the same result to rounding; ``"auto"`` picks the faster for the backend.
+        scatter-add back), ``"slices"`` (kH*kW strided slices, slice additions back) or
+        ``"kernels"`` (CuPy only: an im2col and a col2im device kernel). All give the same result
+        to rounding; ``"auto"`` is ``"kernels"`` on CuPy and ``"slices"`` elsewhere.
     max_workspace_bytes : int, optional
         Scratch memory limit; the batch (and if needed the output rows) is split to stay under it.
         Default: ``CONV2D_MAX_WORKSPACE`` (e.g. ``"512MB"``), else 1 GiB.
+    deterministic : bool, optional
+        Make the backward pass bitwise reproducible on every backend (see
+        :func:`conv2d_backward`); accepted here so one set of keyword arguments serves both.
+        Default: ``CONV2D_DETERMINISTIC`` (``1`` on, ``0`` or unset off).
 
     Returns
     -------
@@ -123,7 +130,10 @@ def conv2d(
         _shape(x), _shape(weight), None if bias is None else _shape(bias),
         stride=stride, padding=padding, dilation=dilation, groups=groups,
     )
-    y, _ = _conv.forward(backend, x, weight, bias, geom, check_algorithm(algorithm), resolve_limit(max_workspace_bytes))
+    y, _ = _conv.forward(
+        backend, x, weight, bias, geom, check_algorithm(algorithm), resolve_limit(max_workspace_bytes),
+        resolve_deterministic(deterministic),
+    )
     return y
 
 
@@ -138,6 +148,7 @@ def conv2d_backward(
     groups: int = 1,
     algorithm: str = "auto",
     max_workspace_bytes: int | None = None,
+    deterministic: bool | None = None,
 ) -> tuple[Any, Any, Any]:
     """Gradients of a loss through :func:`conv2d`, given the gradient of its output.
 
@@ -149,6 +160,12 @@ def conv2d_backward(
         The forward pass's input and filters.
     stride, padding, dilation, groups, algorithm, max_workspace_bytes
         As given to :func:`conv2d`.
+    deterministic : bool, optional
+        If True, `grad_x` is summed in a fixed order, so repeated calls give bitwise-identical
+        gradients: ``algorithm="gather"`` then sums by a gather instead of the backend's atomic
+        scatter-add (CuPy, torch on CUDA, JAX on a GPU). ``"slices"``, ``"kernels"`` and
+        therefore ``"auto"`` are deterministic in both modes, as are the weight and bias
+        gradients. Default: ``CONV2D_DETERMINISTIC`` (``1`` on, ``0`` or unset off).
 
     Returns
     -------
@@ -178,6 +195,7 @@ def conv2d_backward(
     )
     check_output_shape("grad_out", _shape(grad_out), _shape(x)[0], geom)
     return _conv.backward(
-        backend, grad_out, x, weight, geom, check_algorithm(algorithm), resolve_limit(max_workspace_bytes)
+        backend, grad_out, x, weight, geom, check_algorithm(algorithm), resolve_limit(max_workspace_bytes),
+        deterministic=resolve_deterministic(deterministic),
     )
 

@@ -7,6 +7,7 @@ over the batch, and over output rows when one sample alone does not fit.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -57,20 +58,37 @@ class Chunk:
     row_stop: int
 
 
+def _readers_per_pixel(geom: Geometry) -> int:
+    """The most patch elements that read one input pixel.
+
+    Along one axis, taps ``k`` reading a pixel satisfy ``k * dilation = const (mod stride)``: one in
+    every ``stride / gcd(stride, dilation)`` taps.
+    """
+    per_axis = [
+        -(-kernel // (stride // math.gcd(stride, dilation)))
+        for kernel, stride, dilation in zip((geom.kernel_h, geom.kernel_w), geom.stride, geom.dilation)
+    ]
+    return per_axis[0] * per_axis[1]
+
+
 def scratch_bytes(geom: Geometry, samples: int, rows: int, itemsize: int) -> int:
     """Scratch of one chunk, in bytes: an upper bound over both algorithms and both passes.
 
     Per sample: a padded copy of its input; four patch-matrix-sized arrays (the patches, their
     gradient, a reordered copy of one of them, and the gather's flat indices, counted at the item
-    size: an upper bound for int32 and int64 alike); two output-sized arrays (the product before it
-    is placed in NCHW order, and the reordered output gradient). Per chunk: one weight gradient.
+    size: an upper bound for int32 and int64 alike); the deterministic gather's gathered gradient
+    (:func:`_readers_per_pixel` for each input pixel the rows read); two output-sized arrays
+    (the product before it is placed in NCHW order, and the reordered output gradient). Per chunk:
+    one weight gradient.
     """
     top, bottom, left, right = geom.padding
     padded_input = geom.in_channels * (geom.height + top + bottom) * (geom.width + left + right) + 1
     patches = geom.in_channels * geom.kernel_h * geom.kernel_w * rows * geom.out_w
+    read_rows = max(0, min(geom.height, (rows - 1) * geom.stride[0] + (geom.kernel_h - 1) * geom.dilation[0] + 1))
+    readers = geom.in_channels * read_rows * geom.width * _readers_per_pixel(geom)
     outputs = geom.out_channels * rows * geom.out_w
     weight = geom.out_channels * geom.patch_size
-    return itemsize * (samples * (padded_input + 4 * patches + 2 * outputs) + weight)
+    return itemsize * (samples * (padded_input + 4 * patches + readers + 2 * outputs) + weight)
 
 
 def plan_chunks(geom: Geometry, batch: int, itemsize: int, limit: int) -> list[Chunk]:

@@ -9,6 +9,8 @@ import numpy as np
 from array_api_compat import array_namespace
 
 from . import _conv
+from ._conv import choose_algorithm
+from ._determinism import resolve_deterministic
 from ._functional import check_algorithm, check_arrays
 from ._workspace import resolve_limit
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry, positive_int, positive_ints
@@ -79,9 +81,10 @@ class ConvolutionLayer:
         standard deviation 0.1) on the host, so that a seed gives the same weights on every backend.
     backend : str or Backend, optional
         Where the layer lives; default: the active backend (see :func:`conv2d.get_backend`).
-    algorithm, max_workspace_bytes
+    algorithm, max_workspace_bytes, deterministic
         As in :func:`conv2d.conv2d`. The patch matrix built by `forwardpass` is kept for
-        `backwardpass` when the batch fits in the workspace in one piece.
+        `backwardpass` when the batch fits in the workspace in one piece. ``deterministic=None``
+        reads ``CONV2D_DETERMINISTIC`` at each call.
 
     Examples
     --------
@@ -110,6 +113,7 @@ class ConvolutionLayer:
         backend: str | Backend | None = None,
         algorithm: str = "auto",
         max_workspace_bytes: int | None = None,
+        deterministic: bool | None = None,
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
@@ -122,6 +126,9 @@ class ConvolutionLayer:
         self.max_workspace_bytes = max_workspace_bytes
         resolve_limit(max_workspace_bytes)  # a bad limit fails here, not at the first batch
         self.backend = get_backend(backend)
+        choose_algorithm(self.algorithm, self.backend)  # 'kernels' on a backend without them fails here
+        resolve_deterministic(deterministic)
+        self.deterministic = deterministic
         self.in_depth, self.in_row, self.in_col = in_channels
         self.filter_row, self.filter_col = filter_size
         self.out_depth = numfilters
@@ -151,7 +158,10 @@ class ConvolutionLayer:
             raise ValueError(f"X must have shape (n, {', '.join(map(str, expected))}), got {tuple(X.shape)}")
         check_arrays({"X": X, "weights": self.weights, "biases": self.biases})
         limit = resolve_limit(self.max_workspace_bytes)
-        pre, cols = _conv.forward(self.backend, X, self.weights, self.biases, self._geom, self.algorithm, limit)
+        pre, cols = _conv.forward(
+            self.backend, X, self.weights, self.biases, self._geom, self.algorithm, limit,
+            resolve_deterministic(self.deterministic),
+        )
         xp = array_namespace(pre)
         out = ACTIVATIONS[self.activation][0](xp, pre)
         self._saved = (X, cols, out)
@@ -186,7 +196,8 @@ class ConvolutionLayer:
         grad_pre = delta * ACTIVATIONS[self.activation][1](xp, out)
         limit = resolve_limit(self.max_workspace_bytes)
         grad_x, grad_w, grad_b = _conv.backward(
-            self.backend, grad_pre, X, self.weights, self._geom, self.algorithm, limit, cols
+            self.backend, grad_pre, X, self.weights, self._geom, self.algorithm, limit, cols,
+            resolve_deterministic(self.deterministic),
         )
         # New arrays rather than in-place updates: JAX arrays are immutable, and the caller may
         # still hold the old weights.

@@ -30,13 +30,13 @@ __all__ = ["AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequen
 
 def _gather_windows(backend: Backend, x: Any, geom: Geometry) -> Any:
     """Every pooling window of `x`: (depth, kH*kW, n*out_row*out_col), the convolution's patch layout."""
-    algorithm = choose_algorithm("auto")
+    algorithm = choose_algorithm("auto", backend)
     return algorithm.patches(backend, x, geom, (0, geom.out_h))
 
 
 def _scatter_windows(backend: Backend, grad_windows: Any, n: int, geom: Geometry) -> Any:
     """The inverse of :func:`_gather_windows` for gradients: each pixel gets the sum over its windows."""
-    algorithm = choose_algorithm("auto")
+    algorithm = choose_algorithm("auto", backend)
     acc = algorithm.grad_start(backend, grad_windows, n, geom)
     acc = algorithm.grad_add(backend, acc, grad_windows, geom, (0, geom.out_h))
     return algorithm.grad_finish(acc, n, geom)

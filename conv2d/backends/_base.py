@@ -34,6 +34,12 @@ class Backend:
         The library's own device object; new arrays are created there.
     xp : module
         The array API namespace (what ``array_api_compat.array_namespace`` returns for this library).
+    deterministic_scatter : bool
+        Whether :meth:`scatter_add` sums duplicates in the same order on every run (bitwise
+        reproducible). False where it uses atomic adds (CuPy, torch on CUDA, JAX on a GPU).
+    kernels : object or None
+        Device kernels for the ``"kernels"`` algorithm (im2col and a gather-style col2im), where
+        the backend has them (CuPy); None elsewhere.
     """
 
     name: str
@@ -44,6 +50,8 @@ class Backend:
     _to_numpy: Callable[[Any], np.ndarray] = field(repr=False)
     _scatter_add: Callable[[Any, Any, Any], Any] = field(repr=False)
     _owns: Callable[[Any], bool] = field(repr=False)
+    deterministic_scatter: bool = True
+    kernels: Any = field(default=None, repr=False)
     _slice_add: Callable[[Any, Any, Any], Any] | None = field(default=None, repr=False)
     _constants: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

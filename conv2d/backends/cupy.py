@@ -6,6 +6,7 @@ from typing import Any
 
 from array_api_compat import is_cupy_array
 
+from . import _cuda_source
 from ._base import Backend, BackendUnavailableError
 
 LIBRARY = "cupy"
@@ -70,4 +71,48 @@ def build(device: str | None) -> Backend:
         _to_numpy=cupy.asnumpy,
         _scatter_add=scatter_add,
         _owns=is_array,
+        deterministic_scatter=False,
+        kernels=CupyKernels(cupy),
     )
+
+
+class CupyKernels:
+    """The ``"kernels"`` algorithm's im2col and col2im (``_cuda_source.py``), compiled on first use.
+
+    ``cupy.ElementwiseKernel`` compiles once per dtype and caches the binary (in memory and on
+    disk), so a call costs one launch. Arrays are passed flat and C-contiguous: the sources index
+    them by hand.
+    """
+
+    def __init__(self, cupy: Any) -> None:
+        self._cupy = cupy
+        self._built: dict[tuple[str, str], Any] = {}
+
+    def _kernel(self, name: str, dtype: Any) -> Any:
+        acc = _cuda_source.accumulator(self._cupy.dtype(dtype).name)
+        key = (name, acc)
+        if key not in self._built:
+            params, body = {
+                "im2col": (_cuda_source.IM2COL_PARAMS, _cuda_source.IM2COL),
+                "col2im": (_cuda_source.COL2IM_PARAMS, _cuda_source.COL2IM),
+            }[name]
+            self._built[key] = self._cupy.ElementwiseKernel(
+                *params, body.replace("ACC", acc), name=f"conv2d_{name}_{acc}"
+            )
+        return self._built[key]
+
+    def _launch(self, name: str, source: Any, target: Any, args: tuple[int, ...]) -> Any:
+        if target.size:  # an empty launch is an error in CUDA
+            with target.device:
+                self._kernel(name, target.dtype)(
+                    self._cupy.ascontiguousarray(source).reshape(-1), *args, target, size=target.size
+                )
+        return target
+
+    def im2col(self, x: Any, cols: Any, args: tuple[int, ...]) -> Any:
+        """Fill the flat patch matrix `cols` from the input chunk `x` (n, C, H, W)."""
+        return self._launch("im2col", x, cols, args)
+
+    def col2im(self, grad_cols: Any, grad_x: Any, args: tuple[int, ...]) -> Any:
+        """Add each pixel's share of the patch gradient `grad_cols` into the flat `grad_x`."""
+        return self._launch("col2im", grad_cols, grad_x, args)

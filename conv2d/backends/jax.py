@@ -70,4 +70,5 @@ def build(device: str | None) -> Backend:
         _scatter_add=scatter_add,
         _owns=is_array,
         _slice_add=lambda target, key, values: target.at[key].add(values),  # JAX arrays are immutable
+        deterministic_scatter=dev.platform == "cpu",  # XLA's GPU scatter-add uses atomics
     )

@@ -73,4 +73,5 @@ def build(device: str | None) -> Backend:
         _to_numpy=to_numpy,
         _scatter_add=scatter_add,
         _owns=is_array,
+        deterministic_scatter=dev.type == "cpu",  # CUDA's index_add_ uses atomics
     )
