@@ -1,105 +1,134 @@
-"""Run the CUDA kernel sources of ``conv2d/backends/_cuda_source.py`` on the CPU.
+"""Run the CUDA kernel sources of ``conv2d/backends/_cuda_source.py`` on the CPU, through CuPy's own code.
 
-The sources are ``cupy.ElementwiseKernel`` bodies: ``i`` is the element index and arrays are raw
-pointers. Wrapped in a loop over ``i`` they are also plain C++, so the host compiler builds the
-very same text into a shared library, and :class:`HostKernels` offers it with the interface of
-``CupyKernels``. What this checks without a GPU: the index arithmetic, padding, strides,
-dilation, groups, row chunks and the fixed summation order. What it cannot check: CUDA
-compilation, launch configuration, and CuPy's float16 type (``tests/test_gpu.py`` on a GPU).
+``CupyKernels`` (``conv2d/backends/cupy.py``) builds its kernels with ``cupy.ElementwiseKernel``
+and launches them with ``cupy.ascontiguousarray``-ed flat arrays. :func:`host_cupy` returns a
+stand-in for those two names of CuPy, on NumPy arrays: its ``ElementwiseKernel`` wraps the
+operation in a loop over ``i`` and compiles it with the host C++ compiler, one shared library per
+kernel and dtype. So the real ``CupyKernels``, the real sources and the real ``"kernels"``
+algorithm run here. What this checks without a GPU: the index arithmetic, padding, strides,
+dilation, groups, row chunks, the argument order of the launches and the fixed summation order.
+What it cannot check: CUDA compilation, launches, and CuPy's float16 type (it uses the host
+compiler's ``_Float16``); ``ci/gpu-check`` runs the suite on a GPU for those.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import dataclasses
+import functools
+import hashlib
+import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
-from conv2d.backends import _cuda_source
+import conv2d
+from conv2d.backends import Backend
+from conv2d.backends.cupy import CupyKernels
 
-# numpy dtype -> (C++ element type, accumulator type as CupyKernels picks it)
-TYPES = {
-    "float32": ("float", _cuda_source.accumulator("float32")),
-    "float64": ("double", _cuda_source.accumulator("float64")),
-    "float16": ("_Float16", _cuda_source.accumulator("float16")),
-}
-KERNELS = {
-    "im2col": (_cuda_source.IM2COL_PARAMS, _cuda_source.IM2COL),
-    "col2im": (_cuda_source.COL2IM_PARAMS, _cuda_source.COL2IM),
-}
+_CTYPES = {"float16": "_Float16", "float32": "float", "float64": "double"}
 
 
 def compiler() -> str | None:
     return shutil.which("g++") or shutil.which("c++")
 
 
-def _signature(params: tuple[str, str]) -> str:
-    """C++ parameters from ElementwiseKernel's: ``raw T x`` is a pointer, ``int64 C`` a long long."""
-    parts = []
-    for index, text in enumerate(params):
+def _parameters(in_params: str, out_params: str) -> tuple[str, list[str]]:
+    """C++ parameters from ElementwiseKernel's (``raw T x`` a pointer, ``int64 C`` a long long), and their kinds."""
+    declared, kinds = [], []
+    for text, writable in ((in_params, False), (out_params, True)):
         for param in text.split(","):
             words = param.split()
             if words[0] == "raw":
-                parts.append(f"{'const ' if index == 0 else ''}T* {words[2]}")
+                assert words[1] == "T", f"the harness knows raw T arrays only: {param!r}"
+                declared.append(f"{'' if writable else 'const '}T* {words[2]}")
+                kinds.append("array")
             else:
-                assert words[0] == "int64", param
-                parts.append(f"long long {words[1]}")
-    return ", ".join(parts)
+                assert words[0] == "int64", f"the harness knows int64 scalars only: {param!r}"
+                declared.append(f"long long {words[1]}")
+                kinds.append("int64")
+    return ", ".join(declared), kinds
 
 
-def source() -> str:
-    """One C++ file: each kernel for each dtype, as ``extern "C"`` loops over ``i``."""
-    lines = []
-    for dtype, (ctype, acc) in TYPES.items():
-        lines.append(f"namespace {dtype} {{ typedef {ctype} T; }}")
-        for name, (params, body) in KERNELS.items():
-            lines += [
-                f'extern "C" void {name}_{dtype}({_signature(params).replace("T*", f"{dtype}::T*")}, long long size) {{',
-                f"    typedef {dtype}::T T;",
+class HostElementwiseKernel:
+    """``cupy.ElementwiseKernel`` for raw arrays and int64 scalars, compiled for the CPU."""
+
+    def __init__(self, directory: Path, in_params: str, out_params: str, operation: str, name: str) -> None:
+        self._directory, self.name = directory, name
+        self._signature, self._kinds = _parameters(in_params, out_params)
+        self._operation = operation
+        self._libraries: dict[str, ctypes.CDLL] = {}
+
+    def _library(self, dtype: str) -> ctypes.CDLL:
+        if dtype not in self._libraries:
+            text = "\n".join([
+                f"typedef {_CTYPES[dtype]} T;",
+                f'extern "C" void run({self._signature}, long long size) {{',
                 "    for (long long i = 0; i < size; ++i) {",
-                body.replace("ACC", acc),
+                self._operation,
                 "    }",
                 "}",
-            ]
-    return "\n".join(lines)
+            ])
+            stem = f"{self.name}_{dtype}_{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+            source, library = self._directory / f"{stem}.cpp", self._directory / f"{stem}.so"
+            source.write_text(text)
+            command = [compiler(), "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-o", str(library), str(source)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise AssertionError(f"kernel {self.name} does not compile as C++ for {dtype}:\n{done.stderr}")
+            self._libraries[dtype] = ctypes.CDLL(str(library))
+        return self._libraries[dtype]
+
+    def __call__(self, *args, size: int):
+        assert len(args) == len(self._kinds), f"{self.name}: {len(args)} arguments for {len(self._kinds)} parameters"
+        arrays = [a for a, kind in zip(args, self._kinds) if kind == "array"]
+        dtypes = {a.dtype.name for a in arrays}
+        assert len(dtypes) == 1, f"{self.name}: raw T arrays of several dtypes {dtypes}"
+        converted = []
+        for value, kind in zip(args, self._kinds):
+            if kind == "array":
+                assert value.ndim == 1 and value.flags.c_contiguous, f"{self.name}: arrays must be flat and contiguous"
+                converted.append(ctypes.c_void_p(value.ctypes.data))
+            else:
+                assert isinstance(value, int), f"{self.name}: int64 scalar given {value!r}"
+                converted.append(ctypes.c_longlong(value))
+        assert all(a.size >= 1 for a in arrays) and size >= 1
+        self._library(dtypes.pop()).run(*converted, ctypes.c_longlong(size))
 
 
-def build(directory: Path) -> ctypes.CDLL:
-    """Compile :func:`source` into `directory` and load it."""
-    src, lib = directory / "kernels.cpp", directory / "kernels.so"
-    src.write_text(source())
-    command = [compiler(), "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-o", str(lib), str(src)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise AssertionError(f"the kernel sources do not compile as C++:\n{done.stderr}")
-    return ctypes.CDLL(str(lib))
+def host_cupy(directory: Path) -> SimpleNamespace:
+    """The part of the ``cupy`` module that ``CupyKernels`` uses, on NumPy, compiling into `directory`."""
+    built: list[HostElementwiseKernel] = []
+
+    def elementwise_kernel(in_params, out_params, operation, name):
+        kernel = HostElementwiseKernel(directory, in_params, out_params, operation, name)
+        built.append(kernel)
+        return kernel
+
+    return SimpleNamespace(
+        ElementwiseKernel=elementwise_kernel, ascontiguousarray=np.ascontiguousarray, dtype=np.dtype, built=built
+    )
 
 
-class HostKernels:
-    """``CupyKernels``'s interface on NumPy arrays, running the compiled sources."""
+@functools.cache
+def host_kernels_backend() -> Backend:
+    """A NumPy backend whose ``kernels`` are the real ``CupyKernels`` over :func:`host_cupy`.
 
-    def __init__(self, library: ctypes.CDLL) -> None:
-        self._library = library
-        self.calls: list[str] = []  # which kernels ran: tests check the algorithm used them
-
-    def _launch(self, name: str, source_array: np.ndarray, target: np.ndarray, args: tuple[int, ...]) -> np.ndarray:
-        assert target.flags.c_contiguous and target.ndim == 1, "kernels write flat contiguous arrays"
-        source_array = np.ascontiguousarray(source_array).reshape(-1)
-        assert source_array.dtype == target.dtype
-        function = getattr(self._library, f"{name}_{target.dtype.name}")
-        function(
-            ctypes.c_void_p(source_array.ctypes.data),
-            *(ctypes.c_longlong(a) for a in args),
-            ctypes.c_void_p(target.ctypes.data),
-            ctypes.c_longlong(target.size),
-        )
-        self.calls.append(name)
-        return target
-
-    def im2col(self, x, cols, args):
-        return self._launch("im2col", x, cols, args)
-
-    def col2im(self, grad_cols, grad_x, args):
-        return self._launch("col2im", grad_cols, grad_x, args)
+    Its scatter-add is marked non-deterministic, as on a GPU, so that deterministic mode takes the
+    same paths as it does there. Built once per test session (compiling takes about a second).
+    """
+    if compiler() is None:
+        # CI names the compiler as required (CONV2D_TEST_REQUIRE), so there this fails instead.
+        if "host_compiler" in os.environ.get("CONV2D_TEST_REQUIRE", "").split(","):
+            pytest.fail("no C++ compiler (g++ or c++) to build the kernel sources with")
+        pytest.skip("no C++ compiler (g++ or c++) to build the kernel sources with")
+    cupy = host_cupy(Path(tempfile.mkdtemp(prefix="conv2d-kernels-")))
+    return dataclasses.replace(
+        conv2d.get_backend("numpy"), kernels=CupyKernels(cupy, contextlib.nullcontext()), deterministic_scatter=False
+    )

@@ -21,10 +21,12 @@ from hypothesis import strategies as st
 
 import conv2d
 from conv2d._geometry import make_geometry
+from conv2d import _conv
 from conv2d._workspace import plan_chunks, scratch_bytes
 
 from .conftest import _get
-from .oracle import assert_close, torch_conv
+from .kernel_harness import host_kernels_backend
+from .oracle import PORTABLE_ALGORITHMS, assert_close, torch_conv
 
 torch = pytest.importorskip("torch")
 
@@ -79,7 +81,7 @@ def convolutions(draw, batch=st.integers(0, 4), max_size: int = 20) -> dict:
 
 
 DTYPES = st.sampled_from(["float32", "float64"])
-ALGORITHMS = st.sampled_from(conv2d.ALGORITHMS)
+ALGORITHMS = st.sampled_from(PORTABLE_ALGORITHMS)  # "kernels": the GPU-path properties below
 SEEDS = st.integers(0, 2**32 - 1)
 
 
@@ -193,6 +195,32 @@ def test_split_workspace_gives_the_same_results(split, backend, algorithm, seed)
     for name, s, a, r in zip(("y", "grad_x", "grad_weight", "grad_bias"), split_, whole, reference):
         assert_close(be, s, be.to_numpy(a).astype(np.float64), dtype, f"{name}: split vs whole ({how})")
         assert_close(be, s, r, dtype, f"{name}: split vs PyTorch ({how})")
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU path's arithmetic, on the CPU: CuPy's kernels compiled for the host, and gather's
+# deterministic backward (as chosen where scatter-add uses atomics), whole and split
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=_examples(100))
+@given(split=split_convolutions(), path=st.sampled_from(["kernels", "gather"]), whole=st.booleans(), seed=SEEDS)
+def test_gpu_paths_match_pytorch(split, path, whole, seed):
+    """'kernels' and deterministic 'gather' on a backend like a GPU's equal PyTorch, in one chunk or several."""
+    case, dtype, limit, how = split
+    backend = host_kernels_backend()
+    geom = make_geometry(case["x"], case["weight"], None, **case["kwargs"])
+    limit = 2**30 if whole else limit
+    x, w, b, g = (a.astype(dtype) for a in _data(case, seed, dtype))
+    chosen = _conv.choose_algorithm(path, backend, deterministic=True)
+    assert chosen.name == path and (path != "gather" or chosen is not _conv.ALGORITHMS["gather"])
+    y, _ = _conv.forward(backend, x, w, None, geom, path, limit, True)
+    grads = _conv.backward(backend, g, x, w, geom, path, limit, deterministic=True)
+    reference = torch_conv(*(a.astype(np.float64) for a in (x, w, b, g)), **case["kwargs"])
+    y = y + b.reshape(1, -1, 1, 1)
+    for name, ours, ref in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, *grads), reference):
+        assert ours.dtype == np.dtype(dtype)
+        assert_close(backend, ours, ref, dtype, f"{name} ({path}, {how if not whole else 'whole'}, {case})")
 
 
 # ---------------------------------------------------------------------------------------------

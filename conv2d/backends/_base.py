@@ -101,6 +101,9 @@ class Backend:
     def dtype(self, name: str) -> Any:
         """The library's dtype called `name` (``"float32"``, ``"float64"``, ...)."""
         dtypes = self.xp.__array_namespace_info__().dtypes(device=self.device)
+        if name == "float16" and hasattr(self.xp, "float16"):
+            # Outside the standard's list, but NumPy, CuPy, torch and JAX have it (array-api-strict not).
+            dtypes = {**dtypes, "float16": self.xp.float16}
         if name not in dtypes:
             raise TypeError(
                 f"dtype {name!r} is not available on backend {self.spec!r}; "

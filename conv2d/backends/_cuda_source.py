@@ -72,6 +72,9 @@ for (long long ki = 0; ki < KH; ++ki) {
 grad_x[i] = (T)((ACC)grad_x[i] + sum);
 """
 
+# name -> ((in_params, out_params), operation), as ``cupy.ElementwiseKernel`` takes them.
+KERNELS = {"im2col": (IM2COL_PARAMS, IM2COL), "col2im": (COL2IM_PARAMS, COL2IM)}
+
 
 def accumulator(dtype_name: str) -> str:
     """The C type col2im sums in: double for float64, float otherwise (float16 sums in float)."""

@@ -72,7 +72,7 @@ def build(device: str | None) -> Backend:
         _scatter_add=scatter_add,
         _owns=is_array,
         deterministic_scatter=False,
-        kernels=CupyKernels(cupy),
+        kernels=CupyKernels(cupy, dev),
     )
 
 
@@ -84,18 +84,16 @@ class CupyKernels:
     them by hand.
     """
 
-    def __init__(self, cupy: Any) -> None:
+    def __init__(self, cupy: Any, device: Any) -> None:
         self._cupy = cupy
+        self._device = device  # a context manager: kernels launch on the backend's device
         self._built: dict[tuple[str, str], Any] = {}
 
     def _kernel(self, name: str, dtype: Any) -> Any:
         acc = _cuda_source.accumulator(self._cupy.dtype(dtype).name)
         key = (name, acc)
         if key not in self._built:
-            params, body = {
-                "im2col": (_cuda_source.IM2COL_PARAMS, _cuda_source.IM2COL),
-                "col2im": (_cuda_source.COL2IM_PARAMS, _cuda_source.COL2IM),
-            }[name]
+            params, body = _cuda_source.KERNELS[name]
             self._built[key] = self._cupy.ElementwiseKernel(
                 *params, body.replace("ACC", acc), name=f"conv2d_{name}_{acc}"
             )
@@ -103,7 +101,7 @@ class CupyKernels:
 
     def _launch(self, name: str, source: Any, target: Any, args: tuple[int, ...]) -> Any:
         if target.size:  # an empty launch is an error in CUDA
-            with target.device:
+            with self._device:
                 self._kernel(name, target.dtype)(
                     self._cupy.ascontiguousarray(source).reshape(-1), *args, target, size=target.size
                 )
