@@ -1,9 +1,10 @@
 """``python -m conv2d bench``: time conv2d against PyTorch, the bare matrix products and the seed.
 
 For each shape, in one process and on the same data, it measures (median of ``--repeat`` timed
-calls after a warm-up call):
+calls after a warm-up call, three on a GPU):
 
-- ours: :func:`conv2d.conv2d`, :func:`conv2d.conv2d_backward` and the two in a row;
+- ours: :func:`conv2d.conv2d`, :func:`conv2d.conv2d_backward` and the two in a row; with
+  ``--deterministic``, also the two in a row with ``deterministic=True`` (where conv2d has it);
 - the floor: the bare matrix products a convolution of that size cannot avoid, on the same backend
   (forward ``W @ patches`` per group; backward ``grad_y @ patches^T`` and ``W^T @ grad_y``);
 - PyTorch: ``torch.nn.functional.conv2d`` forward, and forward plus autograd backward, when torch is
@@ -13,6 +14,11 @@ calls after a warm-up call):
   users come from;
 - the peak extra memory of one forward+backward, with the default workspace limit and with 64 MB.
 
+On a GPU (CuPy, torch on CUDA) each call is timed by two CUDA events around it, on the device's own
+clock, and TF32 is off on both sides (PyTorch's and CuPy's float32 matrix products, cuDNN's
+convolutions) so that float32 is compared with float32; PyTorch picks its fastest cuDNN algorithm
+(``torch.backends.cudnn.benchmark``). The JSON records these settings.
+
 Optional libraries (torch, matplotlib, threadpoolctl, cupy, jax) are imported inside the functions
 that need them: ``python -m conv2d info`` imports this module to build its parser.
 """
@@ -20,8 +26,11 @@ that need them: ``python -m conv2d info`` imports this module to build its parse
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib
 import importlib.metadata
+import inspect
 import json
 import math
 import os
@@ -31,7 +40,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +50,8 @@ from . import __version__
 from ._functional import conv2d, conv2d_backward
 from .backends import Backend, BackendUnavailableError, get_backend
 
-__all__ = ["PRESETS", "Shape", "add_arguments", "measure", "parse_shape", "parse_shapes", "run"]
+__all__ = ["PRESETS", "TARGETS", "EventTimer", "Shape", "Target", "add_arguments", "measure", "parse_shape",
+           "parse_shapes", "run", "time_calls", "wall_timer"]
 
 # --------------------------------------------------------------------------------------------------
 # Shapes
@@ -128,7 +138,8 @@ SHAPE_FORMAT = "N,C,H,W,O,KH,KW,stride,pad[,dilation,groups]"
 SEED_SHAPE = Shape(64, 32, 32, 32, 64, 3, 3, 1, 0, name="seed 32->64 3x3")
 
 # Sized so that the whole "cpu" preset runs in well under 3 minutes on a 2-core machine with the
-# default --repeat; one shape per kind of layer the issue names.
+# default --repeat; one shape per kind of layer the issue names. An odd number of shapes each, so
+# that the median over a preset, which the targets are read from, is the value of one shape.
 PRESETS: dict[str, tuple[Shape, ...]] = {
     "cpu": (
         Shape(32, 3, 64, 64, 32, 3, 3, 1, 1, name="first 3->32 3x3"),
@@ -144,7 +155,6 @@ PRESETS: dict[str, tuple[Shape, ...]] = {
     "gpu": (
         Shape(64, 3, 224, 224, 64, 7, 7, 2, 3, name="stem 3->64 7x7 s2"),
         Shape(128, 64, 56, 56, 64, 3, 3, 1, 1, name="mid 64 3x3 56x56"),
-        Shape(128, 128, 28, 28, 128, 3, 3, 1, 1, name="mid 128 3x3 28x28"),
         Shape(128, 256, 14, 14, 256, 3, 3, 1, 1, name="mid 256 3x3 14x14"),
         SEED_SHAPE,
         Shape(128, 64, 28, 28, 128, 5, 5, 1, 2, name="5x5 64->128"),
@@ -199,22 +209,109 @@ def parse_shapes(text: str) -> list[Shape]:
 # Timing
 
 
-def time_calls(calls: dict[str, Callable[[], Any]], repeat: int, warmup: int = 1) -> dict[str, list[float]]:
+# A timer runs one call and returns the seconds until its work is done.
+Timer = Callable[[Callable[[], Any]], float]
+
+
+def wall_timer(sync: Callable[[Any], Any] | None = None) -> Timer:
+    """A timer reading ``time.perf_counter`` around the call and `sync` of its result.
+
+    `sync` waits for the device (see :func:`_sync`); without it the call must return only when
+    its work is done, as NumPy's and torch's CPU functions do.
+    """
+
+    def timed(call: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        result = call()
+        if sync is not None:
+            sync(result)
+        return time.perf_counter() - start
+
+    return timed
+
+
+class EventTimer:
+    """A timer reading the GPU's clock: CUDA events recorded on the stream before and after the call.
+
+    The time is the device's, from the start event to the end event (kernels queued by the call,
+    and any gap while Python queues them), without the host's synchronisation latency that a
+    ``perf_counter`` around a synchronize adds to every sample. The library is given by two
+    functions, so that the same code serves CuPy, torch and a stand-in in the tests:
+
+    Parameters
+    ----------
+    new_event : callable
+        ``new_event()`` makes an event that can be timed; it has ``record(stream)`` and
+        ``synchronize()``.
+    elapsed_ms : callable
+        ``elapsed_ms(start, end)``: milliseconds between two recorded, completed events.
+    stream : object, optional
+        Passed to ``record``; None is the current stream of the current device.
+    """
+
+    def __init__(self, new_event: Callable[[], Any], elapsed_ms: Callable[[Any, Any], float],
+                 stream: Any = None) -> None:
+        self.new_event = new_event
+        self.elapsed_ms = elapsed_ms
+        self.stream = stream
+
+    def __call__(self, call: Callable[[], Any]) -> float:
+        start, end = self.new_event(), self.new_event()
+        start.record(self.stream)
+        call()
+        end.record(self.stream)
+        end.synchronize()  # the end event completes after every kernel queued before it
+        return self.elapsed_ms(start, end) / 1e3
+
+
+def _event_timer(library: str, device: Any) -> EventTimer:
+    """CUDA-event timer of CuPy (`device` a ``cupy.cuda.Device``) or torch (a CUDA ``torch.device``)."""
+    if library == "cupy":
+        import cupy
+
+        with device:  # the current stream of the backend's device, whatever device is current later
+            stream = cupy.cuda.get_current_stream()
+        return EventTimer(cupy.cuda.Event, cupy.cuda.get_elapsed_time, stream)
+    import torch
+
+    return EventTimer(lambda: torch.cuda.Event(enable_timing=True), lambda start, end: start.elapsed_time(end),
+                      torch.cuda.current_stream(device))
+
+
+def backend_timer(backend: Backend) -> Timer:
+    """How to time calls on `backend`: CUDA events for CuPy and torch on CUDA, else the wall clock."""
+    if backend.name == "cupy":
+        return _event_timer("cupy", backend.device)
+    if backend.name == "torch" and backend.device.type == "cuda":
+        return _event_timer("torch", backend.device)
+    return wall_timer(lambda result: _sync(backend, result))  # JAX (any device) returns before it is done
+
+
+def _torch_timer(device: Any) -> Timer:
+    """How to time the PyTorch reference on `device` (a ``torch.device``)."""
+    return _event_timer("torch", device) if device.type == "cuda" else wall_timer()
+
+
+def time_calls(calls: dict[str, Callable[[], Any]], repeat: int, warmup: int = 1,
+               timer: Timer | Mapping[str, Timer] | None = None) -> dict[str, list[float]]:
     """Seconds taken by each call, `repeat` times each, after `warmup` untimed calls of each.
 
     The calls take turns (a, b, c, a, b, c, ...) so that a burst of load from other processes on
     a shared machine slows all of them alike instead of one; the median then drops the outliers.
-    Each call must return only when its work is done (see :func:`_sync`).
+    `timer` times one call (one for all, or one per call name); the default is the wall clock
+    around a call that returns only when its work is done. Warm-up calls go through the timer
+    too, so that they also wait for the device.
     """
+    default = wall_timer()
+    timers = {name: (timer.get(name, default) if isinstance(timer, Mapping) else timer or default)
+              for name in calls}
     for _ in range(warmup):
-        for call in calls.values():
-            call()
+        for name, call in calls.items():
+            timers[name](call)
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeat):
         for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(timers[name](call))
     return samples
 
 
@@ -235,8 +332,112 @@ def _sync(backend: Backend, result: Any = None) -> Any:
     return result
 
 
-def _synced(backend: Backend, fn: Callable[[], Any]) -> Callable[[], Any]:
-    return lambda: _sync(backend, fn())
+# More warm-up calls on a GPU: the first calls compile CuPy's kernels, and PyTorch's first calls of a
+# shape try every cuDNN algorithm (cudnn.benchmark) and keep the fastest.
+WARMUP = {"cpu": 1, "gpu": 3}
+
+
+def default_warmup(backend: Backend) -> int:
+    """Untimed calls before the timed ones on `backend`: :data:`WARMUP` of its kind of device."""
+    return WARMUP["gpu" if _on_gpu(backend) else "cpu"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Float32 on a GPU means float32: no TF32 on either side
+
+
+@contextlib.contextmanager
+def gpu_precision(backend: Backend) -> Iterator[dict[str, Any]]:
+    """While active, float32 matrix products and convolutions on the GPU run in float32, not TF32.
+
+    Since Ampere, cuBLAS and cuDNN may round float32 inputs to TF32 (10-bit mantissa) on tensor
+    cores: several times faster and much less accurate, so a comparison where one side does it
+    would not compare the same work. PyTorch's own convolution picks its fastest cuDNN algorithm
+    (``cudnn.benchmark``), as a user timing a network would. Yields what was set (for the JSON),
+    empty on a CPU backend, and restores the previous settings on exit.
+    """
+    if not _on_gpu(backend):
+        yield {}
+        return
+    settings: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_torch_precision(settings))
+        if backend.name == "cupy":
+            stack.enter_context(_cupy_precision(settings))
+        elif backend.name == "jax":
+            stack.enter_context(_jax_precision(settings))
+        yield settings
+
+
+@contextlib.contextmanager
+def _torch_precision(settings: dict[str, Any]) -> Iterator[None]:
+    """torch's flags (the reference runs on CUDA for every GPU backend): no TF32, cuDNN autotuning."""
+    try:
+        import torch
+    except ImportError:
+        settings["torch"] = "not installed"
+        yield
+        return
+    flags = (  # (owner, attribute, value while benchmarking)
+        (torch.backends.cuda.matmul, "allow_tf32", False),
+        (torch.backends.cudnn, "allow_tf32", False),
+        (torch.backends.cudnn, "benchmark", True),
+    )
+    before = [getattr(owner, name) for owner, name, _ in flags]
+    try:
+        for owner, name, value in flags:
+            setattr(owner, name, value)
+        settings["torch.backends.cuda.matmul.allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        settings["torch.backends.cudnn.allow_tf32"] = torch.backends.cudnn.allow_tf32
+        settings["torch.backends.cudnn.benchmark"] = torch.backends.cudnn.benchmark
+        settings["torch.backends.cudnn.deterministic"] = torch.backends.cudnn.deterministic
+        yield
+    finally:
+        for (owner, name, _), value in zip(flags, before, strict=True):
+            setattr(owner, name, value)
+
+
+@contextlib.contextmanager
+def _cupy_precision(settings: dict[str, Any]) -> Iterator[None]:
+    """CuPy's float32 GEMMs in plain FP32 (CUBLAS_COMPUTE_32F).
+
+    CuPy reads ``CUPY_TF32`` once, at its first float32 matrix product, and uses TF32 when it is
+    above 0 (the default, unset, is plain FP32). Setting it here covers a product not made yet;
+    the compute type, set through CuPy's private ``_routines_linalg`` where it exists, covers one
+    made before (with CUPY_TF32=1 in the environment).
+    """
+    env_before = os.environ.get("CUPY_TF32")
+    os.environ["CUPY_TF32"] = "0"
+    settings["CUPY_TF32"] = "0"
+    settings["CUPY_TF32_before"] = env_before
+    linalg, compute_before = None, None
+    try:
+        linalg = importlib.import_module("cupy._core._routines_linalg")
+        compute_before = linalg.get_compute_type(np.float32)
+        linalg.set_compute_type(np.float32, getattr(linalg, "COMPUTE_TYPE_DEFAULT", 1))
+        settings["cupy_float32_compute_type"] = linalg.compute_type_to_str(linalg.get_compute_type(np.float32))
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        linalg = None
+        settings["cupy_float32_compute_type"] = f"unknown ({type(exc).__name__}: {exc}); CUPY_TF32=0 only"
+    try:
+        yield
+    finally:
+        if env_before is None:
+            os.environ.pop("CUPY_TF32", None)
+        else:
+            os.environ["CUPY_TF32"] = env_before
+        if linalg is not None:
+            linalg.set_compute_type(np.float32, compute_before)
+
+
+@contextlib.contextmanager
+def _jax_precision(settings: dict[str, Any]) -> Iterator[None]:
+    """JAX's float32 matrix products on a GPU at full precision (its default there may be TF32)."""
+    import jax
+
+    settings["jax_default_matmul_precision"] = "highest"
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,7 +457,8 @@ class Case:
 
     @classmethod
     def make(cls, backend: Backend, shape: Shape, dtype: str, extra: dict[str, Any] | None = None) -> Case:
-        # Random data, never zeros or ones: a GEMM library may shortcut those.
+        # Random data, never zeros or ones: a GEMM library may shortcut those. Drawn in the dtype
+        # itself: the GPU preset's arrays are large, and float64 draws would take twice the time.
         rng = np.random.default_rng(0)
         s = shape
         sizes = {
@@ -265,7 +467,7 @@ class Case:
             "bias": (s.o,),
             "grad_out": (s.n, s.o, s.out_h, s.out_w),
         }
-        host = {key: rng.standard_normal(size).astype(dtype) for key, size in sizes.items()}
+        host = {key: rng.standard_normal(size, dtype=np.dtype(dtype)) for key, size in sizes.items()}
         arrays = {key: backend.asarray(value, dtype=dtype) for key, value in host.items()}
         return cls(backend, shape, dtype, host, arrays, dict(extra or {}))
 
@@ -281,25 +483,36 @@ class Case:
 # The measured things: each returns the calls to time (or the reason there are none)
 
 
-def ours_calls(case: Case) -> dict[str, Callable[[], Any]]:
-    """conv2d forward, backward (all three gradients) and forward then backward."""
-    a, kw = case.arrays, case.kwargs
+def deterministic_supported() -> bool:
+    """Whether this conv2d takes ``deterministic=`` (in both functions): the bench runs before and after it."""
+    return all("deterministic" in inspect.signature(fn).parameters for fn in (conv2d, conv2d_backward))
 
-    def forward() -> Any:
-        return conv2d(a["x"], a["weight"], a["bias"], **kw)
 
-    def backward() -> Any:
-        return conv2d_backward(a["grad_out"], a["x"], a["weight"], **kw)
+def ours_calls(case: Case, deterministic: bool = False) -> dict[str, Callable[[], Any]]:
+    """conv2d forward, backward (all three gradients) and forward then backward.
 
-    def forward_backward() -> Any:
-        return forward(), backward()
+    With `deterministic` (where :func:`deterministic_supported`), also forward then backward with
+    ``deterministic=True``, "ours_fwdbwd_det", to read the price of reproducible sums beside the
+    default (which follows ``CONV2D_DETERMINISTIC``).
+    """
+    a = case.arrays
 
-    backend = case.backend
-    return {
-        "ours_fwd": _synced(backend, forward),
-        "ours_bwd": _synced(backend, backward),
-        "ours_fwdbwd": _synced(backend, forward_backward),
+    def forward_backward(**kw: Any) -> Callable[[], Any]:
+        def call() -> Any:
+            return (conv2d(a["x"], a["weight"], a["bias"], **kw),
+                    conv2d_backward(a["grad_out"], a["x"], a["weight"], **kw))
+
+        return call
+
+    kw = case.kwargs
+    calls = {
+        "ours_fwd": lambda: conv2d(a["x"], a["weight"], a["bias"], **kw),
+        "ours_bwd": lambda: conv2d_backward(a["grad_out"], a["x"], a["weight"], **kw),
+        "ours_fwdbwd": forward_backward(**kw),
     }
+    if deterministic:
+        calls["ours_fwdbwd_det"] = forward_backward(**kw, deterministic=True)
+    return calls
 
 
 def floor_calls(case: Case) -> dict[str, Callable[[], Any]]:
@@ -314,13 +527,13 @@ def floor_calls(case: Case) -> dict[str, Callable[[], Any]]:
     rng = np.random.default_rng(1)
 
     def operand(*size: int) -> Any:
-        return backend.asarray(rng.standard_normal(size).astype(case.dtype), dtype=case.dtype)
+        return backend.asarray(rng.standard_normal(size, dtype=np.dtype(case.dtype)), dtype=case.dtype)
 
     weight, cols, grad_y = operand(g, m, k), operand(g, k, p), operand(g, m, p)
     return {
-        "floor_fwd": _synced(backend, lambda: xp.matmul(weight, cols)),
-        "floor_grad_w": _synced(backend, lambda: xp.matmul(grad_y, xp.matrix_transpose(cols))),
-        "floor_grad_cols": _synced(backend, lambda: xp.matmul(xp.matrix_transpose(weight), grad_y)),
+        "floor_fwd": lambda: xp.matmul(weight, cols),
+        "floor_grad_w": lambda: xp.matmul(grad_y, xp.matrix_transpose(cols)),
+        "floor_grad_cols": lambda: xp.matmul(xp.matrix_transpose(weight), grad_y),
     }
 
 
@@ -347,7 +560,10 @@ def _torch_device(backend: Backend) -> tuple[Any, str | None]:
 
 
 def torch_calls(case: Case) -> dict[str, Callable[[], Any]] | str:
-    """torch.nn.functional.conv2d forward, and forward + autograd backward, on the same values."""
+    """torch.nn.functional.conv2d forward, and forward + autograd backward, on the same values.
+
+    On CUDA they return before the work is done: time them with :func:`_torch_timer`.
+    """
     try:
         import torch
     except ImportError:
@@ -368,12 +584,7 @@ def torch_calls(case: Case) -> dict[str, Callable[[], Any]] | str:
         # autograd.grad rather than .backward(): fresh gradients, no accumulation into .grad between repeats.
         return torch.autograd.grad(y, leaves, t["grad_out"])
 
-    def sync(fn: Callable[[], Any]) -> Callable[[], Any]:
-        if device.type != "cuda":
-            return fn
-        return lambda: (fn(), torch.cuda.synchronize(device))
-
-    return {"torch_fwd": sync(forward), "torch_fwdbwd": sync(forward_backward)}
+    return {"torch_fwd": forward, "torch_fwdbwd": forward_backward}
 
 
 # The seed is slow (np.add.at with four index arrays): it is timed with fewer repeats, and only where
@@ -587,18 +798,67 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def measure(case: Case, repeat: int, stat: str = "median") -> dict[str, Any]:
+def _device_scope(backend: Backend) -> contextlib.AbstractContextManager[Any]:
+    """The backend's GPU as the current device (events and streams belong to one), else nothing."""
+    if backend.name == "cupy":
+        return backend.device
+    if backend.name == "torch" and backend.device.type == "cuda":
+        import torch
+
+        return torch.cuda.device(backend.device)
+    return contextlib.nullcontext()
+
+
+def _timers(case: Case, names: Sequence[str]) -> dict[str, Timer]:
+    """The timer of each call: the backend's for ours and the floor, the reference device's for torch."""
+    ours = backend_timer(case.backend)
+    timers = {name: ours for name in names if not name.startswith("torch_")}
+    if any(name.startswith("torch_") for name in names):
+        torch_timer = _torch_timer(_torch_device(case.backend)[0])
+        timers.update({name: torch_timer for name in names if name.startswith("torch_")})
+    return timers
+
+
+def _time_all(case: Case, repeat: int, warmup: int, deterministic: bool,
+              with_seed: bool = True) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Seconds of every call of one shape, and what was skipped and why."""
+    torch, seed = torch_calls(case), seed_calls(case) if with_seed else "not asked for (--no-seed)"
+    skipped = {label: made for label, made in (("torch", torch), ("seed", seed)) if isinstance(made, str)}
+    if deterministic and not deterministic_supported():
+        skipped["deterministic"] = "this conv2d has no deterministic= argument"
+        deterministic = False
+    calls = {**ours_calls(case, deterministic), **floor_calls(case), **({} if isinstance(torch, str) else torch)}
+    with _device_scope(case.backend):
+        samples = time_calls(calls, repeat, warmup, _timers(case, list(calls)))
+    if not isinstance(seed, str):
+        # NumPy on the CPU, and slow: one warm-up call whatever the device, and fewer repeats.
+        samples.update(time_calls(seed, min(repeat, SEED_REPEAT)))
+    return samples, skipped
+
+
+def measure(case: Case, repeat: int, stat: str = "median", warmup: int | None = None,
+            deterministic: bool = False, with_seed: bool = True) -> dict[str, Any]:
     """Every number for one shape: times (ms), ratios, peak memory, what was skipped.
 
-    ``ms`` and the ratios use `stat` (a key of :data:`STATISTICS`); the median, the minimum and
-    every sample are kept beside them.
+    Parameters
+    ----------
+    case : Case
+        The shape and its data on the backend.
+    repeat : int
+        Timed calls of each measured thing (the seed: at most :data:`SEED_REPEAT`).
+    stat : str
+        How ``ms`` and the ratios summarise the repeats, a key of :data:`STATISTICS`; the median,
+        the minimum and every sample are kept beside them.
+    warmup : int, optional
+        Untimed calls of each thing first; default :func:`default_warmup` of the backend.
+    deterministic : bool
+        Also time forward+backward with ``deterministic=True`` ("ours_fwdbwd_det" and the ratio
+        "det_over_default"), where conv2d takes that argument; skipped with the reason where not.
+    with_seed : bool
+        Time the seed (NumPy, float64, on the CPU) where it can run the shape.
     """
-    torch, seed = torch_calls(case), seed_calls(case)
-    skipped = {label: made for label, made in (("torch", torch), ("seed", seed)) if isinstance(made, str)}
-    calls = {**ours_calls(case), **floor_calls(case), **({} if isinstance(torch, str) else torch)}
-    samples = time_calls(calls, repeat)
-    if not isinstance(seed, str):
-        samples.update(time_calls(seed, min(repeat, SEED_REPEAT)))
+    warmup = default_warmup(case.backend) if warmup is None else warmup
+    samples, skipped = _time_all(case, repeat, warmup, deterministic, with_seed)
     ms = {name: STATISTICS[stat](values) * 1e3 for name, values in samples.items()}
     ms["floor_fwdbwd"] = ms["floor_fwd"] + ms["floor_grad_w"] + ms["floor_grad_cols"]
 
@@ -621,6 +881,7 @@ def measure(case: Case, repeat: int, stat: str = "median") -> dict[str, Any]:
             "fwd_over_floor": _ratio(ms["ours_fwd"], ms["floor_fwd"]),
             "fwdbwd_over_floor": _ratio(ms["ours_fwdbwd"], ms["floor_fwdbwd"]),
             "seed_over_ours": _ratio(ms.get("seed_fwdbwd"), ms["ours_fwdbwd"]),
+            "det_over_default": _ratio(ms.get("ours_fwdbwd_det"), ms["ours_fwdbwd"]),
         },
         "peak_bytes": peaks,
         # What any call must hold: y, grad_x, grad_weight, grad_bias. The workspace limit bounds the rest.
@@ -641,6 +902,7 @@ _COLUMNS = (  # header, width, how to get the text from a result
     ("ours/torch", 10, lambda r: _num(r["ratios"]["ours_over_torch"], 2)),
     ("fwd/floor", 9, lambda r: _num(r["ratios"]["fwd_over_floor"], 2)),
     ("f+b/floor", 9, lambda r: _num(r["ratios"]["fwdbwd_over_floor"], 2)),
+    ("det/dflt", 8, lambda r: _num(r["ratios"].get("det_over_default"), 2)),
     ("seed/ours", 9, lambda r: _num(r["ratios"]["seed_over_ours"], 2)),
     ("peak MB dflt/64MB", 17, lambda r: "/".join(_mb(v) for v in r["peak_bytes"].values())),
 )
@@ -665,29 +927,87 @@ def table_row(result: dict[str, Any], name_width: int) -> str:
     )
 
 
-# The project's targets (issue #3), printed beside the numbers they are read from.
-TARGETS = {
-    "ours_over_torch": "target <= 1.5 in float32",
-    "fwd_over_floor": "target <= 1.3",
-    "seed_shape": "target >= 3 in float64",
+@dataclass(frozen=True)
+class Target:
+    """A project target on one summary number: ``number <op> value``, printed with its note."""
+
+    op: str  # "<=" or ">="
+    value: float
+    note: str = ""
+
+    def met(self, number: float) -> bool:
+        return number <= self.value if self.op == "<=" else number >= self.value
+
+    @property
+    def text(self) -> str:
+        return f"target {self.op} {self.value:g}{self.note}"
+
+
+# The project's targets, printed beside the numbers they are read from: issue #3 on the CPU, issue #4
+# on a GPU. The ratios' targets apply to their median over the preset, with an odd preset the value
+# of its median shape; "seed_shape" to the seed's own layer alone.
+TARGETS: dict[str, dict[str, Target]] = {
+    "cpu": {
+        "ours_over_torch": Target("<=", 1.5, " in float32"),
+        "fwd_over_floor": Target("<=", 1.3),
+        "det_over_default": Target("<=", 1.3),
+        "seed_shape": Target(">=", 3, " in float64"),
+    },
+    "gpu": {
+        "ours_over_torch": Target("<=", 1.5, " in float32, median shape of the gpu preset"),
+        "fwd_over_floor": Target("<=", 1.3, ", median shape of the gpu preset"),
+        "det_over_default": Target("<=", 1.3),
+    },
+}
+
+# Summary key -> the label of its line; ratios where the worst shape is the largest, but for seed/ours.
+_SUMMARISED = {
+    "ours_over_torch": "fwd+bwd ours/torch",
+    "fwd_over_floor": "fwd/floor",
+    "fwdbwd_over_floor": "fwd+bwd/floor",
+    "det_over_default": "fwd+bwd deterministic/default",
+    "seed_over_ours": "fwd+bwd seed/ours",
 }
 
 
-def summary(results: list[dict[str, Any]], dtype: str) -> dict[str, Any]:
+def _ratio_summary(results: list[dict[str, Any]], key: str, target: Target | None) -> dict[str, Any] | None:
+    """Median and worst of one ratio over the shapes that have it, and the target's verdict."""
+    values = sorted((r["ratios"].get(key), r["shape"]["name"]) for r in results if r["ratios"].get(key) is not None)
+    if not values:
+        return None
+    # For seed/ours the worst shape is the one we beat the seed by least.
+    worst = values[0] if key == "seed_over_ours" else values[-1]
+    median = statistics.median(v for v, _ in values)
+    out: dict[str, Any] = {"median": median, "worst": worst[0], "worst_shape": worst[1], "shapes": len(values)}
+    if len(values) % 2:
+        out["median_shape"] = values[len(values) // 2][1]
+    if target is not None:
+        out.update(target=target.text, met=target.met(median))
+    return out
+
+
+def summary(results: list[dict[str, Any]], dtype: str, on_gpu: bool = False) -> dict[str, Any]:
     """The numbers the targets are read from: medians over shapes, the worst shape, the memory check.
 
-    With an odd number of shapes the median is the value of one shape, "the median shape".
+    With an odd number of shapes the median is the value of one shape, "the median shape". The
+    targets are those of :data:`TARGETS` for the GPU when `on_gpu`, else for the CPU; each number
+    with a target carries its text and ``met``.
     """
-    out: dict[str, Any] = {}
-    for key in ("ours_over_torch", "fwd_over_floor", "fwdbwd_over_floor", "seed_over_ours"):
-        values = sorted((r["ratios"][key], r["shape"]["name"]) for r in results if r["ratios"][key] is not None)
-        if values:
-            # For seed/ours the worst shape is the one we beat the seed by least.
-            worst = values[0] if key == "seed_over_ours" else values[-1]
-            out[key] = {"median": statistics.median(v for v, _ in values), "worst": worst[0], "worst_shape": worst[1]}
+    device = "gpu" if on_gpu else "cpu"
+    targets = TARGETS[device]
+    out: dict[str, Any] = {"targets_for": device}
+    for key in _SUMMARISED:
+        entry = _ratio_summary(results, key, targets.get(key))
+        if entry is not None:
+            out[key] = entry
     seed_rows = [r for r in results if r["shape"]["spec"] == SEED_SHAPE.spec and r["ratios"]["seed_over_ours"] is not None]
     if seed_rows:
-        out["seed_shape"] = {"seed_over_ours": seed_rows[0]["ratios"]["seed_over_ours"], "ours_dtype": dtype}
+        value = seed_rows[0]["ratios"]["seed_over_ours"]
+        out["seed_shape"] = {"seed_over_ours": value, "ours_dtype": dtype}
+        if "seed_shape" in targets:
+            target = targets["seed_shape"]
+            # Only float64 against the seed's float64 counts for the target.
+            out["seed_shape"].update(target=target.text, met=target.met(value) if dtype == "float64" else None)
     limited = [r for r in results if r["peak_bytes"].get("64MB") is not None]
     if limited:
         # Target: one forward+backward at a 64 MB limit peaks below 64 MB plus its output and gradients.
@@ -700,28 +1020,32 @@ def summary(results: list[dict[str, Any]], dtype: str) -> dict[str, Any]:
     return out
 
 
+def _verdict(entry: dict[str, Any], note: str = "") -> str:
+    """" (target <= 1.3: met)", or "NOT met", or no verdict where there is none; empty without a target."""
+    if "target" not in entry:
+        return ""
+    verdict = {True: ": met", False: ": NOT met", None: ""}[entry["met"]]
+    return f" ({entry['target']}{verdict}{note})"
+
+
 def summary_lines(summ: dict[str, Any]) -> list[str]:
     """The summary under the table, each number with the target it is read against."""
     lines = []
-    for key, label in (
-        ("ours_over_torch", "fwd+bwd ours/torch"),
-        ("fwd_over_floor", "fwd/floor"),
-        ("fwdbwd_over_floor", "fwd+bwd/floor"),
-        ("seed_over_ours", "fwd+bwd seed/ours"),
-    ):
+    for key, label in _SUMMARISED.items():
         if key in summ:
             t = summ[key]
-            target = f" ({TARGETS[key]})" if key in TARGETS else ""
             worst = "least" if key == "seed_over_ours" else "worst"
+            median_shape = f" ({t['median_shape']})" if "median_shape" in t else ""
             lines.append(
-                f"{label}: median {t['median']:.2f}{target}, {worst} {t['worst']:.2f} ({t['worst_shape']})"
+                f"{label}: median {t['median']:.2f}{median_shape}{_verdict(t)}, "
+                f"{worst} {t['worst']:.2f} ({t['worst_shape']})"
             )
     if "seed_shape" in summ:
         t = summ["seed_shape"]
         note = "" if t["ours_dtype"] == "float64" else (
             f"; ours ran in {t['ours_dtype']}, rerun with --shapes seed --dtype float64 for the target"
         )
-        lines.append(f"seed geometry fwd+bwd seed/ours: {t['seed_over_ours']:.2f} ({TARGETS['seed_shape']}{note})")
+        lines.append(f"seed geometry fwd+bwd seed/ours: {t['seed_over_ours']:.2f}{_verdict(t, note)}")
     if "limit_64MB" in summ:
         m = summ["limit_64MB"]
         over = f"over 64 MB on {len(m['over_limit'])} of" if m["over_limit"] else "within 64 MB on all"
@@ -738,6 +1062,12 @@ def summary_lines(summ: dict[str, Any]) -> list[str]:
 
 _DISTRIBUTIONS = ("numpy", "array-api-compat", "torch", "jax", "jaxlib", "cupy-cuda12x", "cupy-cuda13x",
                   "array-api-strict", "threadpoolctl", "matplotlib")
+
+
+# The environment variables that change what is measured, recorded where set.
+_ENV_VARS = ("CONV2D_BACKEND", "CONV2D_MAX_WORKSPACE", "CONV2D_DETERMINISTIC", "OMP_NUM_THREADS",
+             "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUPY_TF32", "NVIDIA_TF32_OVERRIDE",
+             "CUBLAS_WORKSPACE_CONFIG")
 
 
 def _cpu_model() -> str | None:
@@ -769,8 +1099,7 @@ def machine_info(backend: Backend) -> dict[str, Any]:
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "versions": versions,
         "backend": backend.spec,
-        "env": {key: os.environ[key] for key in ("CONV2D_MAX_WORKSPACE", "OMP_NUM_THREADS",
-                                                  "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS") if key in os.environ},
+        "env": {key: os.environ[key] for key in _ENV_VARS if key in os.environ},
     }
     try:
         import threadpoolctl
@@ -820,7 +1149,8 @@ def _blas_line(info: dict[str, Any]) -> str:
 
 def write_plot(results: list[dict[str, Any]], path: str, title: str, stat: str = "median") -> None:
     """A grouped bar chart, forward+backward ms per shape: ours, torch, the floor (log scale)."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI; Agg draws the PNG
+    # No pyplot: no global backend, no GUI; Agg draws the PNG.
+    from matplotlib.figure import Figure
 
     series = (("ours", "ours_fwdbwd"), ("torch", "torch_fwdbwd"), ("floor (GEMMs)", "floor_fwdbwd"))
     names = [r["shape"]["name"] for r in results]
@@ -859,6 +1189,16 @@ def _positive_arg(text: str) -> int:
     return value
 
 
+def _count_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``python -m conv2d bench``."""
     parser.add_argument("--backend", default=None,
@@ -870,23 +1210,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or gpu on a GPU backend")
     parser.add_argument("--repeat", type=_positive_arg, default=5,
                         help=f"timed calls per measurement, summarised by --stat (seed: at most {SEED_REPEAT}); default 5")
+    parser.add_argument("--warmup", type=_count_arg, default=None,
+                        help=f"untimed calls of each measured thing first (seed: 1); default {WARMUP['cpu']}, "
+                             f"{WARMUP['gpu']} on a GPU backend (kernel compilation, cuDNN autotuning)")
     parser.add_argument("--stat", default="median", choices=tuple(STATISTICS),
                         help="summary of the repeats: median (default), or min, the least disturbed on a busy machine")
     parser.add_argument("--algorithm", default="auto",
                         help="conv2d's algorithm= (one of conv2d.ALGORITHMS, or auto); default auto")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="also time forward+backward with deterministic=True, and its cost over the default "
+                             "(column det/dflt), where conv2d has that argument")
+    parser.add_argument("--no-seed", dest="seed", action="store_false",
+                        help="do not time the seed (NumPy on the CPU, seconds per call on the seed's layer): "
+                             "a GPU run's targets do not read it")
     parser.add_argument("--json", metavar="PATH", help="write every number and the machine's details here")
     parser.add_argument("--plot", metavar="PATH", help="write a bar chart (PNG) here; needs matplotlib")
 
 
-def _algorithm_extra(algorithm: str) -> dict[str, Any]:
+def _algorithm_extra(algorithm: str, backend: Backend, dtype: str) -> dict[str, Any]:
     """conv2d keyword arguments for --algorithm ("auto", the default, adds none)."""
     if algorithm == "auto":
         return {}
-    # A one-pixel call checks the name now, with conv2d's own message listing the choices,
-    # rather than after the first shape's data is made.
-    pixel = np.ones((1, 1, 1, 1))
+    # A one-pixel call on the backend checks the name now, with conv2d's own message listing the
+    # choices, rather than after the first shape's data is made; on the backend, because an
+    # algorithm may exist for one library only (CuPy's "kernels").
+    pixel = backend.asarray(np.ones((1, 1, 1, 1)), dtype=dtype)
     conv2d(pixel, pixel, algorithm=algorithm)
     return {"algorithm": algorithm}
+
+
+def _gpu_line(info: dict[str, Any], precision: dict[str, Any]) -> str:
+    """What a GPU run's numbers mean: the device, the clock, the float32 settings of both sides."""
+    cupy_type = precision.get("cupy_float32_compute_type")
+    cupy = f", CuPy {cupy_type}" if cupy_type else ""
+    return (f"GPU: {info.get('cuda_device', 'unknown')}; times from CUDA events; TF32 off (torch matmul "
+            f"allow_tf32={precision.get('torch.backends.cuda.matmul.allow_tf32')}, cuDNN "
+            f"allow_tf32={precision.get('torch.backends.cudnn.allow_tf32')}{cupy}); torch cudnn.benchmark="
+            f"{precision.get('torch.backends.cudnn.benchmark')}")
+
+
+def _print_header(args: argparse.Namespace, backend: Backend, info: dict[str, Any], warmup: int,
+                  precision: dict[str, Any]) -> None:
+    det = "; also deterministic=True" if args.deterministic else ""
+    seed = f"seed: {min(args.repeat, SEED_REPEAT)} after 1, float64" if args.seed else "no seed"
+    print(f"conv2d {__version__} bench: backend {backend.spec}, {args.dtype}, algorithm {args.algorithm}{det}; "
+          f"{args.stat} of {args.repeat} after {warmup} warm-up{'s' if warmup != 1 else ''} ({seed})")
+    print(f"CPU: {info['cpu_model'] or info['processor'] or info['machine']}, {info['cpus_usable']} usable cores; "
+          f"{_blas_line(info)}")
+    if _on_gpu(backend):
+        print(_gpu_line(info, precision))
+    if args.deterministic and os.environ.get("CONV2D_DETERMINISTIC"):
+        print(f"note: the default follows CONV2D_DETERMINISTIC={os.environ['CONV2D_DETERMINISTIC']!r}, "
+              "so det/dflt may compare deterministic with itself")
+
+
+def _measure_all(args: argparse.Namespace, backend: Backend, shapes: list[Shape], extra: dict[str, Any],
+                 warmup: int) -> list[dict[str, Any]]:
+    """The table: one row per shape, printed as soon as it is measured."""
+    name_width = max(len("shape"), *(len(s.label) for s in shapes))
+    print(table_header(name_width), flush=True)
+    results = []
+    for shape in shapes:
+        case = Case.make(backend, shape, args.dtype, extra)
+        result = measure(case, args.repeat, args.stat, warmup, args.deterministic, args.seed)
+        del case  # free the device memory of this shape before the next one is made
+        results.append(result)
+        print(table_row(result, name_width), flush=True)
+    for line in sorted({f"{what}: {why}" for r in results for what, why in r["skipped"].items()}):
+        print(f"  '-' {line}")
+    return results
 
 
 def run(args: argparse.Namespace) -> int:
@@ -896,7 +1288,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         backend = get_backend(args.backend)
         backend.dtype(args.dtype)  # fails now, with the reason, rather than at the first shape
-        extra = _algorithm_extra(args.algorithm)
     except (ValueError, TypeError, BackendUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -910,23 +1301,17 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             print("error: --plot needs matplotlib: pip install 'conv2d[bench]'", file=sys.stderr)
             return 2
+    warmup = default_warmup(backend) if args.warmup is None else args.warmup
 
-    info = machine_info(backend)
-    print(f"conv2d {__version__} bench: backend {backend.spec}, {args.dtype}, algorithm {args.algorithm}; "
-          f"{args.stat} of {args.repeat} (seed: {min(args.repeat, SEED_REPEAT)}, float64) after 1 warm-up")
-    print(f"CPU: {info['cpu_model'] or info['processor'] or info['machine']}, {info['cpus_usable']} usable cores; "
-          f"{_blas_line(info)}")
-    name_width = max(len("shape"), *(len(s.label) for s in shapes))
-    print(table_header(name_width), flush=True)
-    results = []
-    for shape in shapes:
-        result = measure(Case.make(backend, shape, args.dtype, extra), args.repeat, args.stat)
-        results.append(result)
-        print(table_row(result, name_width), flush=True)
-    skipped = sorted({f"{what}: {why}" for r in results for what, why in r["skipped"].items()})
-    for line in skipped:
-        print(f"  '-' {line}")
-    summ = summary(results, args.dtype)
+    with gpu_precision(backend) as precision:
+        try:
+            extra = _algorithm_extra(args.algorithm, backend, args.dtype)
+        except (ValueError, TypeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        _print_header(args, backend, machine_info(backend), warmup, precision)
+        results = _measure_all(args, backend, shapes, extra, warmup)
+    summ = summary(results, args.dtype, _on_gpu(backend))
     for line in summary_lines(summ):
         print(line)
     info = machine_info(backend)  # again: torch is imported by now, so its threads are known
@@ -945,8 +1330,11 @@ def run(args: argparse.Namespace) -> int:
         report = {
             "command": sys.argv,
             "settings": {"backend": backend.spec, "dtype": args.dtype, "repeat": args.repeat,
-                         "seed_repeat": min(args.repeat, SEED_REPEAT), "warmup": 1, "stat": args.stat,
-                         "algorithm": args.algorithm,
+                         "seed_repeat": min(args.repeat, SEED_REPEAT), "warmup": warmup, "seed_warmup": 1,
+                         "stat": args.stat, "algorithm": args.algorithm, "on_gpu": _on_gpu(backend),
+                         "timer": "cuda_events" if isinstance(backend_timer(backend), EventTimer) else "perf_counter",
+                         "gpu_precision": precision, "deterministic": args.deterministic, "seed": args.seed,
+                         "deterministic_supported": deterministic_supported(),
                          "small_limit_bytes": SMALL_LIMIT},
             "machine": info,
             "results": results,
@@ -960,4 +1348,3 @@ def run(args: argparse.Namespace) -> int:
         title = f"conv2d {__version__} on {backend.spec}, {args.dtype}: {info['cpu_model']}"
         write_plot(results, args.plot, title, args.stat)
     return 0
-

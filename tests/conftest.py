@@ -1,6 +1,19 @@
 """The `backend` fixture: every backend this machine can run, GPU ones skipped with the reason; and the
 hypothesis profiles: "ci" (loaded by default: fixed examples, reproducible) and "thorough" (10x the
-examples, freshly random each run), chosen with ``--hypothesis-profile=thorough``."""
+examples, freshly random each run), chosen with ``--hypothesis-profile=thorough``.
+
+Two environment variables choose what runs:
+
+- ``CONV2D_TEST_BACKENDS=cupy,torch:cuda`` (comma list of backend specs; default: every CPU and GPU
+  backend below) restricts the suite to those backends: `backend` is parametrized over them only,
+  `cpu_backend` over those of them that run on the CPU (NumPy alone when none does, so that the
+  CPU-only tests still run once), and a test that asks for another backend by name through `_get`
+  (the per-backend property tests) is skipped. A GPU machine runs the GPU backends without spending
+  its time on the CPU ones (ci/gpu-check).
+- ``CONV2D_TEST_REQUIRE=numpy,torch,...`` turns a backend that is missing (library not installed, no
+  device) from a skip into a failure, so that CI cannot go green by skipping. A required backend that
+  ``CONV2D_TEST_BACKENDS`` leaves out is an error at start-up rather than a silent skip.
+"""
 
 from __future__ import annotations
 
@@ -31,11 +44,43 @@ settings.load_profile("ci")  # --hypothesis-profile=NAME (read after this file) 
 CPU_BACKENDS = ["numpy", "array_api_strict", "torch", "jax"]
 GPU_BACKENDS = ["cupy", "torch:cuda"]
 _LIBRARY = {"numpy": "numpy", "array_api_strict": "array_api_strict", "torch": "torch", "jax": "jax", "cupy": "cupy"}
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
 # CI names the backends that must run, so that a missing install fails instead of skipping to green.
-REQUIRED = {name for name in os.environ.get("CONV2D_TEST_REQUIRE", "").split(",") if name}
+REQUIRED = set(_env_list("CONV2D_TEST_REQUIRE"))
+# None: no restriction. Otherwise the specs to test, in the order given.
+SELECTED: list[str] | None = _env_list("CONV2D_TEST_BACKENDS") or None
 
 
-def _get(spec: str) -> conv2d.Backend:
+def _on_cpu(spec: str) -> bool:
+    """Whether `spec` names a CPU backend: a plain library name of CPU_BACKENDS, or a ``:cpu`` device."""
+    return spec in CPU_BACKENDS or spec.endswith(":cpu")
+
+
+def _selection_errors() -> list[str]:
+    """What is wrong with CONV2D_TEST_BACKENDS and CONV2D_TEST_REQUIRE together (empty: nothing)."""
+    if SELECTED is None:
+        return []
+    errors = [f"CONV2D_TEST_BACKENDS: {spec!r} is not a backend spec of {', '.join(_LIBRARY)}"
+              for spec in SELECTED if spec.split(":")[0] not in _LIBRARY]
+    errors += [f"CONV2D_TEST_REQUIRE names {spec!r}, which CONV2D_TEST_BACKENDS={','.join(SELECTED)} leaves out"
+               for spec in sorted(REQUIRED - set(SELECTED))]
+    return errors
+
+
+def pytest_configure(config) -> None:
+    # A typo in either variable would otherwise test less than asked and still pass.
+    errors = _selection_errors()
+    if errors:
+        raise pytest.UsageError("; ".join(errors))
+
+
+def _load(spec: str) -> conv2d.Backend:
+    """The backend `spec`; skipped with the reason where its library or device is missing, unless required."""
     library = _LIBRARY[spec.split(":")[0]]
     if spec in REQUIRED:
         return conv2d.get_backend(spec)
@@ -46,15 +91,33 @@ def _get(spec: str) -> conv2d.Backend:
         pytest.skip(f"{spec}: {exc}")
 
 
-@pytest.fixture(params=[*CPU_BACKENDS, *[pytest.param(s, marks=pytest.mark.gpu) for s in GPU_BACKENDS]])
+def _get(spec: str) -> conv2d.Backend:
+    """The backend `spec` for a test that names it; skipped where CONV2D_TEST_BACKENDS leaves it out."""
+    if SELECTED is not None and spec not in SELECTED:
+        pytest.skip(f"{spec}: not in CONV2D_TEST_BACKENDS={','.join(SELECTED)}")
+    return _load(spec)
+
+
+def _params(specs: list[str]) -> list:
+    # GPU specs carry the gpu marker, so that `-m "not gpu"` leaves them out.
+    return [spec if _on_cpu(spec) else pytest.param(spec, marks=pytest.mark.gpu) for spec in specs]
+
+
+_BACKEND_SPECS = [*CPU_BACKENDS, *GPU_BACKENDS] if SELECTED is None else SELECTED
+_CPU_BACKEND_SPECS = CPU_BACKENDS if SELECTED is None else [s for s in SELECTED if _on_cpu(s)] or ["numpy"]
+
+
+@pytest.fixture(params=_params(_BACKEND_SPECS))
 def backend(request) -> conv2d.Backend:
-    """Each backend in turn: NumPy, array-api-strict, torch (CPU), JAX, then CuPy and torch on CUDA."""
-    return _get(request.param)
+    """Each backend in turn: NumPy, array-api-strict, torch (CPU), JAX, then CuPy and torch on CUDA
+    (or those of CONV2D_TEST_BACKENDS)."""
+    return _load(request.param)
 
 
-@pytest.fixture(params=CPU_BACKENDS)
+@pytest.fixture(params=_CPU_BACKEND_SPECS)
 def cpu_backend(request) -> conv2d.Backend:
-    return _get(request.param)
+    """Each CPU backend in turn (those of CONV2D_TEST_BACKENDS; NumPy where it names none)."""
+    return _load(request.param)
 
 
 @pytest.fixture(autouse=True)

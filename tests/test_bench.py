@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -39,8 +42,12 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
 
     report = _strict_json(path)
     assert {"command", "settings", "machine", "results", "summary", "total_seconds", "load_average_1min"} <= set(report)
-    assert report["settings"]["backend"] == "numpy"
-    assert report["settings"]["dtype"] == "float32"
+    settings = report["settings"]
+    assert settings["backend"] == "numpy"
+    assert settings["dtype"] == "float32"
+    # The CPU path: one warm-up, the wall clock, no GPU settings, no deterministic comparison unless asked.
+    assert (settings["warmup"], settings["timer"], settings["gpu_precision"]) == (1, "perf_counter", {})
+    assert settings["on_gpu"] is False and settings["deterministic"] is False
     machine = report["machine"]
     assert {"cpu_model", "processor", "cpu_count", "threadpools", "versions"} <= set(machine)
     assert machine["versions"]["conv2d"] == conv2d.__version__
@@ -68,7 +75,81 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
 
     assert "seed_fwd" not in grouped["ms"] and grouped["ratios"]["seed_over_ours"] is None
     assert "seed" in grouped["skipped"]
-    assert report["summary"]["fwd_over_floor"]["worst_shape"] in (TINY, TINY_GROUPED)
+    assert "ours_fwdbwd_det" not in plain["ms"] and plain["ratios"]["det_over_default"] is None
+    summ = report["summary"]
+    assert summ["fwd_over_floor"]["worst_shape"] in (TINY, TINY_GROUPED)
+    assert summ["targets_for"] == "cpu"
+    assert summ["fwd_over_floor"]["target"] == "target <= 1.3"
+    assert summ["fwd_over_floor"]["met"] == (summ["fwd_over_floor"]["median"] <= 1.3)
+    assert "det_over_default" not in summ
+
+
+def test_cli_deterministic_column(tmp_path, capsys):
+    """--deterministic times forward+backward with deterministic=True beside the default, where conv2d has it."""
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--shapes", TINY, "--repeat", "1", "--warmup", "0", "--deterministic", "--no-seed",
+                 "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "det/dflt" in printed and "after 0 warm-ups (no seed)" in printed
+    assert "seed: not asked for (--no-seed)" in printed
+    report = _strict_json(path)
+    (result,) = report["results"]
+    assert report["settings"]["warmup"] == 0 and report["settings"]["deterministic"] is True
+    assert report["settings"]["seed"] is False and "seed_fwdbwd" not in result["ms"]
+    if bench.deterministic_supported():
+        assert report["settings"]["deterministic_supported"] is True
+        assert result["ratios"]["det_over_default"] == pytest.approx(
+            result["ms"]["ours_fwdbwd_det"] / result["ms"]["ours_fwdbwd"]
+        )
+        assert report["summary"]["det_over_default"]["target"] == "target <= 1.3"
+        assert "fwd+bwd deterministic/default: median" in printed
+    else:
+        assert "deterministic" in result["skipped"] and result["ratios"]["det_over_default"] is None
+
+
+def _fake_conv2d(x, weight, bias=None, **kwargs):
+    return conv2d.conv2d(x, weight, bias, **kwargs)
+
+
+def _fake_conv2d_backward(grad_out, x, weight, **kwargs):
+    return conv2d.conv2d_backward(grad_out, x, weight, **kwargs)
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_deterministic_is_detected_by_signature(monkeypatch, supported):
+    """The bench runs before and after conv2d takes deterministic=: it reads the signature."""
+    seen: list[object] = []
+
+    def forward(x, weight, bias=None, *, deterministic=None, **kwargs):
+        seen.append(deterministic)
+        return _fake_conv2d(x, weight, bias, **kwargs)
+
+    def backward(grad_out, x, weight, *, deterministic=None, **kwargs):
+        seen.append(deterministic)
+        return _fake_conv2d_backward(grad_out, x, weight, **kwargs)
+
+    if supported:
+        monkeypatch.setattr(bench, "conv2d", forward)
+        monkeypatch.setattr(bench, "conv2d_backward", backward)
+    else:
+        monkeypatch.setattr(bench, "conv2d", _fake_conv2d)
+        monkeypatch.setattr(bench, "conv2d_backward", _fake_conv2d_backward)
+    assert bench.deterministic_supported() is supported
+    case = bench.Case.make(conv2d.get_backend("numpy"), bench.parse_shape(TINY), "float32")
+    calls = bench.ours_calls(case, deterministic=supported)
+    assert ("ours_fwdbwd_det" in calls) is supported
+    if supported:
+        calls["ours_fwdbwd"]()
+        calls["ours_fwdbwd_det"]()
+        assert seen == [None, None, True, True]  # the default leaves the choice to CONV2D_DETERMINISTIC
+    monkeypatch.setattr(bench, "torch_calls", lambda case: "not needed here")
+    monkeypatch.setattr(bench, "seed_calls", lambda case: "not needed here")
+    result = bench.measure(case, repeat=1, deterministic=True)
+    if supported:
+        assert result["ratios"]["det_over_default"] > 0 and "deterministic" not in result["skipped"]
+    else:
+        assert result["skipped"]["deterministic"] == "this conv2d has no deterministic= argument"
+        assert result["ratios"]["det_over_default"] is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="--plot needs matplotlib")
@@ -125,6 +206,9 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--repeat", "0"])
     assert "'0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--warmup", "-1"])
+    assert "'-1'" in capsys.readouterr().err
     assert main(["bench", "--backend", "nonsense", "--shapes", TINY]) == 2
     assert "'nonsense'" in capsys.readouterr().err
     assert main(["bench", "--algorithm", "nonsense", "--shapes", TINY]) == 2
@@ -146,6 +230,7 @@ def test_presets_cover_the_layers_the_issue_names():
     assert any(s.groups == s.c > 1 for s in cpu)  # depthwise
     assert any(s.dilation > 1 for s in cpu)
     assert len(cpu) % 2 == 1  # the median over shapes is one shape's value
+    assert len(bench.PRESETS["gpu"]) % 2 == 1  # the GPU targets are read on the median shape
 
 
 @pytest.mark.parametrize(
@@ -185,16 +270,175 @@ def test_time_calls_takes_turns_after_warmup():
     assert all(value >= 0 for values in samples.values() for value in values)
 
 
+def test_time_calls_uses_each_calls_timer_for_warmup_and_repeats():
+    used: list[str] = []
+
+    def timer(label: str, seconds: float):
+        def timed(call):
+            used.append(label)
+            call()
+            return seconds
+
+        return timed
+
+    samples = bench.time_calls({"a": lambda: None, "b": lambda: None}, repeat=2, warmup=3,
+                               timer={"a": timer("A", 1.0), "b": timer("B", 2.0)})
+    assert used == ["A", "B"] * 5  # warm-up calls wait for the device too
+    assert samples == {"a": [1.0, 1.0], "b": [2.0, 2.0]}
+
+
+class _FakeEvent:
+    """Stands in for cupy.cuda.Event / torch.cuda.Event: records the clock of a fake device."""
+
+    def __init__(self, device: dict, log: list) -> None:
+        self.device, self.log, self.ms = device, log, None
+
+    def record(self, stream=None):
+        self.log.append(("record", stream))
+        self.ms = self.device["clock_ms"]
+
+    def synchronize(self):
+        self.log.append(("synchronize",))
+
+
+def test_event_timer_reads_the_device_clock_between_two_events():
+    device, log = {"clock_ms": 100.0}, []
+
+    def call():
+        log.append(("call",))
+        device["clock_ms"] += 7.5  # the device works 7.5 ms
+
+    timer = bench.EventTimer(lambda: _FakeEvent(device, log), lambda start, end: end.ms - start.ms, stream="s")
+    assert timer(call) == pytest.approx(7.5e-3)
+    assert log == [("record", "s"), ("call",), ("record", "s"), ("synchronize",)]
+    samples = bench.time_calls({"k": call}, repeat=2, warmup=1, timer=timer)
+    assert samples == {"k": [pytest.approx(7.5e-3)] * 2}
+
+
+def test_measure_times_ours_and_the_floor_by_the_backends_timer_and_torch_by_torchs(monkeypatch):
+    """On a GPU backend ours and the floor go by its events, torch's reference by torch's (here: stand-ins)."""
+    used: dict[str, set] = {"backend": set(), "torch": set()}
+
+    def labelled(label):
+        def make(*args):
+            def timed(call):
+                used[label].add(call)
+                call()
+                return 1e-3
+
+            return timed
+
+        return make
+
+    monkeypatch.setattr(bench, "backend_timer", labelled("backend"))
+    monkeypatch.setattr(bench, "_torch_timer", labelled("torch"))
+    monkeypatch.setattr(bench, "seed_calls", lambda case: "not needed here")
+    case = bench.Case.make(conv2d.get_backend("numpy"), bench.parse_shape(TINY), "float32")
+    result = bench.measure(case, repeat=2, warmup=0)
+    assert all(result["samples_ms"][name] == [1.0, 1.0] for name in result["samples_ms"])
+    assert len(used["backend"]) == 6  # ours_fwd, ours_bwd, ours_fwdbwd, floor_fwd, floor_grad_w, floor_grad_cols
+    assert len(used["torch"]) == (2 if HAS_TORCH else 0)
+
+
+def test_cpu_backends_keep_the_wall_clock_and_one_warmup():
+    numpy_backend = conv2d.get_backend("numpy")
+    assert not isinstance(bench.backend_timer(numpy_backend), bench.EventTimer)
+    assert bench.default_warmup(numpy_backend) == 1 and bench.WARMUP["gpu"] > 1
+    with bench.gpu_precision(numpy_backend) as settings:
+        assert settings == {}
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch's flags")
+def test_torch_precision_turns_tf32_off_and_restores_it():
+    import torch
+
+    flags = ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
+             (torch.backends.cudnn, "benchmark"))
+    before = [getattr(owner, name) for owner, name in flags]
+    settings: dict = {}
+    with bench._torch_precision(settings):
+        assert [getattr(owner, name) for owner, name in flags] == [False, False, True]
+    assert [getattr(owner, name) for owner, name in flags] == before
+    assert settings["torch.backends.cuda.matmul.allow_tf32"] is False
+    assert settings["torch.backends.cudnn.allow_tf32"] is False
+    assert settings["torch.backends.cudnn.benchmark"] is True
+
+
+def test_cupy_precision_forces_plain_fp32_and_restores_it(monkeypatch):
+    """With CUPY_TF32=1 and a float32 product made before (compute type TF32), the bench runs in FP32."""
+    state = {"float32": 7}  # COMPUTE_TYPE_TF32
+    names = {1: "COMPUTE_TYPE_DEFAULT", 7: "COMPUTE_TYPE_TF32"}
+    linalg = types.ModuleType("cupy._core._routines_linalg")
+    linalg.COMPUTE_TYPE_DEFAULT = 1
+    linalg.get_compute_type = lambda dtype: state[np.dtype(dtype).name]
+    linalg.set_compute_type = lambda dtype, value: state.__setitem__(np.dtype(dtype).name, value)
+    linalg.compute_type_to_str = names.get
+    monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
+    monkeypatch.setenv("CUPY_TF32", "1")
+    settings: dict = {}
+    with bench._cupy_precision(settings):
+        assert os.environ["CUPY_TF32"] == "0" and state["float32"] == 1
+    assert os.environ["CUPY_TF32"] == "1" and state["float32"] == 7
+    assert settings == {"CUPY_TF32": "0", "CUPY_TF32_before": "1", "cupy_float32_compute_type": "COMPUTE_TYPE_DEFAULT"}
+
+    # On a CuPy backend, gpu_precision sets both sides: torch's reference and CuPy.
+    cupy_backend = types.SimpleNamespace(name="cupy", spec="cupy")
+    with bench.gpu_precision(cupy_backend) as both:
+        assert state["float32"] == 1
+    assert both["cupy_float32_compute_type"] == "COMPUTE_TYPE_DEFAULT"
+    if HAS_TORCH:
+        assert both["torch.backends.cuda.matmul.allow_tf32"] is False and both["torch.backends.cudnn.benchmark"] is True
+
+    monkeypatch.delenv("CUPY_TF32")
+    monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", None)  # a CuPy without that module
+    with bench._cupy_precision(settings):
+        assert os.environ["CUPY_TF32"] == "0"
+    assert "CUPY_TF32" not in os.environ
+    assert settings["cupy_float32_compute_type"].startswith("unknown (ModuleNotFoundError")
+
+
+def _result(name: str, **ratios: float | None) -> dict:
+    keys = ("ours_over_torch", "fwd_over_floor", "fwdbwd_over_floor", "seed_over_ours", "det_over_default")
+    return {"shape": {"name": name, "spec": name}, "ratios": {key: ratios.get(key) for key in keys},
+            "peak_bytes": {"default": None, "64MB": None}}
+
+
+def test_summary_reads_the_gpu_targets_on_the_median_shape():
+    results = [_result("a", ours_over_torch=1.2, fwd_over_floor=1.1, det_over_default=1.0),
+               _result("b", ours_over_torch=1.4, fwd_over_floor=1.6, det_over_default=1.5),
+               _result("c", ours_over_torch=2.0, fwd_over_floor=1.2, det_over_default=1.1)]
+    summ = bench.summary(results, "float32", on_gpu=True)
+    assert summ["targets_for"] == "gpu"
+    assert summ["ours_over_torch"]["median_shape"] == "b"
+    assert (summ["ours_over_torch"]["median"], summ["ours_over_torch"]["met"]) == (1.4, True)
+    assert summ["ours_over_torch"]["target"] == bench.TARGETS["gpu"]["ours_over_torch"].text
+    assert "median shape of the gpu preset" in summ["ours_over_torch"]["target"]
+    assert (summ["fwd_over_floor"]["median"], summ["fwd_over_floor"]["met"]) == (1.2, True)
+    assert (summ["det_over_default"]["median"], summ["det_over_default"]["worst_shape"]) == (1.1, "b")
+    assert "fwdbwd_over_floor" not in summ  # no shape has it
+    lines = "\n".join(bench.summary_lines(summ))
+    assert "fwd+bwd ours/torch: median 1.40 (b) (target <= 1.5 in float32, median shape of the gpu preset: met)" in lines
+    assert "fwd+bwd deterministic/default: median 1.10 (c) (target <= 1.3: met), worst 1.50 (b)" in lines
+
+    missed = bench.summary([_result("a", ours_over_torch=1.6), _result("b", ours_over_torch=1.8)], "float32", True)
+    assert missed["ours_over_torch"]["met"] is False and "median_shape" not in missed["ours_over_torch"]
+    assert "NOT met" in bench.summary_lines(missed)[0]
+    assert bench.summary(results, "float32")["targets_for"] == "cpu"
+
+
 def test_table_marks_missing_numbers():
     result = {
         "shape": {"name": "x"},
         "ms": {"ours_fwd": 1.0, "ours_bwd": 2.0, "ours_fwdbwd": 3.0},
-        "ratios": {"ours_over_torch": None, "fwd_over_floor": 1.25, "fwdbwd_over_floor": 1.5, "seed_over_ours": None},
+        "ratios": {"ours_over_torch": None, "fwd_over_floor": 1.25, "fwdbwd_over_floor": 1.5, "seed_over_ours": None,
+                   "det_over_default": None},
         "peak_bytes": {"default": 3 * 2**20, "64MB": None},
     }
     row = bench.table_row(result, 5)
-    assert row.split() == ["x", "1.0", "2.0", "3.0", "-", "-", "1.25", "1.50", "-", "3/-"]
+    assert row.split() == ["x", "1.0", "2.0", "3.0", "-", "-", "1.25", "1.50", "-", "-", "3/-"]
     assert len(row) == len(bench.table_header(5).splitlines()[0])
+    result["ratios"]["det_over_default"] = 1.25
+    assert bench.table_row(result, 5).split()[8] == "1.25"
 
 
 def test_noise_warning_discounts_this_run():
