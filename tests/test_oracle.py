@@ -159,7 +159,7 @@ def test_auto_runs_only_the_algorithm_it_chooses(monkeypatch, cpu_backend):
     def broken(*args, **kwargs):
         raise AssertionError("an algorithm that 'auto' did not choose was called")
 
-    chosen = _conv.choose_algorithm("auto")
+    chosen = _conv.choose_algorithm("auto", cpu_backend)
     for algorithm in _algorithms.ALGORITHMS.values():
         if algorithm is not chosen:
             for method in ("patches", "grad_start", "grad_add", "grad_finish"):

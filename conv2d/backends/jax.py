@@ -69,6 +69,8 @@ def build(device: str | None) -> Backend:
         _to_numpy=np.asarray,
         _scatter_add=scatter_add,
         _owns=is_array,
-        _slice_add=lambda target, key, values: target.at[key].add(values),  # JAX arrays are immutable
+        # JAX arrays are immutable. A slice names each element once: saying so lets XLA's GPU
+        # scatter skip atomics, so the slice additions stay deterministic there.
+        _slice_add=lambda target, key, values: target.at[key].add(values, unique_indices=True, indices_are_sorted=True),
         deterministic_scatter=dev.platform == "cpu",  # XLA's GPU scatter-add uses atomics
     )
