@@ -129,11 +129,11 @@ def test_deterministic_is_detected_by_signature(monkeypatch, supported):
         return _fake_conv2d_backward(grad_out, x, weight, **kwargs)
 
     if supported:
-        monkeypatch.setattr(bench, "conv2d", forward)
-        monkeypatch.setattr(bench, "conv2d_backward", backward)
+        monkeypatch.setattr(bench.calls, "conv2d", forward)
+        monkeypatch.setattr(bench.calls, "conv2d_backward", backward)
     else:
-        monkeypatch.setattr(bench, "conv2d", _fake_conv2d)
-        monkeypatch.setattr(bench, "conv2d_backward", _fake_conv2d_backward)
+        monkeypatch.setattr(bench.calls, "conv2d", _fake_conv2d)
+        monkeypatch.setattr(bench.calls, "conv2d_backward", _fake_conv2d_backward)
     assert bench.deterministic_supported() is supported
     case = bench.Case.make(conv2d.get_backend("numpy"), bench.parse_shape(TINY), "float32")
     calls = bench.ours_calls(case, deterministic=supported)
@@ -142,8 +142,8 @@ def test_deterministic_is_detected_by_signature(monkeypatch, supported):
         calls["ours_fwdbwd"]()
         calls["ours_fwdbwd_det"]()
         assert seen == [None, None, True, True]  # the default leaves the choice to CONV2D_DETERMINISTIC
-    monkeypatch.setattr(bench, "torch_calls", lambda case: "not needed here")
-    monkeypatch.setattr(bench, "seed_calls", lambda case: "not needed here")
+    monkeypatch.setattr(bench.report, "torch_calls", lambda case: "not needed here")
+    monkeypatch.setattr(bench.report, "seed_calls", lambda case: "not needed here")
     result = bench.measure(case, repeat=1, deterministic=True)
     if supported:
         assert result["ratios"]["det_over_default"] > 0 and "deterministic" not in result["skipped"]
@@ -330,9 +330,9 @@ def test_measure_times_ours_and_the_floor_by_the_backends_timer_and_torch_by_tor
 
         return make
 
-    monkeypatch.setattr(bench, "backend_timer", labelled("backend"))
-    monkeypatch.setattr(bench, "_torch_timer", labelled("torch"))
-    monkeypatch.setattr(bench, "seed_calls", lambda case: "not needed here")
+    monkeypatch.setattr(bench.report, "backend_timer", labelled("backend"))
+    monkeypatch.setattr(bench.report, "_torch_timer", labelled("torch"))
+    monkeypatch.setattr(bench.report, "seed_calls", lambda case: "not needed here")
     case = bench.Case.make(conv2d.get_backend("numpy"), bench.parse_shape(TINY), "float32")
     result = bench.measure(case, repeat=2, warmup=0)
     assert all(result["samples_ms"][name] == [1.0, 1.0] for name in result["samples_ms"])
@@ -356,7 +356,7 @@ def test_torch_precision_turns_tf32_off_and_restores_it():
              (torch.backends.cudnn, "benchmark"))
     before = [getattr(owner, name) for owner, name in flags]
     settings: dict = {}
-    with bench._torch_precision(settings):
+    with bench.precision._torch_precision(settings):
         assert [getattr(owner, name) for owner, name in flags] == [False, False, True]
     assert [getattr(owner, name) for owner, name in flags] == before
     assert settings["torch.backends.cuda.matmul.allow_tf32"] is False
@@ -376,7 +376,7 @@ def test_cupy_precision_forces_plain_fp32_and_restores_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
     monkeypatch.setenv("CUPY_TF32", "1")
     settings: dict = {}
-    with bench._cupy_precision(settings):
+    with bench.precision._cupy_precision(settings):
         assert os.environ["CUPY_TF32"] == "0" and state["float32"] == 1
     assert os.environ["CUPY_TF32"] == "1" and state["float32"] == 7
     assert settings == {"CUPY_TF32": "0", "CUPY_TF32_before": "1", "cupy_float32_compute_type": "COMPUTE_TYPE_DEFAULT"}
@@ -391,7 +391,7 @@ def test_cupy_precision_forces_plain_fp32_and_restores_it(monkeypatch):
 
     monkeypatch.delenv("CUPY_TF32")
     monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", None)  # a CuPy without that module
-    with bench._cupy_precision(settings):
+    with bench.precision._cupy_precision(settings):
         assert os.environ["CUPY_TF32"] == "0"
     assert "CUPY_TF32" not in os.environ
     assert settings["cupy_float32_compute_type"].startswith("unknown (ModuleNotFoundError")
@@ -442,7 +442,7 @@ def test_table_marks_missing_numbers():
 
 
 def test_noise_warning_discounts_this_run():
-    assert bench._other_load({"before": 1.9, "after": 1.7}, 2) == 0  # the load was the previous command's
-    assert bench._other_load({"before": 0.2, "after": 3.5}, 2) == pytest.approx(0.2)
-    assert bench._other_load({"before": 1.5, "after": 3.2}, 2) == pytest.approx(1.2)
-    assert bench._other_load({"before": None, "after": 2.0}, 2) is None
+    assert bench.machine._other_load({"before": 1.9, "after": 1.7}, 2) == 0  # the load was the previous command's
+    assert bench.machine._other_load({"before": 0.2, "after": 3.5}, 2) == pytest.approx(0.2)
+    assert bench.machine._other_load({"before": 1.5, "after": 3.2}, 2) == pytest.approx(1.2)
+    assert bench.machine._other_load({"before": None, "after": 2.0}, 2) is None

@@ -1,0 +1,227 @@
+"""The command line of ``python -m conv2d bench``: its options, :func:`run`, the JSON and the plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from .._functional import conv2d
+from ..backends import Backend, BackendUnavailableError, get_backend
+from .calls import SEED_REPEAT, Case, deterministic_supported
+from .machine import _blas_line, _load_average, _other_load, machine_info
+from .memory import SMALL_LIMIT
+from .precision import gpu_precision
+from .report import STATISTICS, measure, summary, summary_lines, table_header, table_row
+from .shapes import PRESETS, SHAPE_FORMAT, Shape, parse_shapes
+from .timing import WARMUP, EventTimer, _on_gpu, backend_timer, default_warmup
+
+
+def write_plot(results: list[dict[str, Any]], path: str, title: str, stat: str = "median") -> None:
+    """A grouped bar chart, forward+backward ms per shape: ours, torch, the floor (log scale)."""
+    # No pyplot: no global backend, no GUI; Agg draws the PNG.
+    from matplotlib.figure import Figure
+
+    series = (("ours", "ours_fwdbwd"), ("torch", "torch_fwdbwd"), ("floor (GEMMs)", "floor_fwdbwd"))
+    names = [r["shape"]["name"] for r in results]
+    fig = Figure(figsize=(max(6.0, 1.1 * len(names) + 2), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for index, (label, key) in enumerate(series):
+        values = [r["ms"].get(key, math.nan) for r in results]
+        ax.bar([pos + (index - 1) * width for pos in range(len(names))], values, width, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"forward+backward, ms ({stat})")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.savefig(path, dpi=120)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _shapes_arg(text: str) -> list[Shape]:
+    try:
+        return parse_shapes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _count_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m conv2d bench``."""
+    parser.add_argument("--backend", default=None,
+                        help="backend spec (numpy, torch, torch:cuda, cupy, jax, ...); default: the active one")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                        help="dtype of ours, torch and the floor (the seed is always float64); default float32")
+    parser.add_argument("--shapes", nargs="+", type=_shapes_arg, default=None, metavar="SHAPES",
+                        help=f"presets ({', '.join(PRESETS)}) and/or custom shapes {SHAPE_FORMAT}; default cpu, "
+                             "or gpu on a GPU backend")
+    parser.add_argument("--repeat", type=_positive_arg, default=5,
+                        help=f"timed calls per measurement, summarised by --stat (seed: at most {SEED_REPEAT}); default 5")
+    parser.add_argument("--warmup", type=_count_arg, default=None,
+                        help=f"untimed calls of each measured thing first (seed: 1); default {WARMUP['cpu']}, "
+                             f"{WARMUP['gpu']} on a GPU backend (kernel compilation, cuDNN autotuning)")
+    parser.add_argument("--stat", default="median", choices=tuple(STATISTICS),
+                        help="summary of the repeats: median (default), or min, the least disturbed on a busy machine")
+    parser.add_argument("--algorithm", default="auto",
+                        help="conv2d's algorithm= (one of conv2d.ALGORITHMS, or auto); default auto")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="also time forward+backward with deterministic=True, and its cost over the default "
+                             "(column det/dflt), where conv2d has that argument")
+    parser.add_argument("--no-seed", dest="seed", action="store_false",
+                        help="do not time the seed (NumPy on the CPU, seconds per call on the seed's layer): "
+                             "a GPU run's targets do not read it")
+    parser.add_argument("--json", metavar="PATH", help="write every number and the machine's details here")
+    parser.add_argument("--plot", metavar="PATH", help="write a bar chart (PNG) here; needs matplotlib")
+
+
+def _algorithm_extra(algorithm: str, backend: Backend, dtype: str) -> dict[str, Any]:
+    """conv2d keyword arguments for --algorithm ("auto", the default, adds none)."""
+    if algorithm == "auto":
+        return {}
+    # A one-pixel call on the backend checks the name now, with conv2d's own message listing the
+    # choices, rather than after the first shape's data is made; on the backend, because an
+    # algorithm may exist for one library only (CuPy's "kernels").
+    pixel = backend.asarray(np.ones((1, 1, 1, 1)), dtype=dtype)
+    conv2d(pixel, pixel, algorithm=algorithm)
+    return {"algorithm": algorithm}
+
+
+def _gpu_line(info: dict[str, Any], precision: dict[str, Any]) -> str:
+    """What a GPU run's numbers mean: the device, the clock, the float32 settings of both sides."""
+    cupy_type = precision.get("cupy_float32_compute_type")
+    cupy = f", CuPy {cupy_type}" if cupy_type else ""
+    return (f"GPU: {info.get('cuda_device', 'unknown')}; times from CUDA events; TF32 off (torch matmul "
+            f"allow_tf32={precision.get('torch.backends.cuda.matmul.allow_tf32')}, cuDNN "
+            f"allow_tf32={precision.get('torch.backends.cudnn.allow_tf32')}{cupy}); torch cudnn.benchmark="
+            f"{precision.get('torch.backends.cudnn.benchmark')}")
+
+
+def _print_header(args: argparse.Namespace, backend: Backend, info: dict[str, Any], warmup: int,
+                  precision: dict[str, Any]) -> None:
+    det = "; also deterministic=True" if args.deterministic else ""
+    seed = f"seed: {min(args.repeat, SEED_REPEAT)} after 1, float64" if args.seed else "no seed"
+    print(f"conv2d {__version__} bench: backend {backend.spec}, {args.dtype}, algorithm {args.algorithm}{det}; "
+          f"{args.stat} of {args.repeat} after {warmup} warm-up{'s' if warmup != 1 else ''} ({seed})")
+    print(f"CPU: {info['cpu_model'] or info['processor'] or info['machine']}, {info['cpus_usable']} usable cores; "
+          f"{_blas_line(info)}")
+    if _on_gpu(backend):
+        print(_gpu_line(info, precision))
+    if args.deterministic and os.environ.get("CONV2D_DETERMINISTIC"):
+        print(f"note: the default follows CONV2D_DETERMINISTIC={os.environ['CONV2D_DETERMINISTIC']!r}, "
+              "so det/dflt may compare deterministic with itself")
+
+
+def _measure_all(args: argparse.Namespace, backend: Backend, shapes: list[Shape], extra: dict[str, Any],
+                 warmup: int) -> list[dict[str, Any]]:
+    """The table: one row per shape, printed as soon as it is measured."""
+    name_width = max(len("shape"), *(len(s.label) for s in shapes))
+    print(table_header(name_width), flush=True)
+    results = []
+    for shape in shapes:
+        case = Case.make(backend, shape, args.dtype, extra)
+        result = measure(case, args.repeat, args.stat, warmup, args.deterministic, args.seed)
+        del case  # free the device memory of this shape before the next one is made
+        results.append(result)
+        print(table_row(result, name_width), flush=True)
+    for line in sorted({f"{what}: {why}" for r in results for what, why in r["skipped"].items()}):
+        print(f"  '-' {line}")
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``python -m conv2d bench``: print the table, write the JSON and plot if asked; exit code."""
+    started = time.perf_counter()
+    load_before = _load_average()
+    try:
+        backend = get_backend(args.backend)
+        backend.dtype(args.dtype)  # fails now, with the reason, rather than at the first shape
+    except (ValueError, TypeError, BackendUnavailableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.shapes is None:
+        shapes = list(PRESETS["gpu" if _on_gpu(backend) else "cpu"])
+    else:
+        shapes = [shape for group in args.shapes for shape in group]
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401 - fail before the long run, not after it
+        except ImportError:
+            print("error: --plot needs matplotlib: pip install 'conv2d[bench]'", file=sys.stderr)
+            return 2
+    warmup = default_warmup(backend) if args.warmup is None else args.warmup
+
+    with gpu_precision(backend) as precision:
+        try:
+            extra = _algorithm_extra(args.algorithm, backend, args.dtype)
+        except (ValueError, TypeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        _print_header(args, backend, machine_info(backend), warmup, precision)
+        results = _measure_all(args, backend, shapes, extra, warmup)
+    summ = summary(results, args.dtype, _on_gpu(backend))
+    for line in summary_lines(summ):
+        print(line)
+    info = machine_info(backend)  # again: torch is imported by now, so its threads are known
+    elapsed = time.perf_counter() - started
+    load = {"before": load_before, "after": _load_average()}
+    print(f"total {elapsed:.0f} s; times in ms, ratios of the {args.stat} times; peak MB: one forward+backward "
+          "including its output and gradients, at the default workspace limit and at 64 MB")
+    others = _other_load(load, info["cpus_usable"])
+    if others is not None and others >= 1:
+        # Other processes competing for the cores make multi-threaded BLAS calls many times slower.
+        print(f"warning: about {others:.1f} cores were busy with other work (load average {load['before']:.1f} "
+              f"before, {load['after']:.1f} after, on {info['cpus_usable']} cores): the times are noisy; "
+              "rerun, or use --stat min")
+
+    if args.json:
+        report = {
+            "command": sys.argv,
+            "settings": {"backend": backend.spec, "dtype": args.dtype, "repeat": args.repeat,
+                         "seed_repeat": min(args.repeat, SEED_REPEAT), "warmup": warmup, "seed_warmup": 1,
+                         "stat": args.stat, "algorithm": args.algorithm, "on_gpu": _on_gpu(backend),
+                         "timer": "cuda_events" if isinstance(backend_timer(backend), EventTimer) else "perf_counter",
+                         "gpu_precision": precision, "deterministic": args.deterministic, "seed": args.seed,
+                         "deterministic_supported": deterministic_supported(),
+                         "small_limit_bytes": SMALL_LIMIT},
+            "machine": info,
+            "results": results,
+            "summary": summ,
+            "total_seconds": elapsed,
+            "load_average_1min": load,
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, default=str)
+    if args.plot:
+        title = f"conv2d {__version__} on {backend.spec}, {args.dtype}: {info['cpu_model']}"
+        write_plot(results, args.plot, title, args.stat)
+    return 0

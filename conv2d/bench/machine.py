@@ -1,0 +1,99 @@
+"""Machine details for the JSON and the header: CPU, BLAS threads, library versions, load average."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from typing import Any
+
+from .. import __version__
+from ..backends import Backend
+
+_DISTRIBUTIONS = ("numpy", "array-api-compat", "torch", "jax", "jaxlib", "cupy-cuda12x", "cupy-cuda13x",
+                  "array-api-strict", "threadpoolctl", "matplotlib")
+
+
+# The environment variables that change what is measured, recorded where set.
+_ENV_VARS = ("CONV2D_BACKEND", "CONV2D_MAX_WORKSPACE", "CONV2D_DETERMINISTIC", "OMP_NUM_THREADS",
+             "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUPY_TF32", "NVIDIA_TF32_OVERRIDE",
+             "CUBLAS_WORKSPACE_CONFIG")
+
+
+def _cpu_model() -> str | None:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        lscpu = ""
+    for line in lscpu.splitlines():
+        if line.lower().startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def machine_info(backend: Backend) -> dict[str, Any]:
+    """Where the numbers come from: CPU, cores, BLAS and its threads, library versions, device."""
+    versions = {"conv2d": __version__}
+    for dist in _DISTRIBUTIONS:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "processor": platform.processor(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "versions": versions,
+        "backend": backend.spec,
+        "env": {key: os.environ[key] for key in _ENV_VARS if key in os.environ},
+    }
+    try:
+        import threadpoolctl
+
+        info["threadpools"] = threadpoolctl.threadpool_info()
+    except ImportError:
+        info["threadpools"] = "threadpoolctl is not installed (pip install 'conv2d[bench]')"
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["cuda_device"] = torch.cuda.get_device_name()
+    if backend.name == "cupy":
+        import cupy
+
+        info["cuda_device"] = cupy.cuda.runtime.getDeviceProperties(backend.device.id)["name"].decode()
+    return info
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average, where the OS has one: it says how much else was running."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _other_load(load: dict[str, float | None], cores: int | None) -> float | None:
+    """Roughly how many cores other processes kept busy throughout, or None where unknown.
+
+    This run itself adds up to `cores` to the load after it; the load before it may still be that
+    of the previous command. Busy on both counts means busy throughout.
+    """
+    if load["before"] is None or load["after"] is None or not cores:
+        return None
+    return max(0.0, min(load["before"], load["after"] - cores))
+
+
+def _blas_line(info: dict[str, Any]) -> str:
+    pools = info.get("threadpools")
+    if not isinstance(pools, list):
+        return "BLAS: unknown (no threadpoolctl)"
+    blas = [f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
+            for p in pools if p.get("user_api") == "blas"]
+    return "BLAS: " + (", ".join(blas) or "none found")
