@@ -1,5 +1,5 @@
 """Properties over random geometries (hypothesis): conv2d and its three gradients agree with PyTorch on
-every CPU backend, algorithm and float dtype; splitting the work to fit a small workspace changes
+every backend (the GPU ones where a device answers), algorithm and float dtype; splitting the work to fit a small workspace changes
 nothing; and the output size is the seed's rule for valid padding and PyTorch's in general.
 
 The geometries span batch 0..4, channels 1..8 with groups dividing both channel counts (depthwise
@@ -113,13 +113,14 @@ def _data(case: dict, seed: int, dtype: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_against_pytorch(spec: str, case: dict, dtype: str, algorithm: str, seed: int) -> None:
+def _check_against_pytorch(spec: str, case: dict, dtype: str, algorithm: str, seed: int,
+                           deterministic: bool = False) -> None:
     backend = _get(spec)
     x, w, b, g = _data(case, seed, dtype)
     # The reference sees exactly the values we pass: the data was rounded to the tested dtype.
     y_ref, gx_ref, gw_ref, gb_ref = torch_conv(x, w, b, g, **case["kwargs"])
     X, W, B, G = (backend.asarray(a, dtype=dtype) for a in (x, w, b, g))
-    kw = dict(case["kwargs"], algorithm=algorithm)
+    kw = dict(case["kwargs"], algorithm=algorithm, deterministic=deterministic)
     y = conv2d.conv2d(X, W, B, **kw)
     gx, gw, gb = conv2d.conv2d_backward(G, X, W, **kw)
     for name, ours, ref in (("y", y, y_ref), ("grad_x", gx, gx_ref), ("grad_weight", gw, gw_ref), ("grad_bias", gb, gb_ref)):
@@ -153,6 +154,24 @@ def test_torch_matches_pytorch(case, dtype, algorithm, seed):
 def test_jax_matches_pytorch(case, dtype, algorithm, seed):
     """JAX (CPU): output and the three gradients equal PyTorch's for any legal geometry."""
     _check_against_pytorch("jax", case, dtype, algorithm, seed)
+
+
+@pytest.mark.gpu
+@settings(max_examples=_examples(60))
+@given(case=convolutions(), dtype=DTYPES, algorithm=st.sampled_from(["auto", *conv2d.ALGORITHMS]),
+       deterministic=st.booleans(), seed=SEEDS)
+def test_cupy_matches_pytorch(case, dtype, algorithm, deterministic, seed):
+    """CuPy (a GPU): every algorithm, kernels included, in both modes, equals PyTorch."""
+    _check_against_pytorch("cupy", case, dtype, algorithm, seed, deterministic)
+
+
+@pytest.mark.gpu
+@settings(max_examples=_examples(60))
+@given(case=convolutions(), dtype=DTYPES, algorithm=st.sampled_from(["auto", *PORTABLE_ALGORITHMS]),
+       deterministic=st.booleans(), seed=SEEDS)
+def test_torch_cuda_matches_pytorch(case, dtype, algorithm, deterministic, seed):
+    """torch on CUDA: every algorithm in both modes equals PyTorch (on the CPU, float64)."""
+    _check_against_pytorch("torch:cuda", case, dtype, algorithm, seed, deterministic)
 
 
 # ---------------------------------------------------------------------------------------------
