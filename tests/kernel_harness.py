@@ -112,7 +112,7 @@ def host_cupy(directory: Path) -> SimpleNamespace:
         return kernel
 
     return SimpleNamespace(
-        ElementwiseKernel=elementwise_kernel, ascontiguousarray=np.ascontiguousarray, dtype=np.dtype, built=built
+        ElementwiseKernel=elementwise_kernel, ascontiguousarray=np.ascontiguousarray, built=built
     )
 
 

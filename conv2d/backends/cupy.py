@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from array_api_compat import is_cupy_array
 
 from . import _cuda_source
@@ -90,7 +91,7 @@ class CupyKernels:
         self._built: dict[tuple[str, str], Any] = {}
 
     def _kernel(self, name: str, dtype: Any) -> Any:
-        acc = _cuda_source.accumulator(self._cupy.dtype(dtype).name)
+        acc = _cuda_source.accumulator(np.dtype(dtype).name)  # CuPy's dtypes are NumPy's
         key = (name, acc)
         if key not in self._built:
             params, body = _cuda_source.KERNELS[name]
