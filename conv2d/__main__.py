@@ -10,6 +10,9 @@ import platform
 import sys
 
 from . import __version__
+from ._conv import choose_algorithm
+from ._determinism import ENV_VAR as DETERMINISTIC_ENV_VAR
+from ._determinism import resolve_deterministic
 from .backends import ENV_VAR, BackendUnavailableError, available_backends, get_backend
 
 _DISTRIBUTIONS = ("numpy", "array-api-compat", "cupy-cuda12x", "cupy-cuda13x", "torch", "jax", "array-api-strict")
@@ -23,7 +26,7 @@ def _version(distribution: str) -> str:
 
 
 def info() -> int:
-    """Print versions, which backends are usable here (or why not), and the active one."""
+    """Print versions, which backends are usable here (or why not), the active one and the mode."""
     print(f"conv2d {__version__}, Python {platform.python_version()} on {platform.platform()}")
     for distribution in _DISTRIBUTIONS:
         print(f"  {distribution:18s} {_version(distribution)}")
@@ -32,9 +35,13 @@ def info() -> int:
         print(f"  {name:18s} {'usable' if usable is True else usable}")
     source = f"{ENV_VAR}={os.environ[ENV_VAR]!r}" if os.environ.get(ENV_VAR) else "default"
     try:
-        print(f"active backend: {get_backend().spec} (from {source})")
+        backend = get_backend()
+        print(f"active backend: {backend.spec} (from {source}); algorithm 'auto' there: "
+              f"{choose_algorithm('auto', backend).name}")
+        print(f"deterministic mode: {'on' if resolve_deterministic(None) else 'off'} "
+              f"({DETERMINISTIC_ENV_VAR}={os.environ.get(DETERMINISTIC_ENV_VAR, '')!r})")
     except (ValueError, BackendUnavailableError) as exc:
-        print(f"active backend: none: {exc}")
+        print(f"error: {exc}")
         return 1
     return 0
 

@@ -139,3 +139,18 @@ def test_transposed_plan_lists_each_reader_once(case):
         for k in range(readers.shape[0]):
             has = readers[k] < plan.size
             assert np.array_equal(plan[readers[k][has]], pixel[has])
+
+
+@pytest.mark.parametrize("value, line, code", [("1", "deterministic mode: on", 0), ("", "deterministic mode: off", 0),
+                                               ("maybe", "error: the CONV2D_DETERMINISTIC environment variable", 1)])
+def test_info_reports_the_mode(value, line, code):
+    """`python -m conv2d info` says whether deterministic mode is on, and what 'auto' runs."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CONV2D_DETERMINISTIC=value, CONV2D_BACKEND="numpy")
+    done = subprocess.run([sys.executable, "-m", "conv2d", "info"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == code, done.stdout + done.stderr
+    assert line in done.stdout
+    assert "active backend: numpy (from CONV2D_BACKEND='numpy'); algorithm 'auto' there: slices" in done.stdout
