@@ -33,6 +33,8 @@ from conv2d.backends import Backend
 from conv2d.backends.cupy import CupyKernels
 
 _CTYPES = {"float16": "_Float16", "float32": "float", "float64": "double"}
+# ElementwiseKernel's integer types -> (C type, ctypes type)
+_INTEGERS = {"int32": ("int", ctypes.c_int), "int64": ("long long", ctypes.c_longlong)}
 
 
 def compiler() -> str | None:
@@ -50,14 +52,14 @@ def _parameters(in_params: str, out_params: str) -> tuple[str, list[str]]:
                 declared.append(f"{'' if writable else 'const '}T* {words[2]}")
                 kinds.append("array")
             else:
-                assert words[0] == "int64", f"the harness knows int64 scalars only: {param!r}"
-                declared.append(f"long long {words[1]}")
-                kinds.append("int64")
+                assert words[0] in _INTEGERS, f"the harness knows int32 and int64 scalars only: {param!r}"
+                declared.append(f"{_INTEGERS[words[0]][0]} {words[1]}")
+                kinds.append(words[0])
     return ", ".join(declared), kinds
 
 
 class HostElementwiseKernel:
-    """``cupy.ElementwiseKernel`` for raw arrays and int64 scalars, compiled for the CPU."""
+    """``cupy.ElementwiseKernel`` for raw arrays and int32/int64 scalars, compiled for the CPU."""
 
     def __init__(self, directory: Path, in_params: str, out_params: str, operation: str, name: str) -> None:
         self._directory, self.name = directory, name
@@ -96,8 +98,10 @@ class HostElementwiseKernel:
                 assert value.ndim == 1 and value.flags.c_contiguous, f"{self.name}: arrays must be flat and contiguous"
                 converted.append(ctypes.c_void_p(value.ctypes.data))
             else:
-                assert isinstance(value, int), f"{self.name}: int64 scalar given {value!r}"
-                converted.append(ctypes.c_longlong(value))
+                assert isinstance(value, int), f"{self.name}: {kind} scalar given {value!r}"
+                c_type = _INTEGERS[kind][1]
+                assert c_type(value).value == value, f"{self.name}: {value} does not fit {kind}"
+                converted.append(c_type(value))
         assert all(a.size >= 1 for a in arrays) and size >= 1
         self._library(dtypes.pop()).run(*converted, ctypes.c_longlong(size))
 

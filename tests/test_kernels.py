@@ -17,6 +17,7 @@ import conv2d
 from conv2d import _conv
 from conv2d._geometry import make_geometry
 from conv2d._workspace import scratch_bytes
+from conv2d.backends import _cuda_source
 from conv2d.backends._cuda_source import PARAMS, kernel_args
 
 from .kernel_harness import host_kernels_backend
@@ -54,18 +55,28 @@ def _assert_close(ours, reference, rtol, atol):
         np.testing.assert_allclose(a.astype(np.float64), r, rtol=rtol, atol=atol * scale, err_msg=name)
 
 
+@pytest.mark.parametrize("index", ["int32", "int64"])
 @pytest.mark.parametrize("limit", [2**30, "rows"], ids=["one-chunk", "row-chunks"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_kernels_match_pytorch(host, case, dtype, limit):
-    """Forward and all three gradients through the compiled kernels agree with PyTorch."""
+def test_kernels_match_pytorch(host, monkeypatch, case, dtype, limit, index):
+    """Forward and all three gradients through the compiled kernels agree with PyTorch, with 32-bit
+    index arithmetic (what small arrays get) and 64-bit (what arrays past 2**31 elements get)."""
     backend, cupy = host
+    if index == "int64":  # every size counts as too large for 32 bits
+        monkeypatch.setattr(_cuda_source, "_INT32_MAX", 0)
     ours, reference = _run(backend, case, dtype, limit)
     for a in ours:
         assert a.dtype == np.dtype(dtype)
     _assert_close(ours, reference, **TOLERANCE[dtype])
     acc = "double" if dtype == "float64" else "float"
-    assert {f"conv2d_im2col_{acc}", f"conv2d_col2im_{acc}"} <= {k.name for k in cupy.built}
+    assert {f"conv2d_im2col_{acc}_{index}", f"conv2d_col2im_{acc}_{index}"} <= {k.name for k in cupy.built}
+
+
+def test_index_width():
+    """32-bit index arithmetic exactly while every index of the launch fits."""
+    assert _cuda_source.index_width(2**31 - 1, 5) == "int32"
+    assert _cuda_source.index_width(5, 2**31) == "int64"
 
 
 def test_row_chunks_really_split(host):

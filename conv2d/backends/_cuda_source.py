@@ -16,69 +16,90 @@ sample, output row (from ``row0``), output column.
   fixed order (kernel row, kernel column) and in ``ACC`` precision (float for float16/float32,
   double for float64). No two threads write one address, so there are no atomics and the result
   is bitwise reproducible. It adds into its output, so chunks of output rows accumulate.
+
+Index arithmetic is in ``IDX``: 32-bit ``int`` when every index of the launch fits (the usual
+case), else 64-bit. The many divisions that split a flat index are the kernels' main cost
+besides memory traffic, and a 64-bit integer division is several times slower on a GPU.
 """
 
 from __future__ import annotations
 
 from .._geometry import Geometry
 
-# The int64 scalars every kernel takes, in order (64-bit: index products can pass 2**31).
+# The integer scalars every kernel takes, in order, as ElementwiseKernel parameters of type INDEX.
 PARAMS = ("C", "H", "W", "KH", "KW", "SH", "SW", "DH", "DW", "TOP", "LEFT", "OW", "ROW0", "ROWS", "N")
 
-SCALARS = ", ".join(f"int64 {name}" for name in PARAMS)
+# ElementwiseKernel's name of an index width -> its C type.
+INDEX_TYPES = {"int32": "int", "int64": "long long"}
+_INT32_MAX = 2**31 - 1
 
-IM2COL_PARAMS = (f"raw T x, {SCALARS}", "raw T cols")
+_SCALARS = ", ".join(f"INDEX {name}" for name in PARAMS)
+
+IM2COL_PARAMS = (f"raw T x, {_SCALARS}", "raw T cols")
 
 IM2COL = """
-const long long columns = N * ROWS * OW;
-const long long column = i % columns;
-const long long tap = i / columns;
-const long long kj = tap % KW;
-const long long ki = (tap / KW) % KH;
-const long long c = tap / (KW * KH);
-const long long ow = column % OW;
-const long long oh = (column / OW) % ROWS + ROW0;
-const long long s = column / (OW * ROWS);
-const long long h = oh * SH + ki * DH - TOP;
-const long long w = ow * SW + kj * DW - LEFT;
-cols[i] = (h >= 0 && h < H && w >= 0 && w < W) ? x[((s * C + c) * H + h) * W + w] : (T)(0.0f);
+const IDX j = (IDX)i;
+const IDX columns = N * ROWS * OW;
+const IDX column = j % columns;
+const IDX tap = j / columns;
+const IDX kj = tap % KW;
+const IDX ki = (tap / KW) % KH;
+const IDX c = tap / (KW * KH);
+const IDX ow = column % OW;
+const IDX oh = (column / OW) % ROWS + ROW0;
+const IDX s = column / (OW * ROWS);
+const IDX h = oh * SH + ki * DH - TOP;
+const IDX w = ow * SW + kj * DW - LEFT;
+cols[j] = (h >= 0 && h < H && w >= 0 && w < W) ? x[((s * C + c) * H + h) * W + w] : (T)(0.0f);
 """
 
-COL2IM_PARAMS = (f"raw T grad_cols, {SCALARS}", "raw T grad_x")
+COL2IM_PARAMS = (f"raw T grad_cols, {_SCALARS}", "raw T grad_x")
 
-# `ACC` is replaced by the accumulator type when the kernel is built (see accumulator()).
 COL2IM = """
-const long long w = i % W;
-const long long h = (i / W) % H;
-const long long c = (i / (W * H)) % C;
-const long long s = i / (W * H * C);
-const long long columns = N * ROWS * OW;
+const IDX j = (IDX)i;
+const IDX w = j % W;
+const IDX h = (j / W) % H;
+const IDX c = (j / (W * H)) % C;
+const IDX s = j / (W * H * C);
+const IDX columns = N * ROWS * OW;
 ACC sum = 0;
-for (long long ki = 0; ki < KH; ++ki) {
-    const long long top = h + TOP - ki * DH;  /* = output row * SH, if this tap reads the pixel */
+for (IDX ki = 0; ki < KH; ++ki) {
+    const IDX top = h + TOP - ki * DH;  /* = output row * SH, if this tap reads the pixel */
     if (top < 0) break;  /* only decreases with ki */
     if (top % SH != 0) continue;
-    const long long oh = top / SH - ROW0;
+    const IDX oh = top / SH - ROW0;
     if (oh < 0 || oh >= ROWS) continue;
-    for (long long kj = 0; kj < KW; ++kj) {
-        const long long left = w + LEFT - kj * DW;
+    for (IDX kj = 0; kj < KW; ++kj) {
+        const IDX left = w + LEFT - kj * DW;
         if (left < 0) break;
         if (left % SW != 0) continue;
-        const long long ow = left / SW;
+        const IDX ow = left / SW;
         if (ow >= OW) continue;
         sum += (ACC)grad_cols[((c * KH + ki) * KW + kj) * columns + (s * ROWS + oh) * OW + ow];
     }
 }
-grad_x[i] = (T)((ACC)grad_x[i] + sum);
+grad_x[j] = (T)((ACC)grad_x[j] + sum);
 """
 
-# name -> ((in_params, out_params), operation), as ``cupy.ElementwiseKernel`` takes them.
-KERNELS = {"im2col": (IM2COL_PARAMS, IM2COL), "col2im": (COL2IM_PARAMS, COL2IM)}
+_KERNELS = {"im2col": (IM2COL_PARAMS, IM2COL), "col2im": (COL2IM_PARAMS, COL2IM)}
 
 
 def accumulator(dtype_name: str) -> str:
     """The C type col2im sums in: double for float64, float otherwise (float16 sums in float)."""
     return "double" if dtype_name == "float64" else "float"
+
+
+def index_width(*sizes: int) -> str:
+    """``"int32"`` if every index into arrays of these sizes fits 32 bits, else ``"int64"``."""
+    return "int32" if max(sizes, default=0) <= _INT32_MAX else "int64"
+
+
+def kernel_source(name: str, dtype_name: str, index: str) -> tuple[str, str, str]:
+    """(in_params, out_params, operation) of kernel `name` (``"im2col"`` or ``"col2im"``), as
+    ``cupy.ElementwiseKernel`` takes them, for arrays of `dtype_name` and indices of width `index`."""
+    (in_params, out_params), body = _KERNELS[name]
+    body = body.replace("ACC", accumulator(dtype_name)).replace("IDX", INDEX_TYPES[index])
+    return in_params.replace("INDEX", index), out_params, body
 
 
 def kernel_args(geom: Geometry, samples: int, rows: tuple[int, int]) -> tuple[int, ...]:

@@ -90,20 +90,22 @@ class CupyKernels:
         self._device = device  # a context manager: kernels launch on the backend's device
         self._built: dict[tuple[str, str], Any] = {}
 
-    def _kernel(self, name: str, dtype: Any) -> Any:
-        acc = _cuda_source.accumulator(np.dtype(dtype).name)  # CuPy's dtypes are NumPy's
-        key = (name, acc)
+    def _kernel(self, name: str, dtype: Any, index: str) -> Any:
+        key = (name, _cuda_source.accumulator(np.dtype(dtype).name), index)  # CuPy's dtypes are NumPy's
         if key not in self._built:
-            params, body = _cuda_source.KERNELS[name]
+            # ElementwiseKernel specialises T per dtype itself; the accumulator and index types are
+            # spelled into the source, so float16 and float32 share one (summing in float).
+            in_params, out_params, body = _cuda_source.kernel_source(name, np.dtype(dtype).name, index)
             self._built[key] = self._cupy.ElementwiseKernel(
-                *params, body.replace("ACC", acc), name=f"conv2d_{name}_{acc}"
+                in_params, out_params, body, name=f"conv2d_{name}_{key[1]}_{index}"
             )
         return self._built[key]
 
     def _launch(self, name: str, source: Any, target: Any, args: tuple[int, ...]) -> Any:
         if target.size:  # an empty launch is an error in CUDA
+            index = _cuda_source.index_width(source.size, target.size)
             with self._device:
-                self._kernel(name, target.dtype)(
+                self._kernel(name, target.dtype, index)(
                     self._cupy.ascontiguousarray(source).reshape(-1), *args, target, size=target.size
                 )
         return target
