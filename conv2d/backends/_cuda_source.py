@@ -10,16 +10,19 @@ Layouts are those of ``_algorithms.py``: the input chunk is (n, C, H, W); the pa
 (C*kH*kW, n*rows*OW) with rows ordered channel, kernel row, kernel column and columns ordered
 sample, output row (from ``row0``), output column.
 
-- ``im2col``: one thread per patch element. Consecutive threads write consecutive columns and,
-  at stride 1, read consecutive pixels: both sides coalesced. Padding reads as zero.
+- ``im2col``: one thread per (channel, column), writing that column's kH*kW patch elements, so
+  the divisions that split the flat index are paid once per kH*kW elements. For each kernel tap,
+  consecutive threads write consecutive columns and, at stride 1, read consecutive pixels: both
+  sides coalesced. Padding reads as zero.
 - ``col2im``: one thread per *input* pixel, which sums the patch elements that read it, in a
   fixed order (kernel row, kernel column) and in ``ACC`` precision (float for float16/float32,
   double for float64). No two threads write one address, so there are no atomics and the result
   is bitwise reproducible. It adds into its output, so chunks of output rows accumulate.
 
 Index arithmetic is in ``IDX``: 32-bit ``int`` when every index of the launch fits (the usual
-case), else 64-bit. The many divisions that split a flat index are the kernels' main cost
-besides memory traffic, and a 64-bit integer division is several times slower on a GPU.
+case), else 64-bit. The divisions that split a flat index are the kernels' main cost besides
+memory traffic (a division by a value known only at run time is tens of instructions, and a
+64-bit one several times more); :func:`launch_size` gives the number of threads of each kernel.
 """
 
 from __future__ import annotations
@@ -41,16 +44,23 @@ IM2COL = """
 const IDX j = (IDX)i;
 const IDX columns = N * ROWS * OW;
 const IDX column = j % columns;
-const IDX tap = j / columns;
-const IDX kj = tap % KW;
-const IDX ki = (tap / KW) % KH;
-const IDX c = tap / (KW * KH);
+const IDX c = j / columns;
 const IDX ow = column % OW;
 const IDX oh = (column / OW) % ROWS + ROW0;
 const IDX s = column / (OW * ROWS);
-const IDX h = oh * SH + ki * DH - TOP;
-const IDX w = ow * SW + kj * DW - LEFT;
-cols[j] = (h >= 0 && h < H && w >= 0 && w < W) ? x[((s * C + c) * H + h) * W + w] : (T)(0.0f);
+const IDX plane = (s * C + c) * H;  /* row 0 of channel c of sample s, in rows of W */
+const IDX top = oh * SH - TOP;
+const IDX left = ow * SW - LEFT;
+IDX out = c * KH * KW * columns + column;
+for (IDX ki = 0; ki < KH; ++ki) {
+    const IDX h = top + ki * DH;
+    const bool row_inside = h >= 0 && h < H;
+    for (IDX kj = 0; kj < KW; ++kj) {
+        const IDX w = left + kj * DW;
+        cols[out] = (row_inside && w >= 0 && w < W) ? x[(plane + h) * W + w] : (T)(0.0f);
+        out += columns;
+    }
+}
 """
 
 COL2IM_PARAMS = (f"raw T grad_cols, {_SCALARS}", "raw T grad_x")
@@ -66,14 +76,22 @@ ACC sum = 0;
 for (IDX ki = 0; ki < KH; ++ki) {
     const IDX top = h + TOP - ki * DH;  /* = output row * SH, if this tap reads the pixel */
     if (top < 0) break;  /* only decreases with ki */
-    if (top % SH != 0) continue;
-    const IDX oh = top / SH - ROW0;
+    /* Stride 1 (the common case) needs no division; the branch is the same for every thread. */
+    IDX oh = top;
+    if (SH != 1) {
+        if (top % SH != 0) continue;
+        oh = top / SH;
+    }
+    oh -= ROW0;
     if (oh < 0 || oh >= ROWS) continue;
     for (IDX kj = 0; kj < KW; ++kj) {
         const IDX left = w + LEFT - kj * DW;
         if (left < 0) break;
-        if (left % SW != 0) continue;
-        const IDX ow = left / SW;
+        IDX ow = left;
+        if (SW != 1) {
+            if (left % SW != 0) continue;
+            ow = left / SW;
+        }
         if (ow >= OW) continue;
         sum += (ACC)grad_cols[((c * KH + ki) * KW + kj) * columns + (s * ROWS + oh) * OW + ow];
     }
@@ -92,6 +110,14 @@ def accumulator(dtype_name: str) -> str:
 def index_width(*sizes: int) -> str:
     """``"int32"`` if every index into arrays of these sizes fits 32 bits, else ``"int64"``."""
     return "int32" if max(sizes, default=0) <= _INT32_MAX else "int64"
+
+
+def launch_size(name: str, target_size: int, args: tuple[int, ...]) -> int:
+    """Threads of kernel `name` writing `target_size` elements, with :func:`kernel_args` `args`."""
+    if name == "im2col":  # one thread per kH*kW patch elements
+        named = dict(zip(PARAMS, args))
+        return target_size // (named["KH"] * named["KW"])
+    return target_size  # col2im: one thread per input pixel
 
 
 def kernel_source(name: str, dtype_name: str, index: str) -> tuple[str, str, str]:

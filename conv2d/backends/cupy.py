@@ -106,7 +106,8 @@ class CupyKernels:
             index = _cuda_source.index_width(source.size, target.size)
             with self._device:
                 self._kernel(name, target.dtype, index)(
-                    self._cupy.ascontiguousarray(source).reshape(-1), *args, target, size=target.size
+                    self._cupy.ascontiguousarray(source).reshape(-1), *args, target,
+                    size=_cuda_source.launch_size(name, target.size, args),
                 )
         return target
 
