@@ -81,7 +81,7 @@ def test_index_width():
 
 def test_row_chunks_really_split(host):
     """The small limit above splits output rows, so col2im accumulates into one gradient across launches."""
-    backend, cupy = host
+    backend, _ = host
     case = CASES[7]
     calls = []
     kernels = backend.kernels
