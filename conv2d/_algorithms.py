@@ -35,6 +35,14 @@ from .backends._cuda_source import kernel_args
 class Gather:
     name = "gather"
 
+    @staticmethod
+    def _per_sample(grad_cols: Any, n: int, geom: Geometry, rows: tuple[int, int]) -> Any:
+        """The patch gradient back in the plan's order: (n, C*kH*kW*positions), one row per sample."""
+        xp = array_namespace(grad_cols)
+        positions = (rows[1] - rows[0]) * geom.out_w
+        taps = geom.in_channels * geom.kernel_h * geom.kernel_w
+        return xp.reshape(xp.permute_dims(xp.reshape(grad_cols, (taps, n, positions)), (1, 0, 2)), (n, taps * positions))
+
     @classmethod
     def _plan(cls, backend: Backend, geom: Geometry, rows: tuple[int, int]) -> Any:
         return backend.constant(("gather", geom, rows), lambda: row_plan(geom, rows))
@@ -64,10 +72,7 @@ class Gather:
         # over one flat index per patch element of the whole chunk.
         xp = array_namespace(grad_cols)
         n, length = acc.shape[0] // row_length(geom), row_length(geom)
-        # Back to the plan's per-sample order: (n, C*kH*kW, positions).
-        positions = (rows[1] - rows[0]) * geom.out_w
-        taps = geom.in_channels * geom.kernel_h * geom.kernel_w
-        grad_cols = xp.permute_dims(xp.reshape(grad_cols, (taps, n, positions)), (1, 0, 2))
+        grad_cols = cls._per_sample(grad_cols, n, geom, rows)
         dtype = backend.dtype(index_dtype(max(n * length - 1, 0)))
         offsets = xp.arange(0, n * length, length, dtype=dtype, device=device_of(grad_cols))
         plan = xp.astype(cls._plan(backend, geom, rows), dtype, copy=False)
@@ -162,11 +167,9 @@ class GatherTransposed(Gather):
     def grad_add(cls, backend: Backend, acc: Any, grad_cols: Any, geom: Geometry, rows: tuple[int, int]) -> Any:
         xp = array_namespace(grad_cols)
         n = acc.shape[0]
-        positions = (rows[1] - rows[0]) * geom.out_w
-        taps = geom.in_channels * geom.kernel_h * geom.kernel_w
         # Per sample, in the plan's order, and a zero at the end for the readers' padding.
-        grad_cols = xp.reshape(xp.permute_dims(xp.reshape(grad_cols, (taps, n, positions)), (1, 0, 2)), (n, -1))
-        grad_cols = xp.concat([grad_cols, xp.zeros((n, 1), dtype=acc.dtype, device=device_of(acc))], axis=1)
+        grad_cols = xp.concat([cls._per_sample(grad_cols, n, geom, rows),
+                               xp.zeros((n, 1), dtype=acc.dtype, device=device_of(acc))], axis=1)
         readers = backend.constant(("readers", geom, rows), lambda: gather_readers(geom, rows))
         (h0, h1), depth = input_rows(geom, rows), readers.shape[0]
         if depth == 0:  # these output rows read only padding
