@@ -85,7 +85,7 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
 
 
 def test_cli_deterministic_column(tmp_path, capsys):
-    """--deterministic times forward+backward with deterministic=True beside the default, where conv2d has it."""
+    """--deterministic times forward+backward with deterministic=True beside the default."""
     path = tmp_path / "bench.json"
     assert main(["bench", "--shapes", TINY, "--repeat", "1", "--warmup", "0", "--deterministic", "--no-seed",
                  "--json", str(path)]) == 0
@@ -96,60 +96,43 @@ def test_cli_deterministic_column(tmp_path, capsys):
     (result,) = report["results"]
     assert report["settings"]["warmup"] == 0 and report["settings"]["deterministic"] is True
     assert report["settings"]["seed"] is False and "seed_fwdbwd" not in result["ms"]
-    if bench.deterministic_supported():
-        assert report["settings"]["deterministic_supported"] is True
-        assert result["ratios"]["det_over_default"] == pytest.approx(
-            result["ms"]["ours_fwdbwd_det"] / result["ms"]["ours_fwdbwd"]
-        )
-        assert report["summary"]["det_over_default"]["target"] == "target <= 1.3"
-        assert "fwd+bwd deterministic/default: median" in printed
-    else:
-        assert "deterministic" in result["skipped"] and result["ratios"]["det_over_default"] is None
+    assert result["ratios"]["det_over_default"] == pytest.approx(
+        result["ms"]["ours_fwdbwd_det"] / result["ms"]["ours_fwdbwd"]
+    )
+    assert report["summary"]["det_over_default"]["target"] == "target <= 1.3"
+    assert "fwd+bwd deterministic/default: median" in printed
 
 
-def _fake_conv2d(x, weight, bias=None, **kwargs):
-    return conv2d.conv2d(x, weight, bias, **kwargs)
-
-
-def _fake_conv2d_backward(grad_out, x, weight, **kwargs):
-    return conv2d.conv2d_backward(grad_out, x, weight, **kwargs)
-
-
-@pytest.mark.parametrize("supported", [True, False])
-def test_deterministic_is_detected_by_signature(monkeypatch, supported):
-    """The bench runs before and after conv2d takes deterministic=: it reads the signature."""
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_calls_pass_the_argument(monkeypatch, deterministic):
+    """ours_calls adds the deterministic=True call only when asked; the default call leaves the
+    choice to CONV2D_DETERMINISTIC (deterministic=None)."""
     seen: list[object] = []
 
     def forward(x, weight, bias=None, *, deterministic=None, **kwargs):
         seen.append(deterministic)
-        return _fake_conv2d(x, weight, bias, **kwargs)
+        return conv2d.conv2d(x, weight, bias, **kwargs)
 
     def backward(grad_out, x, weight, *, deterministic=None, **kwargs):
         seen.append(deterministic)
-        return _fake_conv2d_backward(grad_out, x, weight, **kwargs)
+        return conv2d.conv2d_backward(grad_out, x, weight, **kwargs)
 
-    if supported:
-        monkeypatch.setattr(bench.calls, "conv2d", forward)
-        monkeypatch.setattr(bench.calls, "conv2d_backward", backward)
-    else:
-        monkeypatch.setattr(bench.calls, "conv2d", _fake_conv2d)
-        monkeypatch.setattr(bench.calls, "conv2d_backward", _fake_conv2d_backward)
-    assert bench.deterministic_supported() is supported
+    monkeypatch.setattr(bench.calls, "conv2d", forward)
+    monkeypatch.setattr(bench.calls, "conv2d_backward", backward)
     case = bench.Case.make(conv2d.get_backend("numpy"), bench.parse_shape(TINY), "float32")
-    calls = bench.ours_calls(case, deterministic=supported)
-    assert ("ours_fwdbwd_det" in calls) is supported
-    if supported:
-        calls["ours_fwdbwd"]()
+    calls = bench.ours_calls(case, deterministic=deterministic)
+    assert ("ours_fwdbwd_det" in calls) is deterministic
+    calls["ours_fwdbwd"]()
+    if deterministic:
         calls["ours_fwdbwd_det"]()
-        assert seen == [None, None, True, True]  # the default leaves the choice to CONV2D_DETERMINISTIC
+    assert seen == [None, None, True, True][: 4 if deterministic else 2]
     monkeypatch.setattr(bench.report, "torch_calls", lambda case: "not needed here")
     monkeypatch.setattr(bench.report, "seed_calls", lambda case: "not needed here")
-    result = bench.measure(case, repeat=1, deterministic=True)
-    if supported:
-        assert result["ratios"]["det_over_default"] > 0 and "deterministic" not in result["skipped"]
+    result = bench.measure(case, repeat=1, deterministic=deterministic)
+    if deterministic:
+        assert result["ratios"]["det_over_default"] > 0
     else:
-        assert result["skipped"]["deterministic"] == "this conv2d has no deterministic= argument"
-        assert result["ratios"]["det_over_default"] is None
+        assert result["ratios"]["det_over_default"] is None and "ours_fwdbwd_det" not in result["ms"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="--plot needs matplotlib")

@@ -4,7 +4,7 @@ For each shape, in one process and on the same data, it measures (median of ``--
 calls after a warm-up call, three on a GPU):
 
 - ours: :func:`conv2d.conv2d`, :func:`conv2d.conv2d_backward` and the two in a row; with
-  ``--deterministic``, also the two in a row with ``deterministic=True`` (where conv2d has it);
+  ``--deterministic``, also the two in a row with ``deterministic=True``;
 - the floor: the bare matrix products a convolution of that size cannot avoid, on the same backend
   (forward ``W @ patches`` per group; backward ``grad_y @ patches^T`` and ``W^T @ grad_y``);
 - PyTorch: ``torch.nn.functional.conv2d`` forward, and forward plus autograd backward, when torch is
@@ -36,7 +36,6 @@ from __future__ import annotations
 from .calls import SEED_MAX_PATCH_BYTES as SEED_MAX_PATCH_BYTES
 from .calls import SEED_REPEAT as SEED_REPEAT
 from .calls import Case as Case
-from .calls import deterministic_supported as deterministic_supported
 from .calls import floor_calls as floor_calls
 from .calls import ours_calls as ours_calls
 from .calls import seed_backward as seed_backward

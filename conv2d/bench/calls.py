@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,15 +54,10 @@ class Case:
 # The measured things: each returns the calls to time (or the reason there are none)
 
 
-def deterministic_supported() -> bool:
-    """Whether this conv2d takes ``deterministic=`` (in both functions): the bench runs before and after it."""
-    return all("deterministic" in inspect.signature(fn).parameters for fn in (conv2d, conv2d_backward))
-
-
 def ours_calls(case: Case, deterministic: bool = False) -> dict[str, Callable[[], Any]]:
     """conv2d forward, backward (all three gradients) and forward then backward.
 
-    With `deterministic` (where :func:`deterministic_supported`), also forward then backward with
+    With `deterministic`, also forward then backward with
     ``deterministic=True``, "ours_fwdbwd_det", to read the price of reproducible sums beside the
     default (which follows ``CONV2D_DETERMINISTIC``).
     """

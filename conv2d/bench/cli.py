@@ -15,7 +15,7 @@ import numpy as np
 from .. import __version__
 from .._functional import conv2d
 from ..backends import Backend, BackendUnavailableError, get_backend
-from .calls import SEED_REPEAT, Case, deterministic_supported
+from .calls import SEED_REPEAT, Case
 from .machine import _blas_line, _load_average, _other_load, machine_info
 from .memory import SMALL_LIMIT
 from .precision import gpu_precision
@@ -211,7 +211,6 @@ def run(args: argparse.Namespace) -> int:
                          "stat": args.stat, "algorithm": args.algorithm, "on_gpu": _on_gpu(backend),
                          "timer": "cuda_events" if isinstance(backend_timer(backend), EventTimer) else "perf_counter",
                          "gpu_precision": precision, "deterministic": args.deterministic, "seed": args.seed,
-                         "deterministic_supported": deterministic_supported(),
                          "small_limit_bytes": SMALL_LIMIT},
             "machine": info,
             "results": results,

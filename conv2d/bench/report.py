@@ -13,7 +13,6 @@ from .calls import (
     SEED_REPEAT,
     Case,
     _torch_device,
-    deterministic_supported,
     floor_calls,
     ours_calls,
     seed_calls,
@@ -62,9 +61,6 @@ def _time_all(case: Case, repeat: int, warmup: int, deterministic: bool,
     """Seconds of every call of one shape, and what was skipped and why."""
     torch, seed = torch_calls(case), seed_calls(case) if with_seed else "not asked for (--no-seed)"
     skipped = {label: made for label, made in (("torch", torch), ("seed", seed)) if isinstance(made, str)}
-    if deterministic and not deterministic_supported():
-        skipped["deterministic"] = "this conv2d has no deterministic= argument"
-        deterministic = False
     calls = {**ours_calls(case, deterministic), **floor_calls(case), **({} if isinstance(torch, str) else torch)}
     with _device_scope(case.backend):
         samples = time_calls(calls, repeat, warmup, _timers(case, list(calls)))
