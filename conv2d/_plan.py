@@ -54,7 +54,6 @@ def gather_indices(geom: Geometry) -> np.ndarray:
     return plan
 
 
-
 def row_plan(geom: Geometry, rows: tuple[int, int]) -> np.ndarray:
     """The gather plan of output rows ``[rows[0], rows[1])`` only (the whole plan for all rows)."""
     plan = gather_indices(geom)
