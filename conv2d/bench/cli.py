@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -56,24 +57,20 @@ def _shapes_arg(text: str) -> list[Shape]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_arg(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`."""
+    what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
 
-def _count_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,9 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", nargs="+", type=_shapes_arg, default=None, metavar="SHAPES",
                         help=f"presets ({', '.join(PRESETS)}) and/or custom shapes {SHAPE_FORMAT}; default cpu, "
                              "or gpu on a GPU backend")
-    parser.add_argument("--repeat", type=_positive_arg, default=5,
+    parser.add_argument("--repeat", type=_int_arg(1), default=5,
                         help=f"timed calls per measurement, summarised by --stat (seed: at most {SEED_REPEAT}); default 5")
-    parser.add_argument("--warmup", type=_count_arg, default=None,
+    parser.add_argument("--warmup", type=_int_arg(0), default=None,
                         help=f"untimed calls of each measured thing first (seed: 1); default {WARMUP['cpu']}, "
                              f"{WARMUP['gpu']} on a GPU backend (kernel compilation, cuDNN autotuning)")
     parser.add_argument("--stat", default="median", choices=tuple(STATISTICS),
@@ -96,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="conv2d's algorithm= (one of conv2d.ALGORITHMS, or auto); default auto")
     parser.add_argument("--deterministic", action="store_true",
                         help="also time forward+backward with deterministic=True, and its cost over the default "
-                             "(column det/dflt), where conv2d has that argument")
+                             "(column det/dflt)")
     parser.add_argument("--no-seed", dest="seed", action="store_false",
                         help="do not time the seed (NumPy on the CPU, seconds per call on the seed's layer): "
                              "a GPU run's targets do not read it")
