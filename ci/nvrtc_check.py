@@ -69,7 +69,6 @@ def _cupy_internals() -> SimpleNamespace:
         raise CheckError(f"cannot import cupy ({exc}): run this through ci/nvrtc-check, which installs it") from exc
     names = {
         "ArgInfo": ("cupy._core._kernel", "_ArgInfo"),
-        "TypeMap": ("cupy._core._kernel", "_TypeMap"),
         "kernel_code": ("cupy._core._kernel", "_get_elementwise_kernel_code"),
         "CScalar": ("cupy._core._scalar", "CScalar"),
         "Indexer": ("cupy._core._carray", "Indexer"),
@@ -91,15 +90,17 @@ def _cupy_internals() -> SimpleNamespace:
     # The arch option is memoized per device, which asks the driver; the undecorated function does not.
     arch_option = found.get("arch_option")
     if arch_option is not None and not hasattr(arch_option, "__wrapped__"):
-        missing.append("cupy.cuda.compiler._get_arch_for_options_for_nvrtc.__wrapped__ (no longer a memoized function)")
-    for method in ("_decide_params_type", "params", "operation", "name", "preamble", "kwargs"):
+        missing.append("cupy.cuda.compiler._get_arch_for_options_for_nvrtc.__wrapped__ (no longer memoized)")
+    for method in ("_decide_params_type", "in_params", "out_params", "params", "operation", "name", "preamble",
+                   "kwargs"):
         if not hasattr(cupy.ElementwiseKernel, method):
             missing.append(f"cupy.ElementwiseKernel.{method}")
     if missing:
         raise CheckError(
             f"CuPy {cupy.__version__} moved private names this check uses: {'; '.join(missing)}. "
-            "Update ci/nvrtc_check.py to this CuPy's internals (its source is in the venv), "
-            "or pin the CuPy version the check was written for in ci/nvrtc-check"
+            "Update ci/nvrtc_check.py to this CuPy's internals (cupy/cuda/compiler.py is in the venv, the .pyx "
+            "sources in CuPy's repository at this version's tag), or pin the CuPy it was written for (14.2) "
+            "in ci/nvrtc-check"
         )
     return SimpleNamespace(**found)
 
@@ -342,6 +343,11 @@ def compile_variant(internals: SimpleNamespace, variant: Variant, arch: str) -> 
             )
     except internals.CompileException as exc:
         return Result(variant, arch, "compiler error", f"{exc.get_message()}\noptions: {' '.join(exc.options)}")
+    except Exception as exc:  # noqa: BLE001 - not NVRTC's verdict: CuPy's path itself changed
+        raise CheckError(
+            f"CuPy's compile_using_nvrtc failed before NVRTC gave a verdict ({type(exc).__name__}: {exc}); "
+            "if it now asks the driver, ci/nvrtc_check.py's _arch_without_device needs updating"
+        ) from exc
     text = log.getvalue().strip()
     if text:  # NVRTC's log is empty on a clean compile: anything in it is a warning
         return Result(variant, arch, "compiler warning", text)
