@@ -209,6 +209,11 @@ def record_launches(
     internals: SimpleNamespace, dtypes: list[np.dtype], edit: Callable[[str], str] | None = None
 ) -> list[Launch]:
     """Every launch shape of CupyKernels.im2col and .col2im, through the library's own launch code."""
+    launched = {"im2col", "col2im"}  # the calls below
+    public = {name for name in vars(CupyKernels) if not name.startswith("_")}
+    if public != launched:
+        raise CheckError(f"CupyKernels has the methods {sorted(public)}, but ci/nvrtc_check.py launches only "
+                         f"{sorted(launched)}: teach record_launches the others")
     launches: list[Launch] = []
     kernels = CupyKernels(_RecordingCupy(internals.cupy, launches, edit), contextlib.nullcontext())
     # The scalars' values do not change the source, except kH*kW, which sets im2col's launch range.
