@@ -4,7 +4,8 @@ The sources are plain strings, written as ``cupy.ElementwiseKernel`` bodies: ``i
 index, ``T`` the array type, array parameters are raw 1-D pointers indexed by hand. Nothing here
 imports CuPy: ``cupy.py`` compiles these strings on the GPU, and the tests compile the very same
 strings with the host C++ compiler (``tests/kernel_harness.py``) to check the index arithmetic on
-machines without a GPU.
+machines without a GPU. ``ci/nvrtc-check`` compiles the source CuPy generates from them, for every
+variant ``CupyKernels`` can launch, with NVIDIA's NVRTC for sm_90 and sm_80 (no GPU needed either).
 
 Layouts are those of ``_algorithms.py``: the input chunk is (n, C, H, W); the patch matrix is
 (C*kH*kW, n*rows*OW) with rows ordered channel, kernel row, kernel column and columns ordered

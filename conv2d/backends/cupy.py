@@ -82,7 +82,9 @@ class CupyKernels:
 
     ``cupy.ElementwiseKernel`` compiles once per dtype and caches the binary (in memory and on
     disk), so a call costs one launch. Arrays are passed flat and C-contiguous: the sources index
-    them by hand.
+    them by hand. ``ci/nvrtc-check`` runs this class with a stand-in for ``cupy`` (real
+    ``ElementwiseKernel``, recorded launches) to find every variant it can launch; a new use of
+    ``cupy`` here fails that check until its stand-in learns it.
     """
 
     def __init__(self, cupy: Any, device: Any) -> None:
