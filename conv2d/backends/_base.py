@@ -53,6 +53,9 @@ class Backend:
     deterministic_scatter: bool = True
     kernels: Any = field(default=None, repr=False)
     _slice_add: Callable[[Any, Any, Any], Any] | None = field(default=None, repr=False)
+    # Host array -> concrete device array even while a function transformation traces the caller
+    # (JAX's jit/grad/vmap); None: _native_asarray, which never traces.
+    _constant_asarray: Callable[[np.ndarray], Any] | None = field(default=None, repr=False)
     _constants: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -120,13 +123,17 @@ class Backend:
         """A read-only array built on the host once per `key`, kept on this backend's device.
 
         Gather plans are pure functions of the geometry, so they are built and transferred
-        once and reused by every call with the same geometry.
+        once and reused by every call with the same geometry. They are concrete arrays even when
+        the caller is being traced (``jax.jit``): a traced program embeds them as constants.
         """
         with self._lock:
             if key in self._constants:
                 self._constants.move_to_end(key)
                 return self._constants[key]
-        value = self._native_asarray(make_host_array(), None)
+        host = make_host_array()
+        # A traced value must never enter the cache: the next call, traced or not, would get a
+        # tracer of a finished trace. The hook builds a concrete array whatever the caller is doing.
+        value = self._native_asarray(host, None) if self._constant_asarray is None else self._constant_asarray(host)
         with self._lock:
             self._constants[key] = value
             while len(self._constants) > _CONSTANT_CACHE_SIZE:
