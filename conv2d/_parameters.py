@@ -38,6 +38,11 @@ def unknown_keys(what: str, given: Any, known: Any) -> None:
         raise KeyError(f"{what} has unknown key(s) {extra}; the layer's parameters are {sorted(known)}")
 
 
+def dtype_name(backend: Any, dtype: Any) -> str:
+    """The NumPy name ("float32") of a dtype of `backend`'s library, for files and messages."""
+    return host_copy(backend.xp.zeros((0,), dtype=dtype, device=backend.device)).dtype.name
+
+
 class Parameterized:
     """Mixin of the layers: parameters named by ``PARAMETERS`` (attributes on the layer's ``backend``).
 

@@ -12,7 +12,7 @@ from . import _conv
 from ._conv import choose_algorithm
 from ._determinism import resolve_deterministic
 from ._functional import check_algorithm, check_arrays
-from ._parameters import Parameterized
+from ._parameters import Parameterized, dtype_name
 from ._workspace import resolve_limit
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry, positive_int, positive_ints
 from .backends import Backend, get_backend
@@ -164,6 +164,22 @@ class ConvolutionLayer(Parameterized):
         self.biases = self.backend.asarray(rng.normal(0.0, 0.1, numfilters), dtype=self.dtype)
         # (input, patches or None when the batch was split, activation) of the last forwardpass
         self._saved: tuple[Any, Any | None, Any] | None = None
+
+    def architecture(self) -> dict[str, Any]:
+        """The constructor arguments that shape this layer, as JSON-ready values (see :func:`conv2d.nn.save`)."""
+        top, bottom, left, right = self._geom.padding
+        return {
+            "type": "ConvolutionLayer",
+            "in_channels": [self.in_depth, self.in_row, self.in_col],
+            "filter_size": [self.filter_row, self.filter_col],
+            "numfilters": self.out_depth,
+            "stride": list(self._geom.stride),
+            # Asymmetric padding comes only from "same" (the odd extra row or column after).
+            "padding": [top, left] if (top, left) == (bottom, right) else "same",
+            "dilation": list(self._geom.dilation),
+            "activation": self.activation,
+            "dtype": dtype_name(self.backend, self.dtype),
+        }
 
     def forwardpass(self, X: Any) -> Any:
         """Return activation(conv(X) + biases), shape (n, out_depth, out_row, out_col).

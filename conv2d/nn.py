@@ -25,11 +25,13 @@ from array_api_compat import device as device_of
 
 from ._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
 from ._conv import choose_algorithm
-from ._parameters import Parameterized, unknown_keys
+from ._parameters import Parameterized, dtype_name, unknown_keys
 from .backends import Backend, backend_of, get_backend
 from .layer import ACTIVATIONS, check_batch, forward_state, sgd_update, to_floating
 
-__all__ = ["AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "softmax_cross_entropy"]
+__all__ = [
+    "AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "load", "save", "softmax_cross_entropy",
+]
 
 
 def _gather_windows(backend: Backend, x: Any, geom: Geometry) -> Any:
@@ -75,6 +77,15 @@ class _Pool(Parameterized):
         )
         self.out_depth, self.out_row, self.out_col = self.in_depth, self._geom.out_h, self._geom.out_w
         self._saved: Any = None
+
+    def architecture(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-ready (see :func:`conv2d.nn.save`)."""
+        return {
+            "type": type(self).__name__,
+            "in_channels": [self.in_depth, self.in_row, self.in_col],
+            "pool_size": [self.pool_row, self.pool_col],
+            "stride": list(self.stride),
+        }
 
     def _windows(self, X: Any) -> tuple[Any, Any]:
         """X on the layer's backend and its windows, (depth, kH*kW, n*out_row*out_col)."""
@@ -193,6 +204,10 @@ class FlattenLayer(Parameterized):
     def __init__(self) -> None:
         self._shape: tuple[int, ...] | None = None
 
+    def architecture(self) -> dict[str, Any]:
+        """The constructor arguments (none), JSON-ready (see :func:`conv2d.nn.save`)."""
+        return {"type": "FlattenLayer"}
+
     def forwardpass(self, X: Any) -> Any:
         """Return X as (n, prod(X.shape[1:]))."""
         xp = array_namespace(X)
@@ -266,6 +281,16 @@ class DenseLayer(Parameterized):
         self.weights = self.backend.asarray(weights, dtype=self.dtype)
         self.biases = self.backend.asarray(rng.uniform(-bound, bound, self.out_features), dtype=self.dtype)
         self._saved: tuple[Any, Any] | None = None  # (input, activation) of the last forward
+
+    def architecture(self) -> dict[str, Any]:
+        """The constructor arguments that shape this layer, JSON-ready (see :func:`conv2d.nn.save`)."""
+        return {
+            "type": "DenseLayer",
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "activation": self.activation,
+            "dtype": dtype_name(self.backend, self.dtype),
+        }
 
     def forwardpass(self, X: Any) -> Any:
         """Return activation(X @ weights.T + biases), shape (n, out_features); keep X for the backward pass."""
@@ -394,6 +419,10 @@ class Sequential:
             raise ValueError("Sequential needs at least one layer")
         self._inputs: list[Any] | None = None
 
+    def architecture(self) -> dict[str, Any]:
+        """Every layer's architecture, in order, JSON-ready (see :func:`conv2d.nn.save`)."""
+        return {"type": "Sequential", "layers": [layer.architecture() for layer in self.layers]}
+
     def forwardpass(self, X: Any) -> Any:
         """Run `X` through every layer in order and return the last layer's output."""
         inputs = []
@@ -470,3 +499,6 @@ class Sequential:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_inputs": None}  # the inputs of the last batch are not part of the network
+
+
+from ._checkpoint import load, save  # noqa: E402 - they build the classes above
