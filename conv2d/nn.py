@@ -348,7 +348,8 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
     logits : array, shape (n, classes)
         Real floating scores of any supported library.
     labels : array or sequence of int, shape (n,)
-        Class indices in [0, classes); moved to the logits' library and device if needed.
+        Class indices in [0, classes); moved to the logits' library and device if needed. Checked
+        unless traced (inside ``jax.jit`` their values are unknown: check them before).
 
     Returns
     -------
@@ -377,8 +378,9 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
         raise TypeError(f"labels has dtype {labels.dtype}; it needs class indices (an integer dtype)")
     if tuple(labels.shape) != (n,):
         raise ValueError(f"labels must have shape ({n},), one class index per row of logits, got {tuple(labels.shape)}")
-    # An out-of-range label would match no class and silently add nothing to the loss.
-    if n and not bool(xp.all((labels >= 0) & (labels < classes))):
+    # An out-of-range label would match no class and silently add nothing to the loss. Traced labels
+    # (inside jax.jit) have no values to check: check them before the jitted call.
+    if n and not backend.traced(labels) and not bool(xp.all((labels >= 0) & (labels < classes))):
         raise ValueError(f"labels must be class indices in [0, {classes}) for logits with {classes} columns")
     # Subtracting each row's maximum keeps exp from overflowing and changes nothing else.
     shifted = logits - xp.max(logits, axis=1, keepdims=True)

@@ -56,6 +56,7 @@ class Backend:
     # Host array -> concrete device array even while a function transformation traces the caller
     # (JAX's jit/grad/vmap); None: _native_asarray, which never traces.
     _constant_asarray: Callable[[np.ndarray], Any] | None = field(default=None, repr=False)
+    _traced: Callable[[Any], bool] | None = field(default=None, repr=False)
     _constants: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -67,6 +68,10 @@ class Backend:
     def owns(self, array: Any) -> bool:
         """Whether `array` belongs to this backend's library (any device)."""
         return self._owns(array)
+
+    def traced(self, array: Any) -> bool:
+        """Whether `array` is a placeholder of a function transformation (JAX's jit), whose values cannot be read."""
+        return self._traced is not None and self._traced(array)
 
     def asarray(self, obj: Any, dtype: Any = None) -> Any:
         """Return `obj` as an array of this backend, on its device.

@@ -16,10 +16,14 @@ def is_array(obj: Any) -> bool:
     return is_jax_array(obj)
 
 
-def device_spec(array: Any) -> str | None:
+def is_tracer(array: Any) -> bool:
     import jax  # loaded: the array is JAX's
 
-    if isinstance(array, jax.core.Tracer):
+    return isinstance(array, jax.core.Tracer)
+
+
+def device_spec(array: Any) -> str | None:
+    if is_tracer(array):
         # Inside jit, grad or vmap an array is an abstract value with no device yet; the traced
         # program runs on JAX's default device unless the caller places it, so that is the backend.
         return None
@@ -85,4 +89,5 @@ def build(device: str | None) -> Backend:
         _slice_add=lambda target, key, values: target.at[key].add(values, unique_indices=True, indices_are_sorted=True),
         deterministic_scatter=dev.platform == "cpu",  # XLA's GPU scatter-add uses atomics
         _constant_asarray=constant_asarray,
+        _traced=is_tracer,
     )
