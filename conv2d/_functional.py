@@ -11,7 +11,7 @@ from ._algorithms import ALGORITHMS
 from ._determinism import resolve_deterministic
 from ._workspace import resolve_limit
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry
-from .backends import Backend, backend_of
+from .backends import Backend, backend_of, compiler_op
 
 
 def check_arrays(named: dict[str, Any]) -> Backend:
@@ -124,6 +124,10 @@ def conv2d(
     >>> conv2d.conv2d(x, w, padding="same").shape
     (2, 4, 8, 8)
     """
+    op = compiler_op("conv2d")
+    if op is not None:  # torch.compile is tracing: one opaque operator, checked and run when it executes
+        return op(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
+                  max_workspace_bytes=resolve_limit(max_workspace_bytes), deterministic=resolve_deterministic(deterministic))
     named = {"x": x, "weight": weight} if bias is None else {"x": x, "weight": weight, "bias": bias}
     backend = check_arrays(named)
     geom = make_geometry(
@@ -189,6 +193,11 @@ def conv2d_backward(
     >>> gx.shape, gw.shape, gb.shape
     ((2, 3, 8, 8), (4, 3, 3, 3), (4,))
     """
+    op = compiler_op("conv2d_backward")
+    if op is not None:  # as in conv2d
+        return op(grad_out, x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                  algorithm=algorithm, max_workspace_bytes=resolve_limit(max_workspace_bytes),
+                  deterministic=resolve_deterministic(deterministic))
     backend = check_arrays({"grad_out": grad_out, "x": x, "weight": weight})
     geom = make_geometry(
         _shape(x), _shape(weight), None, stride=stride, padding=padding, dilation=dilation, groups=groups

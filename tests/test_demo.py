@@ -117,3 +117,39 @@ def test_demo_module_imports_no_demo_dependency():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_jitted_jax_training_follows_numpy(digits):
+    """--backend jax trains with a jitted step; four steps of it give NumPy's losses and weights (float32)."""
+    jax_backend = pytest.importorskip("jax") and conv2d.get_backend("jax")
+    data = _subset(digits, 128, 32)
+    runs = {b.name: demo.train(b, epochs=1, seed=0, data=data, max_batches=4, optimizer="adam")
+            for b in (conv2d.get_backend("numpy"), jax_backend)}
+    np.testing.assert_allclose(runs["jax"].train_loss, runs["numpy"].train_loss, rtol=1e-4)
+    jax_state, numpy_state = runs["jax"].network.state_dict(), runs["numpy"].network.state_dict()
+    for key, value in numpy_state.items():
+        np.testing.assert_allclose(jax_state[key], value, rtol=1e-3, atol=1e-5, err_msg=key)
+
+
+def test_adam_lowers_the_loss(digits):
+    run = demo.train(conv2d.get_backend("numpy"), epochs=1, seed=0, data=_subset(digits, 256, 32), max_batches=8,
+                     optimizer="adam")
+    before, after = run.test_loss
+    assert after < before - 0.01, (before, after)
+
+
+def test_cli_save_writes_a_network_that_loads(tmp_path, capsys):
+    """--save PATH writes a network that conv2d.nn.load rebuilds with the accuracy the demo printed."""
+    path = tmp_path / "model"
+    assert main(["demo", "--epochs", "1", "--batch-size", "64", "--optimizer", "adam", "--no-plots",
+                 "--save", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "optimizer: adam" in printed and f"wrote {path}" in printed, printed
+    correct = int(printed.split("test accuracy: ")[1].split("(")[1].split("/")[0])
+    network = conv2d.nn.load(path)
+    data = demo.load_digits(0)
+    _, accuracy = demo.evaluate(network, data.test_x, data.test_y)
+    assert round(accuracy * len(data.test_y)) == correct
+    (tmp_path / "file").write_text("")
+    assert main(["demo", "--epochs", "1", "--no-plots", "--save", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -223,6 +223,17 @@ def available_backends() -> dict[str, bool | str]:
     return report
 
 
+def compiler_op(function: str) -> Any:
+    """`function` ("conv2d" or "conv2d_backward") as an opaque operator of the graph compiler that is
+    tracing the caller now (``torch.compile``), or None when none is."""
+    if "torch" in sys.modules:
+        from . import torch as torch_backend  # loaded with torch; imports nothing new
+
+        if torch_backend.compiling():
+            return (torch_backend.OPS or torch_backend.compiler_ops())[function]
+    return None
+
+
 def backend_of(array: Any, argument: str = "array") -> Backend:
     """The backend of `array`'s library and device; TypeError if it is no supported array."""
     for name in _MODULES:

@@ -53,12 +53,25 @@ class Backend:
     deterministic_scatter: bool = True
     kernels: Any = field(default=None, repr=False)
     _slice_add: Callable[[Any, Any, Any], Any] | None = field(default=None, repr=False)
+    # Host array -> concrete device array even while a function transformation traces the caller
+    # (JAX's jit/grad/vmap); None: _native_asarray, which never traces.
+    _constant_asarray: Callable[[np.ndarray], Any] | None = field(default=None, repr=False)
+    _traced: Callable[[Any], bool] | None = field(default=None, repr=False)
     _constants: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # A backend holds a module, a lock and device arrays: it travels as its spec and becomes
+        # the receiving process's registry object for that spec (one object per library and device).
+        return _backend_from_spec, (self.spec,)
 
     def owns(self, array: Any) -> bool:
         """Whether `array` belongs to this backend's library (any device)."""
         return self._owns(array)
+
+    def traced(self, array: Any) -> bool:
+        """Whether `array` is a placeholder of a function transformation (JAX's jit), whose values cannot be read."""
+        return self._traced is not None and self._traced(array)
 
     def asarray(self, obj: Any, dtype: Any = None) -> Any:
         """Return `obj` as an array of this backend, on its device.
@@ -115,15 +128,26 @@ class Backend:
         """A read-only array built on the host once per `key`, kept on this backend's device.
 
         Gather plans are pure functions of the geometry, so they are built and transferred
-        once and reused by every call with the same geometry.
+        once and reused by every call with the same geometry. They are concrete arrays even when
+        the caller is being traced (``jax.jit``): a traced program embeds them as constants.
         """
         with self._lock:
             if key in self._constants:
                 self._constants.move_to_end(key)
                 return self._constants[key]
-        value = self._native_asarray(make_host_array(), None)
+        host = make_host_array()
+        # A traced value must never enter the cache: the next call, traced or not, would get a
+        # tracer of a finished trace. The hook builds a concrete array whatever the caller is doing.
+        value = self._native_asarray(host, None) if self._constant_asarray is None else self._constant_asarray(host)
         with self._lock:
             self._constants[key] = value
             while len(self._constants) > _CONSTANT_CACHE_SIZE:
                 self._constants.popitem(last=False)
         return value
+
+
+def _backend_from_spec(spec: str) -> Backend:
+    """What an unpickled Backend becomes: the registry's backend for `spec` in this process."""
+    from . import get_backend  # the registry imports this module: import late
+
+    return get_backend(spec)

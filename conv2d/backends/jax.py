@@ -16,7 +16,17 @@ def is_array(obj: Any) -> bool:
     return is_jax_array(obj)
 
 
+def is_tracer(array: Any) -> bool:
+    import jax  # loaded: the array is JAX's
+
+    return isinstance(array, jax.core.Tracer)
+
+
 def device_spec(array: Any) -> str | None:
+    if is_tracer(array):
+        # Inside jit, grad or vmap an array is an abstract value with no device yet; the traced
+        # program runs on JAX's default device unless the caller places it, so that is the backend.
+        return None
     device = array.device
     return f"{device.platform}:{device.id}"
 
@@ -57,6 +67,11 @@ def build(device: str | None) -> Backend:
             )
         return jax.device_put(jnp.asarray(obj, dtype=dtype), dev)
 
+    def constant_asarray(host):
+        # Concrete even under jit/grad/vmap: the cached plan outlives the trace that asked for it.
+        with jax.ensure_compile_time_eval():
+            return native_asarray(host, None)
+
     def scatter_add(target, indices, values):
         return target.at[indices].add(values)  # functional update; duplicates accumulate
 
@@ -73,4 +88,6 @@ def build(device: str | None) -> Backend:
         # scatter skip atomics, so the slice additions stay deterministic there.
         _slice_add=lambda target, key, values: target.at[key].add(values, unique_indices=True, indices_are_sorted=True),
         deterministic_scatter=dev.platform == "cpu",  # XLA's GPU scatter-add uses atomics
+        _constant_asarray=constant_asarray,
+        _traced=is_tracer,
     )
