@@ -144,6 +144,18 @@ def test_deterministic_calls_pass_the_argument(monkeypatch, deterministic):
         assert result["ratios"]["det_over_default"] is None and "ours_fwdbwd_det" not in result["ms"]
 
 
+def test_cli_markdown_has_the_method_the_table_and_the_goals(tmp_path):
+    path = tmp_path / "bench.md"
+    assert main(["bench", "--shapes", TINY, "--repeat", "1", "--isolation", "none", "--no-seed",
+                 "--markdown", str(path)]) == 0
+    text = path.read_text(encoding="utf-8")
+    assert "Command: `python -m conv2d bench" in text and "Threads: conv2d (ours): NumPy" in text
+    assert "method: each implementation" in text
+    (row,) = [line for line in text.splitlines() if line.startswith(f"| {TINY} |")]
+    assert len(row.split("|")) == len(text.splitlines()[text.splitlines().index(row) - 2].split("|"))
+    assert "- fwd+bwd ours/" in text and "goal <= 2" in text
+
+
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="--plot needs matplotlib")
 def test_cli_plot_writes_png(tmp_path):
     path = tmp_path / "bench.png"

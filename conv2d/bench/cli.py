@@ -21,7 +21,7 @@ from .machine import _blas_line, _load_average, _other_load, machine_info
 from .memory import SMALL_LIMIT
 from .precision import gpu_precision
 from .isolation import ISOLATION, group_name, time_all, time_group
-from .report import GROUPS, LEGEND, STATISTICS, summary, summary_lines, table_header, table_row
+from .report import GROUPS, LEGEND, STATISTICS, markdown, summary, summary_lines, table_header, table_row
 from .shapes import PRESETS, SHAPE_FORMAT, Shape, parse_shapes
 from .timing import WARMUP, EventTimer, _on_gpu, backend_timer, default_warmup
 
@@ -105,6 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Internal: what a child process of --isolation process times (one of report.GROUPS).
     parser.add_argument("--only", choices=GROUPS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", metavar="PATH", help="write every number and the machine's details here")
+    parser.add_argument("--markdown", metavar="PATH",
+                        help="write the header, the table and the summary as Markdown here (docs/benchmarks.md's tables)")
     parser.add_argument("--plot", metavar="PATH", help="write a bar chart (PNG) here; needs matplotlib")
 
 
@@ -152,6 +154,12 @@ def _method_note(args: argparse.Namespace, backend: Backend, warmup: int) -> str
             f"per call {warmup} warm-up{'s' if warmup != 1 else ''} then {args.repeat} timed calls in a row, "
             f"their {args.stat} (the seed: {min(args.repeat, SEED_REPEAT)} after 1); no two libraries' calls "
             "interleave")
+
+
+def _shown_argv() -> list[str]:
+    """The bench's arguments as typed (for the Markdown header), from ``bench`` on."""
+    argv = sys.argv[1:]
+    return argv[argv.index("bench"):] if "bench" in argv else ["bench", *argv]
 
 
 def _print_table(results: list[dict[str, Any]]) -> None:
@@ -238,6 +246,16 @@ def run(args: argparse.Namespace) -> int:
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, default=str)
+    if args.markdown:
+        cpu = info["cpu_model"] or info["processor"] or info["machine"]
+        header = [f"Command: `python -m conv2d {' '.join(_shown_argv())}`",
+                  f"Machine: {cpu}, {info['cpus_usable']} usable cores; load average {load['before'] or 0:.1f} before, "
+                  f"{load['after'] or 0:.1f} after; conv2d {__version__}, backend {backend.spec}, {args.dtype}, "
+                  f"algorithm {args.algorithm}.",
+                  f"Threads: " + "; ".join(f"{group_name(group, backend)}: {note}" for group, note in threads.items()) + ".",
+                  _method_note(args, backend, warmup) + "."]
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(markdown(results, summ, header))
     if args.plot:
         title = f"conv2d {__version__} on {backend.spec}, {args.dtype}: {info['cpu_model']}"
         write_plot(results, args.plot, title, args.stat)

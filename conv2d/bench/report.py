@@ -339,3 +339,19 @@ def summary_lines(summ: dict[str, Any]) -> list[str]:
             f"{over} {m['shapes']} shape{'s' if m['shapes'] != 1 else ''}{names}"
         )
     return lines
+
+
+def markdown(results: list[dict[str, Any]], summ: dict[str, Any], header: list[str]) -> str:
+    """The report as Markdown: the header lines (command, machine, method), the table, the summary."""
+    torch_name = "PyTorch CUDA" if summ.get("targets_for") == "gpu" else "PyTorch CPU"
+    heads = ["shape", "fwd ms", "bwd ms", "fwd+bwd ms", f"{torch_name} fwd+bwd ms", f"ours/{torch_name}",
+             "fwd / bare matrix product", "np.add.at layer / ours", "peak MB (default / 64 MB limit)"]
+    lines = [*header, "", "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+    for r in results:
+        ms, ratios = r["ms"], r["ratios"]
+        cells = [r["shape"]["name"], _num(ms.get("ours_fwd")), _num(ms.get("ours_bwd")), _num(ms.get("ours_fwdbwd")),
+                 _num(ms.get("torch_fwdbwd")), _num(ratios["ours_over_torch"], 2), _num(ratios["fwd_over_floor"], 2),
+                 _num(ratios["seed_over_ours"], 2), " / ".join(_mb(v) for v in r["peak_bytes"].values())]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *(f"- {line}" for line in summary_lines(summ))]
+    return "\n".join(lines) + "\n"
