@@ -169,8 +169,9 @@ def conv2d_backward(
         If True, `grad_x` is summed in a fixed order, so repeated calls give bitwise-identical
         gradients: ``algorithm="gather"`` then sums by a gather instead of the backend's atomic
         scatter-add (CuPy, torch on CUDA, JAX on a GPU). ``"slices"``, ``"kernels"`` and
-        therefore ``"auto"`` are deterministic in both modes, as are the weight and bias
-        gradients. Default: ``CONV2D_DETERMINISTIC`` (``1`` on, ``0`` or unset off).
+        ``"direct"`` are deterministic in both modes, as are the weight and bias gradients;
+        ``"native"`` is on the CPU, runs cuDNN's deterministic algorithms on CUDA, and raises
+        ``ValueError`` on a JAX GPU, where ``"auto"`` then runs ``"slices"``. Default: ``CONV2D_DETERMINISTIC`` (``1`` on, ``0`` or unset off).
 
     Returns
     -------
