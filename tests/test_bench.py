@@ -144,6 +144,16 @@ def test_deterministic_calls_pass_the_argument(monkeypatch, deterministic):
         assert result["ratios"]["det_over_default"] is None and "ours_fwdbwd_det" not in result["ms"]
 
 
+def test_a_failing_child_process_is_an_error_with_its_output(monkeypatch, capsys):
+    monkeypatch.setattr(bench.isolation, "child_command",
+                        lambda *args: [sys.executable, "-c", "import sys; print('child says why'); sys.exit(3)"])
+    assert main(["bench", "--shapes", TINY, "--repeat", "1", "--no-seed"]) == 1
+    err = capsys.readouterr().err
+    assert "timing ours in its own process failed (exit 3)" in err and "child says why" in err
+    assert main(["bench", "--only", "torch", "--shapes", TINY]) == 2
+    assert "--only" in capsys.readouterr().err
+
+
 def test_cli_markdown_has_the_method_the_table_and_the_goals(tmp_path):
     path = tmp_path / "bench.md"
     assert main(["bench", "--shapes", TINY, "--repeat", "1", "--isolation", "none", "--no-seed",

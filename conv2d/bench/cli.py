@@ -200,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if args.only is not None and not args.json:
+            print("error: --only (internal: a child of --isolation process) needs --json PATH", file=sys.stderr)
+            return 2
         if args.only is not None:  # a child of --isolation process: time one implementation, write its samples
             payload = time_group(args, backend, shapes, extra, warmup, args.only)
             with open(args.json, "w", encoding="utf-8") as f:
