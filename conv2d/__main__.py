@@ -10,7 +10,8 @@ import platform
 import sys
 
 from . import __version__
-from ._conv import choose_algorithm
+from ._conv import auto_algorithm
+from ._geometry import make_geometry
 from ._determinism import ENV_VAR as DETERMINISTIC_ENV_VAR
 from ._determinism import resolve_deterministic
 from .backends import ENV_VAR, BackendUnavailableError, available_backends, get_backend
@@ -36,8 +37,10 @@ def info() -> int:
     source = f"{ENV_VAR}={os.environ[ENV_VAR]!r}" if os.environ.get(ENV_VAR) else "default"
     try:
         backend = get_backend()
+        dense = make_geometry((1, 16, 8, 8), (16, 16, 3, 3), None, padding=1)
+        depthwise = make_geometry((1, 16, 8, 8), (16, 1, 3, 3), None, padding=1, groups=16)
         print(f"active backend: {backend.spec} (from {source}); algorithm 'auto' there: "
-              f"{choose_algorithm('auto', backend).name}")
+              f"{auto_algorithm(backend, geom=dense)} (depthwise layers: {auto_algorithm(backend, geom=depthwise)})")
         print(f"deterministic mode: {'on' if resolve_deterministic(None) else 'off'} "
               f"({DETERMINISTIC_ENV_VAR}={os.environ.get(DETERMINISTIC_ENV_VAR, '')!r})")
     except (ValueError, BackendUnavailableError) as exc:

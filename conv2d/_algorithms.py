@@ -26,6 +26,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from ._direct import Direct
 from ._geometry import Geometry
 from ._plan import gather_readers, index_dtype, input_rows, row_length, row_plan
 from .backends import Backend
@@ -216,4 +217,28 @@ class Kernels:
         return xp.reshape(acc, (n, geom.in_channels, geom.height, geom.width))
 
 
-ALGORITHMS = {algorithm.name: algorithm for algorithm in (Gather, Slices, Kernels)}
+class Native:
+    """The array library's own convolution (``Backend.native``: torch, JAX), forward and backward.
+
+    A whole-call algorithm: no patch matrix of ours, so ``_conv`` hands it the whole call (it has
+    ``forward`` and ``backward``, not ``patches``); its scratch memory is the library's.
+    """
+
+    name = "native"
+
+    @staticmethod
+    def fits(geom: Geometry, itemsize: int, limit: int) -> bool:
+        return True
+
+    @staticmethod
+    def forward(backend: Backend, x: Any, weight: Any, bias: Any | None, geom: Geometry, limit: int,
+                deterministic: bool) -> Any:
+        return backend.native.forward(x, weight, bias, geom, deterministic)
+
+    @staticmethod
+    def backward(backend: Backend, grad_out: Any, x: Any, weight: Any, geom: Geometry, limit: int,
+                 deterministic: bool) -> tuple[Any, Any, Any]:
+        return backend.native.backward(grad_out, x, weight, geom, deterministic)
+
+
+ALGORITHMS = {algorithm.name: algorithm for algorithm in (Gather, Slices, Kernels, Native, Direct)}

@@ -29,24 +29,68 @@ from ._workspace import Chunk, plan_chunks
 from .backends import Backend
 
 
-def choose_algorithm(name: str, backend: Backend, deterministic: bool = False):
-    """The algorithm object for `name` on `backend`.
+def choose_algorithm(name: str, backend: Backend, deterministic: bool = False, geom: Geometry | None = None):
+    """The algorithm object for `name` on `backend` (for the layer `geom`, where ``"auto"`` needs it).
 
-    ``"auto"`` is ``kernels`` where the backend has device kernels (CuPy), else ``slices``: measured
-    faster than ``gather`` on most shapes on NumPy, torch and JAX (and never far slower),
-    deterministic, and with no index array to keep (docs/benchmarks.md). In deterministic mode,
-    ``gather`` on a backend whose scatter-add uses atomics sums its gradient by a gather instead.
+    ``"auto"`` follows :func:`auto_algorithm`; without `geom` it is the patch builder of the
+    backend (``kernels`` on CuPy, else ``slices``), which pooling layers borrow. In deterministic
+    mode, ``gather`` on a backend whose scatter-add uses atomics sums its gradient by a gather instead.
     """
     if name == "auto":
-        name = "kernels" if backend.kernels is not None else "slices"
+        name = auto_algorithm(backend, deterministic, geom)
     if name == "kernels" and backend.kernels is None:
         raise ValueError(
             f"algorithm 'kernels' runs device kernels, which backend {backend.spec!r} does not have (only cupy "
             "does); use algorithm='auto', 'gather' or 'slices'"
         )
+    if name == "native" and backend.native is None:
+        raise ValueError(
+            f"algorithm 'native' calls the array library's own convolution, which backend {backend.spec!r} does "
+            "not have (torch and jax do); use algorithm='auto', 'gather' or 'slices'"
+        )
     if name == "gather" and deterministic and not backend.deterministic_scatter:
         return GatherTransposed
     return ALGORITHMS[name]
+
+
+# Channels per group up to which ``direct`` beats im2col (grouped layers only): measured on NumPy,
+# 32x64x32x32, 3x3 pad 1, forward+backward, channels per group 1, 2, 4, 8: direct 64, 106, 140,
+# 374 ms against slices 82, 357, 314, 153 ms (best of 9, on a loaded 2-core machine, load 7).
+DIRECT_MAX_CHANNELS_PER_GROUP = 4
+
+
+def auto_algorithm(backend: Backend, deterministic: bool = False, geom: Geometry | None = None) -> str:
+    """The name of the algorithm ``"auto"`` runs: a fixed rule from measurements (docs/benchmarks.md).
+
+    1. ``native`` where the library has its own convolution and its backend says it is the
+       faster choice for `geom` (``Backend.native.prefers``: torch always; JAX but for 1x1 kernels
+       and layers of at most 4 channels per group), except where it cannot honour deterministic
+       mode (JAX on a GPU);
+    2. ``kernels`` on CuPy;
+    3. ``direct`` for grouped layers with at most :data:`DIRECT_MAX_CHANNELS_PER_GROUP` channels
+       per group (depthwise and near it), where im2col's patch matrix is mostly overhead;
+       not on JAX, where its many small operations cost more than im2col's few;
+    4. else ``slices`` (measured faster than ``gather`` on most shapes, deterministic, no index array).
+
+    Without `geom` (pooling layers borrow the patch builder) rules 1 and 3 do not apply.
+    """
+    native = backend.native
+    if geom is not None and native is not None and native.prefers(geom) and (native.deterministic or not deterministic):
+        return "native"
+    if backend.kernels is not None:
+        return "kernels"
+    if (geom is not None and backend.name != "jax" and geom.groups > 1
+            and geom.channels_per_group <= DIRECT_MAX_CHANNELS_PER_GROUP):
+        return "direct"
+    return "slices"
+
+
+def _whole_call_or_patches(algo: Any, x: Any, geom: Geometry, limit: int) -> Any:
+    """`algo`, or ``slices`` where `algo` is a whole-call algorithm whose one sample does not fit
+    the workspace limit (``direct`` cannot split a sample; ``slices`` splits its output rows)."""
+    if hasattr(algo, "fits") and not algo.fits(geom, array_namespace(x).finfo(x.dtype).bits // 8, limit):
+        return ALGORITHMS["slices"]
+    return algo
 
 
 def _chunks(x: Any, geom: Geometry, limit: int):
@@ -84,7 +128,9 @@ def forward(
     """Return (y, patches): y is (N, O, OH, OW); patches (kept only when the batch was one chunk)
     can be handed back to :func:`backward` to save rebuilding them."""
     xp = array_namespace(x, weight)
-    algo = choose_algorithm(algorithm, backend, deterministic)
+    algo = _whole_call_or_patches(choose_algorithm(algorithm, backend, deterministic, geom), x, geom, limit)
+    if hasattr(algo, "forward"):  # a whole-call algorithm: no patches to hand back
+        return algo.forward(backend, x, weight, bias, geom, limit, deterministic), None
     chunks = _chunks(x, geom, limit)
     n = x.shape[0]
     w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.patch_size))
@@ -115,7 +161,9 @@ def backward(
 ) -> tuple[Any, Any, Any]:
     """Return (grad_x, grad_weight, grad_bias). `cols` are the forward's patches; if given, `x` is not read."""
     xp = array_namespace(grad_out, weight)
-    algo = choose_algorithm(algorithm, backend, deterministic)
+    algo = _whole_call_or_patches(choose_algorithm(algorithm, backend, deterministic, geom), x, geom, limit)
+    if hasattr(algo, "backward"):
+        return algo.backward(backend, grad_out, x, weight, geom, limit, deterministic)
     n = grad_out.shape[0]
     chunks = _chunks(grad_out, geom, limit) if cols is None else [Chunk(0, n, 0, geom.out_h)]
     w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.patch_size))

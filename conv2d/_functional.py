@@ -86,11 +86,16 @@ def conv2d(
         putting the odd extra row or column after, as PyTorch does.
     groups : int, default 1
         Split channels into this many independent convolutions (``groups=C`` is depthwise).
-    algorithm : {"auto", "gather", "slices", "kernels"}, default "auto"
-        How patches are built and their gradients summed back: ``"gather"`` (one indexed gather,
-        scatter-add back), ``"slices"`` (kH*kW strided slices, slice additions back) or
-        ``"kernels"`` (CuPy only: an im2col and a col2im device kernel). All give the same result
-        to rounding; ``"auto"`` is ``"kernels"`` on CuPy and ``"slices"`` elsewhere.
+    algorithm : {"auto", "gather", "slices", "kernels", "native", "direct"}, default "auto"
+        How the convolution is computed. im2col: ``"gather"`` (one indexed gather, scatter-add
+        back), ``"slices"`` (kH*kW strided slices, slice additions back) or ``"kernels"`` (CuPy
+        only: an im2col and a col2im device kernel). ``"native"`` (torch and JAX only): the
+        library's own convolution (``torch.nn.functional.conv2d``, ``jax.lax.conv_general_dilated``)
+        and its gradients. ``"direct"``: kH*kW shifted multiply-adds, no patch matrix, for
+        depthwise and few-channels-per-group layers. All give the same result to rounding;
+        ``"auto"`` picks by backend and layer shape (``native`` on torch and, but for 1x1 and
+        few-channel layers, JAX; ``kernels`` on
+        CuPy, ``direct`` for groups of at most 4 channels, else ``slices``).
     max_workspace_bytes : int, optional
         Scratch memory limit; the batch (and if needed the output rows) is split to stay under it.
         Default: ``CONV2D_MAX_WORKSPACE`` (e.g. ``"512MB"``), else 1 GiB.
@@ -168,8 +173,9 @@ def conv2d_backward(
         If True, `grad_x` is summed in a fixed order, so repeated calls give bitwise-identical
         gradients: ``algorithm="gather"`` then sums by a gather instead of the backend's atomic
         scatter-add (CuPy, torch on CUDA, JAX on a GPU). ``"slices"``, ``"kernels"`` and
-        therefore ``"auto"`` are deterministic in both modes, as are the weight and bias
-        gradients. Default: ``CONV2D_DETERMINISTIC`` (``1`` on, ``0`` or unset off).
+        ``"direct"`` are deterministic in both modes, as are the weight and bias gradients;
+        ``"native"`` is on the CPU, runs cuDNN's deterministic algorithms on CUDA, and raises
+        ``ValueError`` on a JAX GPU, where ``"auto"`` then runs ``"slices"``. Default: ``CONV2D_DETERMINISTIC`` (``1`` on, ``0`` or unset off).
 
     Returns
     -------

@@ -8,8 +8,19 @@ import numpy as np
 
 import conv2d
 
-# The algorithms every backend runs ("kernels" needs CuPy's device kernels).
-PORTABLE_ALGORITHMS = ("gather", "slices")
+# The algorithms every backend runs ("kernels" needs CuPy's device kernels, "native" torch or JAX).
+PORTABLE_ALGORITHMS = ("gather", "slices", "direct")
+
+
+
+def missing_algorithm(algorithm: str, backend) -> str | None:
+    """The start of conv2d's error where `backend` lacks `algorithm` ("kernels": CuPy; "native": torch, JAX), else None."""
+    if algorithm == "kernels" and backend.kernels is None:
+        return "algorithm 'kernels'"
+    if algorithm == "native" and backend.native is None:
+        return "algorithm 'native'"
+    return None
+
 
 TOLERANCE = {"float16": dict(rtol=5e-3, atol=5e-3), "float32": dict(rtol=2e-4, atol=2e-5), "float64": dict(rtol=1e-9, atol=1e-11)}
 

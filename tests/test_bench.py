@@ -36,7 +36,9 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--shapes", TINY, TINY_GROUPED, "--repeat", "1", "--json", str(path)]) == 0
     printed = capsys.readouterr().out
-    assert "ours/torch" in printed and "seed/ours" in printed and "fwd/floor" in printed
+    assert "ours/PyTorch" in printed and "add.at/ours" in printed and "fwd/bare" in printed
+    assert "method: each implementation" in printed and "in a process of its own" in printed
+    assert "PyTorch CPU" in printed and "the original NumPy layer (np.add.at)" in printed
     assert TINY in printed and TINY_GROUPED in printed
     assert "seed: the seed has no groups and no dilation" in printed
 
@@ -48,6 +50,11 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
     # The CPU path: one warm-up, the wall clock, no GPU settings, no deterministic comparison unless asked.
     assert (settings["warmup"], settings["timer"], settings["gpu_precision"]) == (1, "perf_counter", {})
     assert settings["on_gpu"] is False and settings["deterministic"] is False
+    # Each implementation was timed in a child process, which reported its library's threads.
+    assert settings["isolation"] == "process"
+    assert "BLAS" in settings["threads"]["ours"] and "BLAS" in settings["threads"]["seed"]
+    if HAS_TORCH:
+        assert "CPU threads" in settings["threads"]["torch"]
     machine = report["machine"]
     assert {"cpu_model", "processor", "cpu_count", "threadpools", "versions"} <= set(machine)
     assert machine["versions"]["conv2d"] == conv2d.__version__
@@ -79,7 +86,7 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
     summ = report["summary"]
     assert summ["fwd_over_floor"]["worst_shape"] in (TINY, TINY_GROUPED)
     assert summ["targets_for"] == "cpu"
-    assert summ["fwd_over_floor"]["target"] == "target <= 1.3"
+    assert summ["fwd_over_floor"]["target"] == "goal <= 1.3"
     assert summ["fwd_over_floor"]["met"] == (summ["fwd_over_floor"]["median"] <= 1.3)
     assert "det_over_default" not in summ
 
@@ -88,9 +95,11 @@ def test_cli_deterministic_column(tmp_path, capsys):
     """--deterministic times forward+backward with deterministic=True beside the default."""
     path = tmp_path / "bench.json"
     assert main(["bench", "--shapes", TINY, "--repeat", "1", "--warmup", "0", "--deterministic", "--no-seed",
+                 "--isolation", "none",
                  "--json", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "det/dflt" in printed and "after 0 warm-ups (no seed)" in printed
+    assert "in this process, one after another" in printed
     assert "seed: not asked for (--no-seed)" in printed
     report = _strict_json(path)
     (result,) = report["results"]
@@ -99,7 +108,7 @@ def test_cli_deterministic_column(tmp_path, capsys):
     assert result["ratios"]["det_over_default"] == pytest.approx(
         result["ms"]["ours_fwdbwd_det"] / result["ms"]["ours_fwdbwd"]
     )
-    assert report["summary"]["det_over_default"]["target"] == "target <= 1.3"
+    assert report["summary"]["det_over_default"]["target"] == "goal <= 1.3"
     assert "fwd+bwd deterministic/default: median" in printed
 
 
@@ -135,10 +144,33 @@ def test_deterministic_calls_pass_the_argument(monkeypatch, deterministic):
         assert result["ratios"]["det_over_default"] is None and "ours_fwdbwd_det" not in result["ms"]
 
 
+def test_a_failing_child_process_is_an_error_with_its_output(monkeypatch, capsys):
+    monkeypatch.setattr(bench.isolation, "child_command",
+                        lambda *args: [sys.executable, "-c", "import sys; print('child says why'); sys.exit(3)"])
+    assert main(["bench", "--shapes", TINY, "--repeat", "1", "--no-seed"]) == 1
+    err = capsys.readouterr().err
+    assert "timing ours in its own process failed (exit 3)" in err and "child says why" in err
+    assert main(["bench", "--only", "torch", "--shapes", TINY]) == 2
+    assert "--only" in capsys.readouterr().err
+
+
+def test_cli_markdown_has_the_method_the_table_and_the_goals(tmp_path):
+    path = tmp_path / "bench.md"
+    assert main(["bench", "--shapes", TINY, "--repeat", "1", "--isolation", "none", "--no-seed",
+                 "--markdown", str(path)]) == 0
+    text = path.read_text(encoding="utf-8")
+    assert "Command: `python -m conv2d bench" in text and "Threads: conv2d (ours): NumPy" in text
+    assert "method: each implementation" in text
+    (row,) = [line for line in text.splitlines() if line.startswith(f"| {TINY} |")]
+    assert len(row.split("|")) == len(text.splitlines()[text.splitlines().index(row) - 2].split("|"))
+    assert "- fwd+bwd ours/" in text and "goal <= 2" in text
+
+
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="--plot needs matplotlib")
 def test_cli_plot_writes_png(tmp_path):
     path = tmp_path / "bench.png"
-    assert main(["bench", "--shapes", TINY, "--repeat", "1", "--stat", "min", "--plot", str(path)]) == 0
+    assert main(["bench", "--shapes", TINY, "--repeat", "1", "--stat", "min", "--isolation", "none",
+                 "--plot", str(path)]) == 0
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
@@ -245,10 +277,10 @@ def test_seed_skips_what_it_cannot_express():
     assert "MB" in bench.seed_skip_reason(bench.parse_shape("256,256,64,64,256,3,3,1,1"))
 
 
-def test_time_calls_takes_turns_after_warmup():
+def test_time_calls_times_each_call_in_a_block_of_its_own():
     order: list[str] = []
     samples = bench.time_calls({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeat=2, warmup=1)
-    assert order == ["a", "b"] * 3
+    assert order == ["a"] * 3 + ["b"] * 3  # never interleaved: each call's warm-up, then its repeats
     assert {name: len(values) for name, values in samples.items()} == {"a": 2, "b": 2}
     assert all(value >= 0 for values in samples.values() for value in values)
 
@@ -266,7 +298,7 @@ def test_time_calls_uses_each_calls_timer_for_warmup_and_repeats():
 
     samples = bench.time_calls({"a": lambda: None, "b": lambda: None}, repeat=2, warmup=3,
                                timer={"a": timer("A", 1.0), "b": timer("B", 2.0)})
-    assert used == ["A", "B"] * 5  # warm-up calls wait for the device too
+    assert used == ["A"] * 5 + ["B"] * 5  # warm-up calls wait for the device too
     assert samples == {"a": [1.0, 1.0], "b": [2.0, 2.0]}
 
 
@@ -400,12 +432,12 @@ def test_summary_reads_the_gpu_targets_on_the_median_shape():
     assert (summ["det_over_default"]["median"], summ["det_over_default"]["worst_shape"]) == (1.1, "b")
     assert "fwdbwd_over_floor" not in summ  # no shape has it
     lines = "\n".join(bench.summary_lines(summ))
-    assert "fwd+bwd ours/torch: median 1.40 (b) (target <= 1.5 in float32, median shape of the gpu preset: met)" in lines
-    assert "fwd+bwd deterministic/default: median 1.10 (c) (target <= 1.3: met), worst 1.50 (b)" in lines
+    assert "fwd+bwd ours/PyTorch CUDA: median 1.40 (b) (goal <= 1.5 in float32, median shape of the gpu preset: met)" in lines
+    assert "fwd+bwd deterministic/default: median 1.10 (c) (goal <= 1.3: met), worst 1.50 (b)" in lines
 
     missed = bench.summary([_result("a", ours_over_torch=1.6), _result("b", ours_over_torch=1.8)], "float32", True)
     assert missed["ours_over_torch"]["met"] is False and "median_shape" not in missed["ours_over_torch"]
-    assert "NOT met" in bench.summary_lines(missed)[0]
+    assert "(goal <= 1.5 in float32, median shape of the gpu preset; measured 1.70x)" in bench.summary_lines(missed)[0]
     assert bench.summary(results, "float32")["targets_for"] == "cpu"
 
 

@@ -19,7 +19,7 @@ from conv2d._plan import gather_readers, input_rows, row_plan
 from conv2d._workspace import _readers_per_pixel
 
 from .kernel_harness import host_kernels_backend
-from .oracle import assert_close, torch_conv
+from .oracle import assert_close, missing_algorithm, torch_conv
 from .test_oracle import CASES, _data, _ids
 
 # Overlapping 3x3 windows over 16x16 images: every pixel is summed from up to 9 patch elements,
@@ -84,8 +84,8 @@ def test_choice_of_algorithm():
 @pytest.mark.parametrize("algorithm", ["auto", *conv2d.ALGORITHMS])
 def test_three_runs_give_the_same_bits(backend, algorithm):
     """deterministic=True: three backward passes give bitwise-identical gradients, and the right ones."""
-    if algorithm == "kernels" and backend.kernels is None:
-        algorithm = "auto"  # CuPy only; the host-compiled kernels are checked below
+    if missing_algorithm(algorithm, backend):
+        algorithm = "auto"  # kernels: CuPy only, the host-compiled ones are checked below; native: torch, JAX
     rng = np.random.default_rng(7)
     x, w = rng.standard_normal(SHAPES[0]), rng.standard_normal(SHAPES[1])
     g = rng.standard_normal((4, 6, 16, 16))
@@ -153,4 +153,4 @@ def test_info_reports_the_mode(value, line, code):
     done = subprocess.run([sys.executable, "-m", "conv2d", "info"], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == code, done.stdout + done.stderr
     assert line in done.stdout
-    assert "active backend: numpy (from CONV2D_BACKEND='numpy'); algorithm 'auto' there: slices" in done.stdout
+    assert "active backend: numpy (from CONV2D_BACKEND='numpy'); algorithm 'auto' there: slices (depthwise layers: direct)" in done.stdout

@@ -8,7 +8,7 @@ import pytest
 import conv2d
 from conv2d._geometry import make_geometry, normalize_padding
 
-from .oracle import PORTABLE_ALGORITHMS, assert_close, loop_conv, torch_conv
+from .oracle import PORTABLE_ALGORITHMS, assert_close, loop_conv, missing_algorithm, torch_conv
 
 pytest.importorskip("torch")
 
@@ -83,8 +83,9 @@ def test_matches_pytorch(backend, case, dtype, algorithm):
     y_ref, gx_ref, gw_ref, gb_ref = torch_conv(x, w, b, grad_out, **case["kwargs"])
 
     X, W, B, G = (backend.asarray(a, dtype=dtype) for a in (x, w, b, grad_out))
-    if algorithm == "kernels" and backend.kernels is None:  # CuPy's; on the CPU: tests/test_kernels.py
-        with pytest.raises(ValueError, match="algorithm 'kernels'"):
+    missing = missing_algorithm(algorithm, backend)
+    if missing:  # kernels: CuPy's (on the CPU: tests/test_kernels.py); native: torch's and JAX's
+        with pytest.raises(ValueError, match=missing):
             conv2d.conv2d(X, W, B, algorithm=algorithm, **case["kwargs"])
         return
     y = conv2d.conv2d(X, W, B, algorithm=algorithm, **case["kwargs"])
@@ -159,13 +160,14 @@ def test_auto_runs_only_the_algorithm_it_chooses(monkeypatch, cpu_backend):
     def broken(*args, **kwargs):
         raise AssertionError("an algorithm that 'auto' did not choose was called")
 
-    chosen = _conv.choose_algorithm("auto", cpu_backend)
-    for algorithm in _algorithms.ALGORITHMS.values():
-        if algorithm is not chosen:
-            for method in ("patches", "grad_start", "grad_add", "grad_finish"):
-                monkeypatch.setattr(algorithm, method, broken)
     case = CASES[7]
     rng, x, w, b = _data(case, 6)
+    chosen = _conv.choose_algorithm("auto", cpu_backend, geom=make_geometry(x.shape, w.shape, b.shape, **case["kwargs"]))
+    for algorithm in _algorithms.ALGORITHMS.values():
+        if algorithm is not chosen:
+            for method in ("patches", "grad_start", "grad_add", "grad_finish", "forward", "backward"):
+                if hasattr(algorithm, method):  # im2col algorithms have the first four, whole-call ones the last two
+                    monkeypatch.setattr(algorithm, method, broken)
     X, W, B = (cpu_backend.asarray(a) for a in (x, w, b))
     y = conv2d.conv2d(X, W, B, **case["kwargs"])
     G = cpu_backend.asarray(rng.standard_normal(tuple(y.shape)))

@@ -40,6 +40,12 @@ class Backend:
     kernels : object or None
         Device kernels for the ``"kernels"`` algorithm (im2col and a gather-style col2im), where
         the backend has them (CuPy); None elsewhere.
+    native : object or None
+        The library's own convolution for the ``"native"`` algorithm (torch, JAX): an object with
+        ``forward(x, weight, bias, geom, deterministic)`` and ``backward(grad_out, x, weight, geom,
+        deterministic)``, ``prefers(geom)`` (whether ``auto`` should pick it for that layer) and
+        a ``deterministic`` attribute, whether it can honour ``deterministic=True`` (see
+        ``backends/torch.py``); None where the library has none.
     """
 
     name: str
@@ -52,6 +58,7 @@ class Backend:
     _owns: Callable[[Any], bool] = field(repr=False)
     deterministic_scatter: bool = True
     kernels: Any = field(default=None, repr=False)
+    native: Any = field(default=None, repr=False)
     _slice_add: Callable[[Any, Any, Any], Any] | None = field(default=None, repr=False)
     # Host array -> concrete device array even while a function transformation traces the caller
     # (JAX's jit/grad/vmap); None: _native_asarray, which never traces.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,61 @@ def is_array(obj: Any) -> bool:
 
 def device_spec(array: Any) -> str | None:
     return str(array.device)
+
+
+class TorchNative:
+    """``algorithm="native"``: PyTorch's own convolution (oneDNN on the CPU, cuDNN on CUDA).
+
+    The backward pass is ``aten.convolution_backward``, the operator that autograd and
+    ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` call: one call for all three gradients.
+    Asymmetric padding ("same" with an even kernel) is a padded copy of the input first, since
+    PyTorch pads both sides alike.
+    """
+
+    def __init__(self, torch: Any, on_cuda: bool) -> None:
+        self.torch = torch
+        self.on_cuda = on_cuda
+        # Whether deterministic=True can be honoured (``_conv.auto_algorithm`` reads it): on CUDA
+        # by cuDNN's deterministic algorithms, on the CPU always.
+        self.deterministic = True
+
+    def prefers(self, geom: Any) -> bool:
+        """Whether ``auto`` should run this for `geom`: always (measured 1.2x to 10x faster than
+        ``slices`` on torch's CPU on every layer of the cpu preset; docs/benchmarks.md)."""
+        return True
+
+    def _arguments(self, x: Any, geom: Any) -> tuple[Any, list[int]]:
+        top, bottom, left, right = geom.padding
+        if top == bottom and left == right:
+            return x, [top, left]
+        return self.torch.nn.functional.pad(x, (left, right, top, bottom)), [0, 0]
+
+    def _flags(self, deterministic: bool) -> Any:
+        # On CUDA, cuDNN's fastest backward algorithms sum with atomics: deterministic mode asks
+        # cuDNN for its deterministic ones (and no autotuning) for this call only. PyTorch's CPU
+        # convolutions use no atomics: deterministic in both modes.
+        if self.on_cuda and deterministic:
+            return self.torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
+                                                   allow_tf32=self.torch.backends.cudnn.allow_tf32)
+        return contextlib.nullcontext()
+
+    def forward(self, x: Any, weight: Any, bias: Any, geom: Any, deterministic: bool = False) -> Any:
+        x, padding = self._arguments(x, geom)
+        with self._flags(deterministic):
+            return self.torch.nn.functional.conv2d(x, weight, bias, list(geom.stride), padding, list(geom.dilation),
+                                                   geom.groups)
+
+    def backward(self, grad_out: Any, x: Any, weight: Any, geom: Any, deterministic: bool = False) -> tuple[Any, Any, Any]:
+        padded, padding = self._arguments(x, geom)
+        with self._flags(deterministic):
+            grad_x, grad_w, grad_b = self.torch.ops.aten.convolution_backward(
+                grad_out, padded, weight, [weight.shape[0]], list(geom.stride), padding, list(geom.dilation),
+                False, [0, 0], geom.groups, [True, True, True],
+            )
+        if padded is not x:
+            top, _, left, _ = geom.padding
+            grad_x = grad_x[:, :, top : top + geom.height, left : left + geom.width]
+        return grad_x, grad_w, grad_b
 
 
 def build(device: str | None) -> Backend:
@@ -78,6 +134,7 @@ def build(device: str | None) -> Backend:
         _scatter_add=scatter_add,
         _owns=is_array,
         deterministic_scatter=dev.type == "cpu",  # CUDA's index_add_ uses atomics
+        native=TorchNative(torch, dev.type == "cuda"),
     )
 
 

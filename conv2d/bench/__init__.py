@@ -1,7 +1,9 @@
 """``python -m conv2d bench``: time conv2d against PyTorch, the bare matrix products and the seed.
 
-For each shape, in one process and on the same data, it measures (median of ``--repeat`` timed
-calls after a warm-up call, three on a GPU):
+For each shape, on the same data, it measures (median of ``--repeat`` timed calls after a warm-up
+call, three on a GPU); each implementation is timed over all shapes in a block of its own, by default
+in a Python process of its own, so that no library's thread pool disturbs another's
+(:mod:`~conv2d.bench.isolation`):
 
 - ours: :func:`conv2d.conv2d`, :func:`conv2d.conv2d_backward` and the two in a row; with
   ``--deterministic``, also the two in a row with ``deterministic=True``;
@@ -25,7 +27,8 @@ that need them: ``python -m conv2d info`` imports this package to build its pars
 The package, one concern a module: :mod:`~conv2d.bench.shapes` (the shapes and presets),
 :mod:`~conv2d.bench.timing` (timers, warm-up, device sync), :mod:`~conv2d.bench.precision` (no TF32),
 :mod:`~conv2d.bench.calls` (the data and the calls timed: ours, the floor, torch, the seed),
-:mod:`~conv2d.bench.memory` (peak memory), :mod:`~conv2d.bench.report` (one shape's numbers, the
+:mod:`~conv2d.bench.memory` (peak memory), :mod:`~conv2d.bench.isolation` (one implementation at a
+time, each in its own process), :mod:`~conv2d.bench.report` (one shape's numbers, the
 table, the targets, the summary), :mod:`~conv2d.bench.machine` (machine details, load average) and
 :mod:`~conv2d.bench.cli` (the options, :func:`run`, the plot). Their public names are re-exported here.
 """
@@ -52,7 +55,8 @@ from .memory import SMALL_LIMIT as SMALL_LIMIT
 from .memory import peak_memory as peak_memory
 from .precision import gpu_precision as gpu_precision
 from .report import STATISTICS as STATISTICS
-from .report import TARGETS, Target, measure
+from .report import GROUPS as GROUPS
+from .report import TARGETS, Target, assemble, measure
 from .report import summary as summary
 from .report import summary_lines as summary_lines
 from .report import table_header as table_header

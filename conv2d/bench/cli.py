@@ -16,11 +16,12 @@ import numpy as np
 from .. import __version__
 from .._functional import conv2d
 from ..backends import Backend, BackendUnavailableError, get_backend
-from .calls import SEED_REPEAT, Case
+from .calls import SEED_REPEAT
 from .machine import _blas_line, _load_average, _other_load, machine_info
 from .memory import SMALL_LIMIT
 from .precision import gpu_precision
-from .report import STATISTICS, measure, summary, summary_lines, table_header, table_row
+from .isolation import ISOLATION, group_name, time_all, time_group
+from .report import GROUPS, LEGEND, STATISTICS, markdown, summary, summary_lines, table_header, table_row
 from .shapes import PRESETS, SHAPE_FORMAT, Shape, parse_shapes
 from .timing import WARMUP, EventTimer, _on_gpu, backend_timer, default_warmup
 
@@ -30,7 +31,7 @@ def write_plot(results: list[dict[str, Any]], path: str, title: str, stat: str =
     # No pyplot: no global backend, no GUI; Agg draws the PNG.
     from matplotlib.figure import Figure
 
-    series = (("ours", "ours_fwdbwd"), ("torch", "torch_fwdbwd"), ("floor (GEMMs)", "floor_fwdbwd"))
+    series = (("ours", "ours_fwdbwd"), ("PyTorch", "torch_fwdbwd"), ("bare matrix products", "floor_fwdbwd"))
     names = [r["shape"]["name"] for r in results]
     fig = Figure(figsize=(max(6.0, 1.1 * len(names) + 2), 4.5), layout="constrained")
     ax = fig.add_subplot()
@@ -97,7 +98,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-seed", dest="seed", action="store_false",
                         help="do not time the seed (NumPy on the CPU, seconds per call on the seed's layer): "
                              "a GPU run's targets do not read it")
+    parser.add_argument("--isolation", default="process", choices=ISOLATION,
+                        help="process (default): time each implementation (ours, the bare matrix product, PyTorch, "
+                             "the original NumPy layer) in a Python process of its own, one after another, so that "
+                             "no library's thread pool disturbs another's; none: one after another in this process")
+    # Internal: what a child process of --isolation process times (one of report.GROUPS).
+    parser.add_argument("--only", choices=GROUPS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", metavar="PATH", help="write every number and the machine's details here")
+    parser.add_argument("--markdown", metavar="PATH",
+                        help="write the header, the table and the summary as Markdown here (docs/benchmarks.md's tables)")
     parser.add_argument("--plot", metavar="PATH", help="write a bar chart (PNG) here; needs matplotlib")
 
 
@@ -138,21 +147,29 @@ def _print_header(args: argparse.Namespace, backend: Backend, info: dict[str, An
               "so det/dflt may compare deterministic with itself")
 
 
-def _measure_all(args: argparse.Namespace, backend: Backend, shapes: list[Shape], extra: dict[str, Any],
-                 warmup: int) -> list[dict[str, Any]]:
-    """The table: one row per shape, printed as soon as it is measured."""
-    name_width = max(len("shape"), *(len(s.label) for s in shapes))
-    print(table_header(name_width), flush=True)
-    results = []
-    for shape in shapes:
-        case = Case.make(backend, shape, args.dtype, extra)
-        result = measure(case, args.repeat, args.stat, warmup, args.deterministic, args.seed)
-        del case  # free the device memory of this shape before the next one is made
-        results.append(result)
-        print(table_row(result, name_width), flush=True)
+def _method_note(args: argparse.Namespace, backend: Backend, warmup: int) -> str:
+    where = "a process of its own" if args.isolation == "process" else "this process"
+    names = ", ".join(group_name(group, backend) for group in GROUPS)
+    return (f"method: each implementation ({names}) timed over all shapes in {where}, one after another; "
+            f"per call {warmup} warm-up{'s' if warmup != 1 else ''} then {args.repeat} timed calls in a row, "
+            f"their {args.stat} (the seed: {min(args.repeat, SEED_REPEAT)} after 1); no two libraries' calls "
+            "interleave")
+
+
+def _shown_argv() -> list[str]:
+    """The bench's arguments as typed (for the Markdown header), from ``bench`` on."""
+    argv = sys.argv[1:]
+    return argv[argv.index("bench"):] if "bench" in argv else ["bench", *argv]
+
+
+def _print_table(results: list[dict[str, Any]]) -> None:
+    name_width = max(len("shape"), *(len(r["shape"]["name"]) for r in results))
+    print(table_header(name_width))
+    for result in results:
+        print(table_row(result, name_width))
     for line in sorted({f"{what}: {why}" for r in results for what, why in r["skipped"].items()}):
         print(f"  '-' {line}")
-    return results
+    print(LEGEND)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -183,8 +200,22 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if args.only is not None and not args.json:
+            print("error: --only (internal: a child of --isolation process) needs --json PATH", file=sys.stderr)
+            return 2
+        if args.only is not None:  # a child of --isolation process: time one implementation, write its samples
+            payload = time_group(args, backend, shapes, extra, warmup, args.only)
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(payload, f)
+            return 0
         _print_header(args, backend, machine_info(backend), warmup, precision)
-        results = _measure_all(args, backend, shapes, extra, warmup)
+        print(_method_note(args, backend, warmup), flush=True)
+        try:
+            results, threads = time_all(args, backend, shapes, extra, warmup, GROUPS)
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    _print_table(results)
     summ = summary(results, args.dtype, _on_gpu(backend))
     for line in summary_lines(summ):
         print(line)
@@ -208,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
                          "stat": args.stat, "algorithm": args.algorithm, "on_gpu": _on_gpu(backend),
                          "timer": "cuda_events" if isinstance(backend_timer(backend), EventTimer) else "perf_counter",
                          "gpu_precision": precision, "deterministic": args.deterministic, "seed": args.seed,
-                         "small_limit_bytes": SMALL_LIMIT},
+                         "small_limit_bytes": SMALL_LIMIT,
+                         "isolation": args.isolation, "threads": threads},
             "machine": info,
             "results": results,
             "summary": summ,
@@ -217,6 +249,16 @@ def run(args: argparse.Namespace) -> int:
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, default=str)
+    if args.markdown:
+        cpu = info["cpu_model"] or info["processor"] or info["machine"]
+        header = [f"Command: `python -m conv2d {' '.join(_shown_argv())}`",
+                  f"Machine: {cpu}, {info['cpus_usable']} usable cores; load average {load['before'] or 0:.1f} before, "
+                  f"{load['after'] or 0:.1f} after; conv2d {__version__}, backend {backend.spec}, {args.dtype}, "
+                  f"algorithm {args.algorithm}.",
+                  f"Threads: " + "; ".join(f"{group_name(group, backend)}: {note}" for group, note in threads.items()) + ".",
+                  _method_note(args, backend, warmup) + "."]
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(markdown(results, summ, header))
     if args.plot:
         title = f"conv2d {__version__} on {backend.spec}, {args.dtype}: {info['cpu_model']}"
         write_plot(results, args.plot, title, args.stat)

@@ -93,24 +93,23 @@ def _torch_timer(device: Any) -> Timer:
 
 def time_calls(calls: dict[str, Callable[[], Any]], repeat: int, warmup: int = 1,
                timer: Timer | Mapping[str, Timer] | None = None) -> dict[str, list[float]]:
-    """Seconds taken by each call, `repeat` times each, after `warmup` untimed calls of each.
+    """Seconds taken by each call, `repeat` times each, each call in a block of its own.
 
-    The calls take turns (a, b, c, a, b, c, ...) so that a burst of load from other processes on
-    a shared machine slows all of them alike instead of one; the median then drops the outliers.
-    `timer` times one call (one for all, or one per call name); the default is the wall clock
-    around a call that returns only when its work is done. Warm-up calls go through the timer
-    too, so that they also wait for the device.
+    One call at a time: its `warmup` untimed calls, then its `repeat` timed ones, before the next
+    call starts. Taking turns (a, b, a, b, ...) would let one library's thread pool (OpenBLAS's
+    threads keep spinning after a call) slow the next call of another: on a 2-core machine that
+    made PyTorch look 2x slower than it is. `timer` times one call (one for all, or one per call
+    name); the default is the wall clock around a call that returns only when its work is done.
+    Warm-up calls go through the timer too, so that they also wait for the device.
     """
     default = wall_timer()
     timers = {name: (timer.get(name, default) if isinstance(timer, Mapping) else timer or default)
               for name in calls}
-    for _ in range(warmup):
-        for name, call in calls.items():
+    samples: dict[str, list[float]] = {}
+    for name, call in calls.items():
+        for _ in range(warmup):
             timers[name](call)
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeat):
-        for name, call in calls.items():
-            samples[name].append(timers[name](call))
+        samples[name] = [timers[name](call) for _ in range(repeat)]
     return samples
 
 

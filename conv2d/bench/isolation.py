@@ -1,0 +1,142 @@
+"""One implementation at a time: each timed over every shape in a block, by default in a process of its own.
+
+Two thread pools on one small machine disturb each other: OpenBLAS's threads keep spinning for a
+while after a call, so a PyTorch call made right after a NumPy one runs on busy cores (on a 2-core
+machine the interleaved bench showed PyTorch up to 2x slower than PyTorch alone). So the bench
+times ours, the bare matrix product, PyTorch and the original NumPy layer one after another, each
+over all shapes, and by default each in a fresh Python process (``--isolation process``) that
+imports only what it times; the parent process only merges the samples. The data are the same in
+every process: :meth:`Case.make` draws them from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from ..backends import Backend
+from .calls import Case
+from .machine import _blas_line
+from .report import GROUP_NAMES, assemble, measure
+from .shapes import Shape
+from .timing import _on_gpu
+
+ISOLATION = ("process", "none")
+
+
+def group_name(group: str, backend: Backend) -> str:
+    """The implementation's name in plain words ("PyTorch CPU", "bare matrix product", ...)."""
+    if group == "torch":
+        return "PyTorch CUDA" if _on_gpu(backend) else "PyTorch CPU"
+    return GROUP_NAMES[group]
+
+
+def threads_note(group: str, backend: Backend) -> str:
+    """The library that runs `group` here and its thread count, read in the process that times it."""
+    if group == "torch" or (group in ("ours", "floor") and backend.name == "torch"):
+        import torch
+
+        device = str(backend.device) if group != "torch" or _on_gpu(backend) else "cpu"
+        return f"PyTorch {torch.__version__} on {device}, {torch.get_num_threads()} CPU threads"
+    if group in ("ours", "floor") and backend.name == "jax":
+        import jax
+
+        return f"JAX {jax.__version__} on {backend.spec} (XLA's own thread pool)"
+    if group in ("ours", "floor") and backend.name == "cupy":
+        return f"CuPy on {backend.spec}"
+    import numpy as np
+
+    try:
+        import threadpoolctl
+
+        pools = threadpoolctl.threadpool_info()
+    except ImportError:
+        pools = "no threadpoolctl"
+    return f"NumPy {np.__version__}, {_blas_line({'threadpools': pools})}"
+
+
+def time_group(args: argparse.Namespace, backend: Backend, shapes: list[Shape], extra: dict[str, Any],
+               warmup: int, group: str) -> dict[str, Any]:
+    """Time one implementation over every shape, in this process: its samples, skips and peak memory."""
+    per_shape = []
+    for shape in shapes:
+        case = Case.make(backend, shape, args.dtype, extra)
+        result = measure(case, args.repeat, args.stat, warmup, args.deterministic, args.seed, groups=(group,))
+        del case  # free the device memory of this shape before the next one is made
+        per_shape.append({"samples": {name: [t / 1e3 for t in values] for name, values in result["samples_ms"].items()},
+                          "skipped": result["skipped"],
+                          "peak_bytes": result["peak_bytes"] if group == "ours" else None})
+    return {"group": group, "threads": threads_note(group, backend), "shapes": per_shape}
+
+
+def child_command(args: argparse.Namespace, shapes: list[Shape], group: str, path: str) -> list[str]:
+    """The command line that times `group` alone and writes its samples to `path`."""
+    command = [sys.executable, "-m", "conv2d", "bench", "--only", group, "--isolation", "none",
+               "--dtype", args.dtype, "--repeat", str(args.repeat), "--stat", args.stat,
+               "--algorithm", args.algorithm, "--json", path, "--shapes", *(shape.spec for shape in shapes)]
+    if args.backend is not None:
+        command += ["--backend", args.backend]
+    if args.warmup is not None:
+        command += ["--warmup", str(args.warmup)]
+    if args.deterministic:
+        command.append("--deterministic")
+    if not args.seed:
+        command.append("--no-seed")
+    return command
+
+
+def time_in_process(args: argparse.Namespace, shapes: list[Shape], group: str) -> dict[str, Any]:
+    """:func:`time_group` in a fresh Python process; RuntimeError with its output if it fails."""
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    # The child must import this very conv2d, wherever it was imported from.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory(prefix="conv2d-bench-") as tmp:
+        path = os.path.join(tmp, f"{group}.json")
+        done = subprocess.run(child_command(args, shapes, group, path), env=env, capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0 or not os.path.exists(path):
+            raise RuntimeError(f"timing {group} in its own process failed (exit {done.returncode}):\n"
+                               f"{done.stdout}{done.stderr}")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def time_all(args: argparse.Namespace, backend: Backend, shapes: list[Shape], extra: dict[str, Any], warmup: int,
+             groups: tuple[str, ...]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Every shape's result, the implementations timed one after another; and each one's threads.
+
+    Prints one line per implementation as it finishes.
+    """
+    timed = []
+    for group in groups:
+        started = time.perf_counter()
+        if group == "seed" and not args.seed:
+            timed.append({"group": group, "threads": "not timed", "shapes": [
+                {"samples": {}, "skipped": {"seed": "not asked for (--no-seed)"}, "peak_bytes": None} for _ in shapes]})
+            continue
+        if args.isolation == "process":
+            payload = time_in_process(args, shapes, group)
+        else:
+            payload = time_group(args, backend, shapes, extra, warmup, group)
+        timed.append(payload)
+        print(f"  {group_name(group, backend)}: {len(shapes)} shape{'s' if len(shapes) != 1 else ''} in "
+              f"{time.perf_counter() - started:.0f} s; {payload['threads']}", flush=True)
+    results = []
+    for index, shape in enumerate(shapes):
+        samples: dict[str, list[float]] = {}
+        skipped: dict[str, str] = {}
+        peaks = None
+        for payload in timed:
+            part = payload["shapes"][index]
+            samples.update(part["samples"])
+            skipped.update(part["skipped"])
+            peaks = part["peak_bytes"] if part["peak_bytes"] is not None else peaks
+        results.append(assemble(shape, args.dtype, samples, skipped, peaks, args.stat))
+    return results, {payload["group"]: payload["threads"] for payload in timed}
