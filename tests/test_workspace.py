@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 
 import numpy as np
@@ -73,6 +74,42 @@ def test_too_small_a_limit_is_a_memory_error_saying_how_much_and_how_to_fix():
     x, w = np.ones(GEOMETRY["x"]), np.ones(GEOMETRY["w"])
     with pytest.raises(MemoryError, match="max_workspace_bytes="):
         conv2d.conv2d(x, w, max_workspace_bytes=100, **GEOMETRY["kwargs"])
+
+
+def _counting_scratch(monkeypatch, most: int) -> list[int]:
+    """Count plan_chunks' scratch estimates, and stop it (AssertionError) past `most` of them."""
+    calls = [0]
+
+    def counted(*args):
+        calls[0] += 1
+        assert calls[0] <= most, f"plan_chunks estimated the scratch more than {most} times: a scan, not a search"
+        return scratch_bytes(*args)
+
+    monkeypatch.setattr("conv2d._workspace.scratch_bytes", counted)
+    return calls
+
+
+@pytest.mark.parametrize("padding", [10**6, 10**9])
+def test_a_hopeless_request_fails_at_once(monkeypatch, padding):
+    """A huge padding used to be scanned row by row (9 s for 10**6, hours for 10**9) before the MemoryError."""
+    calls = _counting_scratch(monkeypatch, most=200)
+    started = time.perf_counter()
+    with pytest.raises(MemoryError, match="one output row of one sample needs .* bytes of scratch"):
+        conv2d.conv2d(np.ones((2, 4, 8, 8)), np.ones((6, 2, 3, 3)), groups=2, padding=padding)
+    assert time.perf_counter() - started < 2, "hang detector: a failed plan must not take seconds"
+    assert calls[0] <= 2 * (padding * 2).bit_length() + 4
+
+
+def test_the_row_search_finds_the_most_rows_that_fit(monkeypatch):
+    """The binary search gives the chunks the row-by-row scan gave: the most rows under the limit."""
+    geom = make_geometry((3, 2, 300, 40), (5, 2, 3, 3), None, padding=1)
+    for rows in (1, 2, 7, 150, 299):
+        limit = scratch_bytes(geom, 1, rows, 8) + 7
+        calls = _counting_scratch(monkeypatch, most=40)
+        chunks = plan_chunks(geom, 3, 8, limit)
+        assert {c.row_stop - c.row_start for c in chunks if c.row_stop < geom.out_h} == {rows}
+        assert calls[0] < 40
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("algorithm", ["gather", "slices"])
