@@ -325,15 +325,20 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
     # An out-of-range label would match no class and silently add nothing to the loss.
     if n and not bool(xp.all((labels >= 0) & (labels < classes))):
         raise ValueError(f"labels must be class indices in [0, {classes}) for logits with {classes} columns")
-    # Subtracting each row's maximum keeps exp from overflowing and changes nothing else.
-    shifted = logits - xp.max(logits, axis=1, keepdims=True)
-    exp = xp.exp(shifted)
+    # Subtracting each row's maximum keeps exp from overflowing and changes nothing else. A logit
+    # more than the largest float below the maximum has probability 0 either way: raising it to
+    # that bound first keeps the subtraction itself from overflowing (float32 [3e38, -3e38]).
+    top = xp.max(logits, axis=1, keepdims=True)
+    floor = xp.maximum(top, xp.zeros_like(top)) - xp.finfo(logits.dtype).max
+    exp = xp.exp(xp.maximum(logits, floor) - top)
     total = xp.sum(exp, axis=1, keepdims=True)
-    log_prob = shifted - xp.log(total)
     classes_row = xp.reshape(xp.arange(classes, dtype=labels.dtype, device=device_of(labels)), (1, classes))
-    onehot = xp.astype(xp.reshape(labels, (n, 1)) == classes_row, logits.dtype)
-    loss = -xp.sum(onehot * log_prob) / n
-    grad = (exp / total - onehot) / n
+    is_label = xp.reshape(labels, (n, 1)) == classes_row
+    # -log softmax at the label, from the label's own logit picked by `where`: multiplying a
+    # one-hot with log-probabilities made 0 * -inf = NaN for any class of probability 0.
+    label_logit = xp.sum(xp.where(is_label, logits, xp.zeros_like(logits)), axis=1, keepdims=True)
+    loss = xp.sum((top - label_logit) + xp.log(total)) / n
+    grad = (exp / total - xp.astype(is_label, logits.dtype)) / n
     return loss, grad
 
 
