@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_array_api_obj
 
 from . import _conv
 from ._conv import choose_algorithm
@@ -14,7 +14,7 @@ from ._determinism import resolve_deterministic
 from ._functional import check_algorithm, check_arrays
 from ._workspace import resolve_limit
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry, positive_int, positive_ints
-from .backends import Backend, get_backend
+from .backends import Backend, backend_of, get_backend
 
 
 def _sigmoid(xp: Any, z: Any) -> Any:
@@ -34,6 +34,8 @@ ACTIVATIONS: dict[str | None, tuple[Callable[[Any, Any], Any], Callable[[Any, An
 
 def to_floating(backend: Backend, name: str, array: Any, dtype: Any = None) -> Any:
     """`array` moved to `backend`; TypeError unless it is real floating; cast to `dtype` if given."""
+    if is_array_api_obj(array):
+        backend_of(array, name)  # an unsupported array (a masked one) is refused under its own name
     array = backend.asarray(array)
     if not backend.xp.isdtype(array.dtype, "real floating"):
         raise TypeError(f"{name} has dtype {array.dtype}; the layer needs real floating data")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -33,6 +34,12 @@ def _torch():
 
 def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
+
+
+def _matrix(array):
+    with warnings.catch_warnings():  # NumPy discourages np.matrix; that is the point of the case
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.asmatrix(array)
 
 
 def _strict(device: str | None = None):
@@ -154,6 +161,18 @@ ARRAY_CASES: list[tuple[str, Callable, type, str]] = [
     ("conv2d: list weight", lambda: conv(X, W.tolist()), TypeError, r"weight must be an array of one of numpy, .*got builtins\.list"),
     ("conv2d: float bias", lambda: conv(X, W, 0.5), TypeError, r"bias must be an array of one of numpy, .*got builtins\.float"),
     ("conv2d: None x", lambda: conv(None, W), TypeError, r"x must be an array of one of numpy, .*got builtins\.NoneType"),
+    # NumPy subclasses whose arithmetic is not ndarray's (a mask would be dropped or misapplied)
+    ("conv2d: masked x", lambda: conv(np.ma.masked_less(X, 0), W), TypeError,
+     r"x is a numpy\.ma\.MaskedArray, a NumPy array subclass .*x\.filled\(value\)"),
+    ("conv2d: masked bias", lambda: conv(X, W, np.ma.masked_array(B)), TypeError, r"bias is a numpy\.ma\.MaskedArray"),
+    ("conv2d_backward: masked grad_out", lambda: backward(np.ma.masked_array(G), X, W), TypeError,
+     r"grad_out is a numpy\.ma\.MaskedArray"),
+    ("Backend.asarray: masked array", lambda: conv2d.get_backend("numpy").asarray(np.ma.masked_array(X)), TypeError,
+     r"obj is a numpy\.ma\.MaskedArray"),
+    ("nn.softmax_cross_entropy: np.matrix logits", lambda: conv2d.nn.softmax_cross_entropy(_matrix(G[:, :, 0, 0]), [0, 1]),
+     TypeError, r"logits is a numpy\.matrix.*np\.asarray\(logits\)"),
+    ("nn.softmax_cross_entropy: masked logits", lambda: conv2d.nn.softmax_cross_entropy(np.ma.masked_array(G[:, :, 0, 0]), [0, 1]),
+     TypeError, r"logits is a numpy\.ma\.MaskedArray"),
     # devices
     ("conv2d: two array_api_strict devices", lambda: conv(_strict().asarray(X), _strict("device1").asarray(W)), ValueError,
      r"x is on device 'array_api_strict' but weight is on 'array_api_strict:device1'"),
@@ -222,6 +241,8 @@ LAYER_METHOD_CASES: list[tuple[str, Callable, type, str]] = [
      r"X must have shape \(n, 3, 8, 8\), got \(2, 2, 8, 8\)"),
     ("forwardpass: 3-D", lambda: Layer((3, 8, 8), (3, 3), 4).forwardpass(X[0]), ValueError, r"X must have shape \(n, 3, 8, 8\), got \(3, 8, 8\)"),
     ("forwardpass: int X", lambda: Layer((3, 8, 8), (3, 3), 4).forwardpass(X.astype(np.int64)), TypeError, r"X has dtype int64"),
+    ("forwardpass: masked X", lambda: Layer((3, 8, 8), (3, 3), 4).forwardpass(np.ma.masked_less(X, 0)), TypeError,
+     r"X is a numpy\.ma\.MaskedArray, a NumPy array subclass"),
     ("backwardpass before forwardpass", lambda: Layer((3, 8, 8), (3, 3), 4).backwardpass(0.1, X, G), RuntimeError,
      r"backwardpass needs a forwardpass first"),
     ("backwardpass: delta of the wrong shape", lambda: _layer_after_forward().backwardpass(0.1, X, G[:, :, :5]), ValueError,

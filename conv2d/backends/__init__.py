@@ -40,7 +40,7 @@ ENV_VAR = "CONV2D_BACKEND"
 DEFAULT_SPEC = "numpy"
 
 # name -> module under conv2d.backends; each module has LIBRARY, INSTALL_HINT, is_array,
-# device_spec and build (see numpy.py for the smallest one).
+# device_spec and build (see numpy.py for the smallest one), and may have check_plain(array, argument).
 _MODULES = {
     "numpy": "numpy",
     "cupy": "cupy",
@@ -228,6 +228,8 @@ def backend_of(array: Any, argument: str = "array") -> Backend:
     for name in _MODULES:
         module = _module(name)
         if module.LIBRARY in sys.modules and module.is_array(array):
+            if hasattr(module, "check_plain"):  # a subclass that changes the arithmetic is refused by name
+                module.check_plain(array, argument)
             return _build(name, module.device_spec(array))
     raise TypeError(
         f"{argument} must be an array of one of {', '.join(_MODULES)}, got {type(array).__module__}."

@@ -67,10 +67,12 @@ class Backend:
         (copied through host memory). `dtype` is a dtype of this library or a name such as
         ``"float32"``.
         """
-        if is_array_api_obj(obj) and not self._owns(obj):
+        if is_array_api_obj(obj):
             from . import backend_of  # the registry imports this module: import late
 
-            obj = backend_of(obj, "obj").to_numpy(obj)
+            source = backend_of(obj, "obj")  # also refuses a masked array, whose mask would be lost here
+            if not self._owns(obj):
+                obj = source.to_numpy(obj)
         if isinstance(dtype, str):
             dtype = self.dtype(dtype)
         return self._native_asarray(obj, dtype)
