@@ -8,6 +8,7 @@ over the batch, and over output rows when one sample alone does not fit.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -39,11 +40,12 @@ def parse_size(text: str, source: str) -> int:
 def resolve_limit(max_workspace_bytes: int | None) -> int:
     """The argument if given, else ``CONV2D_MAX_WORKSPACE`` (read at each call), else 1 GiB."""
     if max_workspace_bytes is not None:
-        if isinstance(max_workspace_bytes, bool) or not isinstance(max_workspace_bytes, int):
+        # NumPy integers are welcome, as for stride; True is a bug, not one byte.
+        if isinstance(max_workspace_bytes, bool) or not isinstance(max_workspace_bytes, numbers.Integral):
             raise TypeError(f"max_workspace_bytes must be an int number of bytes, got {max_workspace_bytes!r}")
         if max_workspace_bytes < 1:
             raise ValueError(f"max_workspace_bytes must be positive, got {max_workspace_bytes!r}")
-        return max_workspace_bytes
+        return int(max_workspace_bytes)
     text = os.environ.get(ENV_VAR, "").strip()
     return parse_size(text, f"the {ENV_VAR} environment variable") if text else DEFAULT_BYTES
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,13 +51,45 @@ def forward_state(saved: Any) -> Any:
     return saved
 
 
+def batch_size(activation_prev: Any) -> int:
+    """The batch size of a layer input: anything forwardpass accepts, an array of any library or a nested list."""
+    shape = getattr(activation_prev, "shape", None)
+    if shape is not None and len(shape) > 0:
+        return int(shape[0])
+    if isinstance(activation_prev, Sequence) and not isinstance(activation_prev, (str, bytes)):
+        return len(activation_prev)
+    raise TypeError(
+        "activation_prev must be the input of the last forwardpass (an array, or a nested list of its samples), "
+        f"got {type(activation_prev).__name__} {activation_prev!r:.60}"
+    )
+
+
 def check_batch(activation_prev: Any, batch: int) -> None:
-    """backwardpass must be given the batch of the last forwardpass, not stale state of another one."""
-    if activation_prev.shape[0] != batch:
+    """backwardpass must be given the batch of the last forwardpass, not stale state of another one.
+
+    Only the batch size is read, so a nested list is as good as the array it became.
+    """
+    size = batch_size(activation_prev)
+    if size != batch:
         raise ValueError(
-            f"activation_prev has batch size {activation_prev.shape[0]} but the last forwardpass had {batch}; "
+            f"activation_prev has batch size {size} but the last forwardpass had {batch}; "
             "call forwardpass on this batch first"
         )
+
+
+def check_lr(lr: Any) -> float:
+    """The learning rate as a Python float: a real, finite, non-negative number (Python or NumPy scalar).
+
+    A Python float keeps the weights' dtype: a NumPy float64 scalar would promote float32 weights
+    on NumPy and JAX, and array-api-strict rejects it outright. A string, a bool, NaN or a negative
+    rate would silently ruin (or reverse) the training.
+    """
+    if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a real number such as 0.1, got {type(lr).__name__} {lr!r}")
+    value = float(lr)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"lr must be finite and non-negative, got {lr!r}")
+    return value
 
 
 class ConvolutionLayer:
@@ -175,8 +209,9 @@ class ConvolutionLayer:
         Parameters
         ----------
         lr : float
-            Learning rate.
-        activation_prev : array
+            Learning rate: a real, finite, non-negative number (Python or NumPy scalar); anything
+            else (a string, a bool, NaN, a negative rate) is refused before any update.
+        activation_prev : array or nested list
             The input given to the last :meth:`forwardpass` (only its batch size is used).
         delta : array, shape (n, out_depth, out_row, out_col)
             dE/d(output of the last forwardpass).
@@ -187,9 +222,7 @@ class ConvolutionLayer:
             dE/dX, computed with the weights as they were before this update.
         """
         X, cols, out = forward_state(self._saved)
-        # A Python float keeps the weights' dtype: a NumPy float64 scalar would promote float32
-        # weights on NumPy and JAX, and array-api-strict rejects it outright.
-        lr = float(lr)
+        lr = check_lr(lr)
         batch = X.shape[0]
         check_batch(activation_prev, batch)
         delta = to_floating(self.backend, "delta", delta, self.dtype)

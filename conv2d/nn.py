@@ -23,7 +23,7 @@ from array_api_compat import device as device_of
 from ._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
 from ._conv import choose_algorithm
 from .backends import Backend, backend_of, get_backend
-from .layer import ACTIVATIONS, check_batch, forward_state, to_floating
+from .layer import ACTIVATIONS, batch_size, check_batch, check_lr, forward_state, to_floating
 
 __all__ = ["AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "softmax_cross_entropy"]
 
@@ -263,13 +263,14 @@ class DenseLayer:
         Parameters
         ----------
         lr : float
-        activation_prev : array
+            A real, finite, non-negative number, as for :class:`conv2d.ConvolutionLayer`.
+        activation_prev : array or nested list
             The input of the last :meth:`forwardpass` (only its batch size is used: the layer kept it).
         delta : array, shape (n, out_features)
             dE/d(output of the last forwardpass).
         """
         X, out = forward_state(self._saved)
-        lr = float(lr)  # a NumPy scalar would promote float32 weights (see ConvolutionLayer)
+        lr = check_lr(lr)
         check_batch(activation_prev, X.shape[0])
         delta = to_floating(self.backend, "delta", delta, self.dtype)
         if tuple(delta.shape) != tuple(out.shape):
@@ -377,7 +378,8 @@ class Sequential:
 
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
         """Run `delta` (dE/d(output)) back through the layers, updating each; return dE/dX."""
-        check_batch(activation_prev, forward_state(self._inputs)[0].shape[0])
+        check_lr(lr)  # before any layer is updated
+        check_batch(activation_prev, batch_size(forward_state(self._inputs)[0]))
         for layer, layer_input in zip(reversed(self.layers), reversed(self._inputs), strict=True):
             delta = layer.backwardpass(lr, layer_input, delta)
         return delta

@@ -249,6 +249,19 @@ LAYER_METHOD_CASES: list[tuple[str, Callable, type, str]] = [
      r"delta must have the forward output's shape \(2, 4, 6, 6\) .*got \(2, 4, 5, 6\)"),
     ("backwardpass: activation_prev of another batch", lambda: _layer_after_forward().backwardpass(0.1, X[:1], G), ValueError,
      r"activation_prev has batch size 1 but the last forwardpass had 2"),
+    ("backwardpass: lr a string", lambda: _layer_after_forward().backwardpass("0.1", X, G), TypeError,
+     r"lr must be a real number such as 0\.1, got str '0\.1'"),
+    ("backwardpass: lr True", lambda: _layer_after_forward().backwardpass(True, X, G), TypeError, r"lr must be a real number .*got bool True"),
+    ("backwardpass: lr NaN", lambda: _layer_after_forward().backwardpass(float("nan"), X, G), ValueError,
+     r"lr must be finite and non-negative, got nan"),
+    ("backwardpass: lr infinite", lambda: _layer_after_forward().backwardpass(np.float32("inf"), X, G), ValueError,
+     r"lr must be finite and non-negative, got .*inf"),
+    ("backwardpass: lr negative", lambda: _layer_after_forward().backwardpass(-0.1, X, G), ValueError,
+     r"lr must be finite and non-negative, got -0\.1"),
+    ("backwardpass: lr an array", lambda: _layer_after_forward().backwardpass(np.array([0.1]), X, G), TypeError,
+     r"lr must be a real number .*got ndarray"),
+    ("backwardpass: activation_prev an int", lambda: _layer_after_forward().backwardpass(0.1, 2, G), TypeError,
+     r"activation_prev must be the input of the last forwardpass .*got int 2"),
     ("backwardpass: int delta", lambda: _layer_after_forward().backwardpass(0.1, X, G.astype(np.int64)), TypeError, r"delta has dtype int64"),
 ]
 
@@ -267,6 +280,51 @@ def test_bad_argument_message(description, call, error, pattern):
     message = str(info.value)
     assert type(info.value) is error, f"{description}: {type(info.value).__name__} instead of {error.__name__}: {message}"
     assert re.search(pattern, message), f"{description}: message {message!r} does not match {pattern!r}"
+
+
+@pytest.mark.parametrize("layer_kind", ["conv", "dense", "sequential"])
+def test_a_refused_lr_changes_no_weight(layer_kind):
+    """NaN used to turn every weight into NaN; a refused rate must leave the layer as it was."""
+    if layer_kind == "conv":
+        layer, x, delta = Layer((3, 8, 8), (3, 3), 4, seed=0), X, G
+    else:
+        dense = conv2d.nn.DenseLayer(8, 3, seed=0)
+        layer = dense if layer_kind == "dense" else conv2d.nn.Sequential([conv2d.nn.FlattenLayer(), dense])
+        x, delta = X[:, 0, 0, :], rng.standard_normal((2, 3))
+    layer.forwardpass(x)
+    weights = [np.array(w) for w in _weights(layer)]
+    for lr in (float("nan"), -1.0, "0.1", True):
+        with pytest.raises((TypeError, ValueError), match="lr must be"):
+            layer.backwardpass(lr, x, delta)
+    for before, after in zip(weights, _weights(layer), strict=True):
+        np.testing.assert_array_equal(after, before)
+
+
+def _weights(layer):
+    found = [layer] if hasattr(layer, "weights") else [sub for sub in layer.layers if hasattr(sub, "weights")]
+    return [array for sub in found for array in (sub.weights, sub.biases)]
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax", "array_api_strict"])
+def test_numpy_scalars_lists_and_any_case_are_accepted(backend_name):
+    """What stride already accepted (NumPy integers) the other arguments accept too, with the same result."""
+    backend = conv2d.get_backend(backend_name)
+    for spec in (backend.spec.upper(), backend.spec.title()):
+        assert conv2d.get_backend(spec) is backend, spec
+    dtype = "float32"
+    reference = Layer((3, 8, 8), (3, 3), 4, seed=3, backend=backend, dtype=dtype)
+    layer = Layer((3, 8, 8), (3, 3), 4, seed=3, backend=backend, dtype=dtype,
+                  max_workspace_bytes=np.int64(2**20), deterministic=np.True_)
+    expected = [reference.forwardpass(X), reference.backwardpass(0.1, X, G)]
+    got = [layer.forwardpass(X), layer.backwardpass(np.float32(0.1), X.tolist(), G)]  # activation_prev as a list
+    for name, a, b in zip(("forward", "backward"), got, expected):
+        np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(b), rtol=1e-6, atol=1e-6, err_msg=name)
+    assert layer.weights.dtype == reference.weights.dtype  # a NumPy float32 lr promotes nothing
+    np.testing.assert_allclose(backend.to_numpy(layer.weights), backend.to_numpy(reference.weights), rtol=1e-6, atol=1e-7)
+    x, w = backend.asarray(X, dtype=dtype), backend.asarray(W, dtype=dtype)
+    np.testing.assert_array_equal(
+        backend.to_numpy(conv(x, w, max_workspace_bytes=np.int64(10**6), deterministic=np.False_)),
+        backend.to_numpy(conv(x, w)))
 
 
 def test_table_descriptions_are_unique():

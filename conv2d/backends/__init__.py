@@ -72,8 +72,9 @@ def _split(spec: str, source: str) -> tuple[str, str | None]:
             f"backend spec from {source} must be a string such as 'numpy' or 'torch:cuda', "
             f"got {type(spec).__name__} {spec!r}"
         )
-    name, _, device = (part.strip() for part in spec.strip().partition(":"))
-    name = _ALIASES.get(name.lower(), name.lower())
+    # Names and devices alike ignore case: 'jax:CPU', 'Torch:CUDA'.
+    name, _, device = (part.strip().lower() for part in spec.strip().partition(":"))
+    name = _ALIASES.get(name, name)
     if name not in CHOICES:
         raise ValueError(f"unknown conv2d backend {spec!r} (from {source}); choose one of: {_choices_text()}")
     if name == "auto" and device:
