@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import numpy as np
 
 from . import nn
 from .backends import ENV_VAR, Backend, BackendUnavailableError, get_backend
+from .backends import _resolve as resolve_backend
 from .layer import ConvolutionLayer
 
 #: Measured on a 2-core machine with NumPy: 97-99% test accuracy for seeds 0-9, a few seconds a run.
@@ -218,6 +220,19 @@ def _error(message: str) -> int:
     return 2
 
 
+def _unwritable(out: Path) -> str | None:
+    """Why the plots could not be written to `out`, or None: checked before training, not after it."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder; choose a folder for the plots, or --no-plots"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        return f"--out {out} cannot be written ({exc.strerror or exc}); choose another folder, or --no-plots"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Train with the options in `args`, print the results, write the plots; return the exit status."""
     for name in ("epochs", "batch_size"):
@@ -225,8 +240,8 @@ def run(args: argparse.Namespace) -> int:
             return _error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0:
         return _error(f"--lr must be positive, got {args.lr}")
-    try:
-        backend = get_backend(args.backend) if args.backend else get_backend()
+    try:  # a bad --backend is named as such in the message, not as a get_backend() argument
+        backend = resolve_backend(args.backend, "--backend") if args.backend else get_backend()
     except (ValueError, BackendUnavailableError) as exc:
         return _error(str(exc))
     source = "--backend" if args.backend else (ENV_VAR if os.environ.get(ENV_VAR, "").strip() else "default")
@@ -238,6 +253,9 @@ def run(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
     except ImportError as exc:
         return _error(f"the demo needs {exc.name}: python -m pip install 'conv2d[demo]'")
+    problem = None if args.no_plots else _unwritable(args.out)
+    if problem:
+        return _error(problem)
 
     data = load_digits(args.seed)
     print(

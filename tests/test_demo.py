@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,6 +108,28 @@ def test_cli_environment_variable_picks_the_backend(capsys, monkeypatch):
 def test_cli_bad_arguments(args, message, capsys):
     assert main(["demo", *args, "--no-plots"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["a-file", "/proc/forbidden"])
+def test_cli_unwritable_out_fails_before_training(where, tmp_path, capsys, monkeypatch):
+    """An --out that cannot take the plots is one line and exit status 2 at once, not a traceback after training."""
+    if where == "a-file":
+        where = tmp_path / "plots"
+        where.write_text("not a folder")
+    elif not Path("/proc").is_dir():
+        pytest.skip("needs Linux's /proc")
+    monkeypatch.setattr(demo, "load_digits", lambda *a, **k: pytest.fail("the demo loaded the data before checking --out"))
+    assert main(["demo", "--out", str(where)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert captured.err.startswith(f"error: --out {where} ") and "--no-plots" in captured.err
+
+
+def test_cli_bad_backend_is_named_as_the_option(capsys):
+    """The error names --backend, where the value came from, not the get_backend() call behind it."""
+    assert main(["demo", "--backend", "tensorflow", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown conv2d backend 'tensorflow' (from --backend)" in err and "get_backend" not in err, err
 
 
 def test_demo_module_imports_no_demo_dependency():

@@ -327,6 +327,20 @@ def test_numpy_scalars_lists_and_any_case_are_accepted(backend_name):
         backend.to_numpy(conv(x, w)))
 
 
+def test_float64_on_jax_without_64_bit_types_names_the_switch():
+    """The message said only that float64 was not available, not how to turn it on."""
+    jax = pytest.importorskip("jax")
+    backend = conv2d.get_backend("jax")
+    was = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with pytest.raises(TypeError, match=r"dtype 'float64' is not available on backend 'jax.*JAX_ENABLE_X64=1.*float32"):
+            Layer((1, 4, 4), (3, 3), 2, backend=backend)
+        assert Layer((1, 4, 4), (3, 3), 2, backend=backend, dtype="float32").weights.dtype == backend.dtype("float32")
+    finally:
+        jax.config.update("jax_enable_x64", was)
+
+
 def test_table_descriptions_are_unique():
     descriptions = [row[0] for row in TABLE]
     assert len(descriptions) == len(set(descriptions))

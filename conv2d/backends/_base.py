@@ -53,6 +53,8 @@ class Backend:
     deterministic_scatter: bool = True
     kernels: Any = field(default=None, repr=False)
     _slice_add: Callable[[Any, Any, Any], Any] | None = field(default=None, repr=False)
+    # What to do about a dtype this backend lacks, e.g. JAX's switch for 64-bit types ("" if nothing).
+    _dtype_hint: Callable[[str], str] = field(default=lambda name: "", repr=False)
     _constants: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -107,9 +109,10 @@ class Backend:
             # Outside the standard's list, but NumPy, CuPy, torch and JAX have it (array-api-strict not).
             dtypes = {**dtypes, "float16": self.xp.float16}
         if name not in dtypes:
+            hint = self._dtype_hint(name)
             raise TypeError(
                 f"dtype {name!r} is not available on backend {self.spec!r}; "
-                f"choose one of {sorted(dtypes)}"
+                f"{hint + ', or ' if hint else ''}choose one of {sorted(dtypes)}"
             )
         return dtypes[name]
 
