@@ -22,8 +22,8 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "m
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str, source: str) -> int:
-    """Bytes from ``"512MB"``, ``"1GiB"``, ``"1.5gb"`` or a plain number of bytes."""
+def parse_size(text: str, source: str, minimum: int = 1) -> int:
+    """Bytes from ``"512MB"``, ``"1GiB"``, ``"1.5gb"`` or a plain number of bytes (at least `minimum`)."""
     match = _SIZE.match(text)
     unit = match.group(2).lower() if match else ""
     if not match or unit not in _UNITS:
@@ -32,8 +32,8 @@ def parse_size(text: str, source: str) -> int:
             f"(units: {', '.join(u for u in _UNITS if u)})"
         )
     size = int(float(match.group(1)) * _UNITS[unit])
-    if size < 1:
-        raise ValueError(f"{source} must be at least 1 byte, got {text!r}")
+    if size < minimum:
+        raise ValueError(f"{source} must be at least {minimum} byte{'s' if minimum != 1 else ''}, got {text!r}")
     return size
 
 

@@ -146,6 +146,38 @@ def test_layer_with_a_small_workspace_matches_the_unsplit_layer(cpu_backend):
         np.testing.assert_allclose(cpu_backend.to_numpy(s), cpu_backend.to_numpy(a), rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("cache", ["0", "1MiB"])
+def test_gather_split_by_rows_builds_only_each_chunks_plan(monkeypatch, cache):
+    """gather used to build the whole sample's plan in int64 temporaries for every chunk of rows
+    (x 16x512x512, 64 MiB limit: +604 MiB). The scratch stays under the limit, plus what the plan
+    cache may keep (CONV2D_PLAN_CACHE), and the cache keeps no more than that after the call."""
+    monkeypatch.setenv("CONV2D_PLAN_CACHE", cache)
+    conv2d.clear_caches()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 16, 96, 96)).astype(np.float32)
+    w = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
+    g = rng.standard_normal((1, 8, 96, 96)).astype(np.float32)
+    limit, kept = 2**20, parse_size(cache, "cache", minimum=0)
+    geom = make_geometry(x.shape, w.shape, None, padding=1)
+    assert len(plan_chunks(geom, 1, 4, limit)) > 4  # split by rows, one sample
+    results = 2 * g.nbytes + x.nbytes + w.nbytes  # y, grad_x and grad_weight (the bias gradient is small)
+    conv2d.conv2d_backward(g[:, :, :4, :4], x[:, :, :4, :4], w, padding=1, algorithm="gather")  # imports done
+    conv2d.clear_caches()
+    tracemalloc.start()
+    try:
+        y = conv2d.conv2d(x, w, padding=1, algorithm="gather", max_workspace_bytes=limit)
+        grads = conv2d.conv2d_backward(g, x, w, padding=1, algorithm="gather", max_workspace_bytes=limit)
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= limit + kept + results, f"peak {peak:,} bytes > limit {limit:,} + cache {kept:,} + results {results:,}"
+    assert current <= kept + results + 2**16, f"{current:,} bytes still held after the calls"
+    reference = torch_conv(x.astype(np.float64), w.astype(np.float64), np.zeros(8), g.astype(np.float64), padding=1)
+    numpy = conv2d.get_backend("numpy")
+    for name, ours, ref in zip(("y", "grad_x", "grad_weight"), (y, *grads), reference):
+        assert_close(numpy, ours, ref, "float32", name)
+
+
 @pytest.mark.parametrize("algorithm", ["gather", "slices"])
 def test_peak_memory_stays_under_the_limit_plus_the_results(algorithm):
     """NumPy reports its allocations to tracemalloc: the scratch of a forward+backward is bounded."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,13 +9,11 @@ from typing import Any
 import numpy as np
 from array_api_compat import is_array_api_obj
 
+from .._cache import ByteCache
+
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name, but its library or device cannot be used here."""
-
-
-# How many host-built constants (gather plans) one backend keeps on its device.
-_CONSTANT_CACHE_SIZE = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,8 +51,7 @@ class Backend:
     _slice_add: Callable[[Any, Any, Any], Any] | None = field(default=None, repr=False)
     # What to do about a dtype this backend lacks, e.g. JAX's switch for 64-bit types ("" if nothing).
     _dtype_hint: Callable[[str], str] = field(default=lambda name: "", repr=False)
-    _constants: OrderedDict = field(default_factory=OrderedDict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _constants: ByteCache = field(default_factory=ByteCache, repr=False)
 
     def owns(self, array: Any) -> bool:
         """Whether `array` belongs to this backend's library (any device)."""
@@ -120,15 +115,12 @@ class Backend:
         """A read-only array built on the host once per `key`, kept on this backend's device.
 
         Gather plans are pure functions of the geometry, so they are built and transferred
-        once and reused by every call with the same geometry.
+        once and reused by every call with the same geometry, as long as they fit in the
+        backend's cache (``CONV2D_PLAN_CACHE`` bytes, see :func:`conv2d.clear_caches`).
         """
-        with self._lock:
-            if key in self._constants:
-                self._constants.move_to_end(key)
-                return self._constants[key]
-        value = self._native_asarray(make_host_array(), None)
-        with self._lock:
-            self._constants[key] = value
-            while len(self._constants) > _CONSTANT_CACHE_SIZE:
-                self._constants.popitem(last=False)
-        return value
+
+        def make() -> tuple[Any, int]:
+            host = make_host_array()
+            return self._native_asarray(host, None), host.nbytes
+
+        return self._constants.get(key, make)
