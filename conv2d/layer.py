@@ -13,7 +13,7 @@ from array_api_compat import array_namespace, is_array_api_obj
 from . import _conv
 from ._conv import choose_algorithm
 from ._determinism import resolve_deterministic
-from ._functional import check_algorithm, check_arrays
+from ._functional import check_algorithm
 from ._workspace import resolve_limit
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry, positive_int, positive_ints
 from .backends import Backend, backend_of, get_backend
@@ -42,6 +42,35 @@ def to_floating(backend: Backend, name: str, array: Any, dtype: Any = None) -> A
     if not backend.xp.isdtype(array.dtype, "real floating"):
         raise TypeError(f"{name} has dtype {array.dtype}; the layer needs real floating data")
     return array if dtype is None else backend.xp.astype(array, dtype, copy=False)
+
+
+def check_parameter(layer: str, attr: str, value: Any, shape: tuple[int, ...], dtype: Any, backend: Backend) -> None:
+    """Refuse a parameter the layer cannot use as it is, naming ``layer.attr`` and what it must be.
+
+    `value` must be an array of `backend`'s library, on its device, of exactly `shape` and `dtype`:
+    a weight of the right size but another shape would otherwise be reinterpreted silently by a
+    reshape, and one of another size fail deep inside with a message naming nothing.
+    """
+    name = f"{layer}.{attr}"
+    expected = f"a {backend.name} array of shape {shape} and dtype {dtype}"
+    try:
+        owner = backend_of(value, name)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be {expected}, got {type(value).__module__}.{type(value).__qualname__}; "
+            f"convert it with layer.backend.asarray(value, dtype={str(dtype).rpartition('.')[2]!r})"
+        ) from None
+    if owner.name != backend.name:
+        raise TypeError(
+            f"{name} is a {owner.name} array but the layer lives on backend {backend.spec!r}: it must be {expected}; "
+            "convert it with layer.backend.asarray(value)"
+        )
+    if owner is not backend:
+        raise ValueError(f"{name} is on device {owner.spec!r} but the layer lives on {backend.spec!r}; move it there")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+    if value.dtype != dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but the layer computes in {dtype}: it must be {expected}")
 
 
 def forward_state(saved: Any) -> Any:
@@ -122,6 +151,17 @@ class ConvolutionLayer:
         `backwardpass` when the batch fits in the workspace in one piece. ``deterministic=None``
         reads ``CONV2D_DETERMINISTIC`` at each call.
 
+    Notes
+    -----
+    The layer owns what it keeps between `forwardpass` and `backwardpass`: the activation's
+    derivative (computed in `forwardpass`), and the patch matrix or, when the batch was split, a
+    copy of `X`, never a view of the caller's arrays. So the returned output and `X` may be
+    changed in place afterwards (``out -= target``) without changing the gradients.
+
+    ``weights`` (numfilters, depth, rows, cols) and ``biases`` (numfilters,) may be replaced by
+    arrays of the layer's backend, device and dtype; anything else is refused at the next
+    `forwardpass` or `backwardpass` with a message naming the attribute.
+
     Examples
     --------
     >>> import numpy as np, conv2d
@@ -179,8 +219,14 @@ class ConvolutionLayer:
         rng = np.random.default_rng(seed)
         self.weights = self.backend.asarray(rng.normal(0.0, 0.1, weight_shape), dtype=self.dtype)
         self.biases = self.backend.asarray(rng.normal(0.0, 0.1, numfilters), dtype=self.dtype)
-        # (input, patches or None when the batch was split, activation) of the last forwardpass
-        self._saved: tuple[Any, Any | None, Any] | None = None
+        # (batch size, patches or None when the batch was split, a copy of X when it was split,
+        # activation derivative or None for no activation) of the last forwardpass
+        self._saved: tuple[int, Any | None, Any | None, Any | None] | None = None
+
+    def _check_parameters(self) -> None:
+        shape = (self.out_depth, self.in_depth, self.filter_row, self.filter_col)
+        check_parameter("ConvolutionLayer", "weights", self.weights, shape, self.dtype, self.backend)
+        check_parameter("ConvolutionLayer", "biases", self.biases, (self.out_depth,), self.dtype, self.backend)
 
     def forwardpass(self, X: Any) -> Any:
         """Return activation(conv(X) + biases), shape (n, out_depth, out_row, out_col).
@@ -192,15 +238,22 @@ class ConvolutionLayer:
         expected = (self._geom.in_channels, self._geom.height, self._geom.width)
         if X.ndim != 4 or tuple(X.shape[1:]) != expected:
             raise ValueError(f"X must have shape (n, {', '.join(map(str, expected))}), got {tuple(X.shape)}")
-        check_arrays({"X": X, "weights": self.weights, "biases": self.biases})
+        self._check_parameters()
         limit = resolve_limit(self.max_workspace_bytes)
         pre, cols = _conv.forward(
             self.backend, X, self.weights, self.biases, self._geom, self.algorithm, limit,
             resolve_deterministic(self.deterministic),
         )
         xp = array_namespace(pre)
-        out = ACTIVATIONS[self.activation][0](xp, pre)
-        self._saved = (X, cols, out)
+        activation, derivative = ACTIVATIONS[self.activation]
+        out = activation(xp, pre)
+        # Keep only arrays the layer owns (see Notes): a patch matrix no larger than X may be a view
+        # of it (a 1x1 kernel's), and X itself is the caller's (or shares its memory).
+        if cols is not None and math.prod(cols.shape) <= math.prod(X.shape):
+            cols = xp.asarray(cols, copy=True)
+        kept_x = xp.asarray(X, copy=True) if cols is None else None
+        slope = None if self.activation is None else derivative(xp, out)
+        self._saved = (X.shape[0], cols, kept_x, slope)
         return out
 
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
@@ -221,14 +274,13 @@ class ConvolutionLayer:
         array, shape (n, in_depth, in_row, in_col)
             dE/dX, computed with the weights as they were before this update.
         """
-        X, cols, out = forward_state(self._saved)
+        batch, cols, X, slope = forward_state(self._saved)
         lr = check_lr(lr)
-        batch = X.shape[0]
         check_batch(activation_prev, batch)
         delta = to_floating(self.backend, "delta", delta, self.dtype)
         check_output_shape("delta", tuple(delta.shape), batch, self._geom)
-        xp = array_namespace(delta)
-        grad_pre = delta * ACTIVATIONS[self.activation][1](xp, out)
+        self._check_parameters()
+        grad_pre = delta if slope is None else delta * slope
         limit = resolve_limit(self.max_workspace_bytes)
         grad_x, grad_w, grad_b = _conv.backward(
             self.backend, grad_pre, X, self.weights, self._geom, self.algorithm, limit, cols,

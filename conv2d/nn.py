@@ -23,7 +23,7 @@ from array_api_compat import device as device_of
 from ._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
 from ._conv import choose_algorithm
 from .backends import Backend, backend_of, get_backend
-from .layer import ACTIVATIONS, batch_size, check_batch, check_lr, forward_state, to_floating
+from .layer import ACTIVATIONS, batch_size, check_batch, check_lr, check_parameter, forward_state, to_floating
 
 __all__ = ["AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "softmax_cross_entropy"]
 
@@ -210,6 +210,13 @@ class DenseLayer:
     backend : str or Backend, optional
         Where the layer lives; default: the active backend.
 
+    Notes
+    -----
+    As :class:`conv2d.ConvolutionLayer`: the layer keeps a copy of its input and the activation's
+    derivative, so both the input and the returned output may be changed in place afterwards; a
+    replaced ``weights`` (out_features, in_features) or ``biases`` (out_features,) of another
+    shape, dtype, library or device is refused when next used, naming the attribute.
+
     Examples
     --------
     >>> import numpy as np, conv2d.nn
@@ -245,16 +252,25 @@ class DenseLayer:
         weights = rng.uniform(-bound, bound, (self.out_features, self.in_features))
         self.weights = self.backend.asarray(weights, dtype=self.dtype)
         self.biases = self.backend.asarray(rng.uniform(-bound, bound, self.out_features), dtype=self.dtype)
-        self._saved: tuple[Any, Any] | None = None  # (input, activation) of the last forward
+        # (a copy of the input, activation derivative or None for no activation) of the last forward
+        self._saved: tuple[Any, Any | None] | None = None
+
+    def _check_parameters(self) -> None:
+        shape = (self.out_features, self.in_features)
+        check_parameter("DenseLayer", "weights", self.weights, shape, self.dtype, self.backend)
+        check_parameter("DenseLayer", "biases", self.biases, (self.out_features,), self.dtype, self.backend)
 
     def forwardpass(self, X: Any) -> Any:
         """Return activation(X @ weights.T + biases), shape (n, out_features); keep X for the backward pass."""
         X = to_floating(self.backend, "X", X, self.dtype)
         if X.ndim != 2 or X.shape[1] != self.in_features:
             raise ValueError(f"X must have shape (n, {self.in_features}), got {tuple(X.shape)}")
+        self._check_parameters()
         xp = self.backend.xp
-        out = ACTIVATIONS[self.activation][0](xp, xp.matmul(X, xp.matrix_transpose(self.weights)) + self.biases)
-        self._saved = (X, out)
+        activation, derivative = ACTIVATIONS[self.activation]
+        out = activation(xp, xp.matmul(X, xp.matrix_transpose(self.weights)) + self.biases)
+        # The layer owns what it keeps, as ConvolutionLayer: the caller may change X or the output.
+        self._saved = (xp.asarray(X, copy=True), None if self.activation is None else derivative(xp, out))
         return out
 
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
@@ -269,14 +285,16 @@ class DenseLayer:
         delta : array, shape (n, out_features)
             dE/d(output of the last forwardpass).
         """
-        X, out = forward_state(self._saved)
+        X, slope = forward_state(self._saved)
         lr = check_lr(lr)
         check_batch(activation_prev, X.shape[0])
         delta = to_floating(self.backend, "delta", delta, self.dtype)
-        if tuple(delta.shape) != tuple(out.shape):
-            raise ValueError(f"delta must have the forward output's shape {tuple(out.shape)}, got {tuple(delta.shape)}")
+        expected = (X.shape[0], self.out_features)
+        if tuple(delta.shape) != expected:
+            raise ValueError(f"delta must have the forward output's shape {expected}, got {tuple(delta.shape)}")
+        self._check_parameters()
         xp = self.backend.xp
-        grad_pre = delta * ACTIVATIONS[self.activation][1](xp, out)
+        grad_pre = delta if slope is None else delta * slope
         grad_x = xp.matmul(grad_pre, self.weights)
         grad_w = xp.matmul(xp.matrix_transpose(grad_pre), X)
         grad_b = xp.sum(grad_pre, axis=0)
