@@ -103,6 +103,7 @@ def test_cli_environment_variable_picks_the_backend(capsys, monkeypatch):
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--lr", "-1"], "--lr must be positive"),
+        (["--threads", "-1"], "--threads must be 0 (the libraries' defaults) or a number of threads, got -1"),
     ],
 )
 def test_cli_bad_arguments(args, message, capsys):
@@ -123,6 +124,30 @@ def test_cli_unwritable_out_fails_before_training(where, tmp_path, capsys, monke
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1, captured
     assert captured.err.startswith(f"error: --out {where} ") and "--no-plots" in captured.err
+
+
+@pytest.mark.parametrize("threads", [None, "2", "0"])
+def test_cli_limits_the_thread_pools_while_training_only(threads, capsys, monkeypatch):
+    """The demo trains with one BLAS/OpenMP thread by default (--threads N, 0 for the libraries' own), and
+    gives the process its thread pools back afterwards."""
+    from threadpoolctl import threadpool_info
+
+    def pools():
+        return {pool["filepath"]: pool["num_threads"] for pool in threadpool_info()}
+
+    before, seen = pools(), []
+    real_train = demo.train
+
+    def spy(*args, **kwargs):
+        seen.append(pools())
+        return real_train(*args, **{**kwargs, "max_batches": 2})
+
+    monkeypatch.setattr(demo, "train", spy)
+    assert main(["demo", "--epochs", "1", "--no-plots", *(["--threads", threads] if threads else [])]) == 0
+    expected = {path: int(threads or 1) for path in before} if threads != "0" else before
+    assert before and seen == [expected]
+    assert pools() == before
+    assert f"{threads or 1 if threads != '0' else 'default'} BLAS thread" in capsys.readouterr().out
 
 
 def test_cli_bad_backend_is_named_as_the_option(capsys):
