@@ -687,3 +687,12 @@ def test_replaced_parameters_are_checked(make, attr, value, error, pattern, when
             layer.forwardpass(X)
         else:
             layer.backwardpass(0.1, X, delta)
+
+
+def test_a_parameter_on_another_device_is_named():
+    pytest.importorskip("array_api_strict")
+    layer = _conv_layer("array_api_strict")
+    layer.weights = conv2d.get_backend("array_api_strict:device1").asarray(np.ones((4, 3, 3, 3)))
+    with pytest.raises(ValueError, match=r"ConvolutionLayer\.weights is on device 'array_api_strict:device1' but the "
+                                         r"layer lives on 'array_api_strict'; move it there"):
+        layer.forwardpass(np.ones((1, 3, 8, 8)))
