@@ -2,6 +2,7 @@
 and any array API library, chosen by ``CONV2D_BACKEND`` or by the arrays you pass in."""
 
 from ._algorithms import ALGORITHMS as _ALGORITHM_TABLE
+from ._cache import clear_caches
 from ._functional import conv2d, conv2d_backward
 from .backends import (
     Backend,
@@ -27,6 +28,7 @@ __all__ = [
     "nn",
     "optim",
     "available_backends",
+    "clear_caches",
     "conv2d",
     "conv2d_backward",
     "get_backend",

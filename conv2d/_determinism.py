@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 ENV_VAR = "CONV2D_DETERMINISTIC"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -20,9 +22,9 @@ _FALSE = ("", "0", "false", "no", "off")
 def resolve_deterministic(deterministic: bool | None) -> bool:
     """The argument if given, else ``CONV2D_DETERMINISTIC`` (read at each call), else False."""
     if deterministic is not None:
-        if not isinstance(deterministic, bool):
+        if not isinstance(deterministic, (bool, np.bool_)):  # NumPy's bools too, as NumPy ints for stride
             raise TypeError(f"deterministic must be True, False or None, got {deterministic!r}")
-        return deterministic
+        return bool(deterministic)
     text = os.environ.get(ENV_VAR, "").strip().lower()
     if text in _TRUE:
         return True

@@ -18,17 +18,32 @@ def host_copy(array: Any) -> np.ndarray:
     return np.array(array, copy=True)
 
 
-def check_parameter(key: str, value: Any, current: Any, backend: Any) -> None:
-    """`value` may replace parameter `key` (now `current`): same library, shape and dtype, or an error naming `key`."""
-    if not backend.owns(value):
+def check_parameter(name: str, value: Any, shape: tuple[int, ...], dtype: Any, backend: Any) -> None:
+    """Refuse a parameter the layer cannot use as it is, naming it (`name`) and what it must be.
+
+    `value` must be an array of `backend`'s library, on its device, of exactly `shape` and `dtype`:
+    a weight of the right size but another shape would otherwise be reinterpreted silently by a
+    reshape, and one of another size fail deep inside with a message naming nothing.
+    """
+    expected = f"a {backend.name} array of shape {tuple(shape)} and dtype {dtype}"
+    try:
+        owner = backend_of(value, name)
+    except TypeError:
         raise TypeError(
-            f"parameter {key!r} must be a {backend.name} array like the layer's, got {type(value).__module__}."
-            f"{type(value).__qualname__}; convert it with layer.backend.asarray(value)"
+            f"{name} must be {expected}, got {type(value).__module__}.{type(value).__qualname__}; "
+            f"convert it with layer.backend.asarray(value, dtype={str(dtype).rpartition('.')[2]!r})"
+        ) from None
+    if owner.name != backend.name:
+        raise TypeError(
+            f"{name} is a {owner.name} array but the layer lives on backend {backend.spec!r}: it must be {expected}; "
+            "convert it with layer.backend.asarray(value)"
         )
-    if tuple(value.shape) != tuple(current.shape):
-        raise ValueError(f"parameter {key!r} must have shape {tuple(current.shape)}, got {tuple(value.shape)}")
-    if value.dtype != current.dtype:
-        raise TypeError(f"parameter {key!r} must have dtype {current.dtype}, got {value.dtype}; cast it first")
+    if owner.spec != backend.spec:  # by spec: a backend copied with other hooks (tests' kernels) is the same place
+        raise ValueError(f"{name} is on device {owner.spec!r} but the layer lives on {backend.spec!r}; move it there")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+    if value.dtype != dtype:
+        raise TypeError(f"{name} has dtype {value.dtype} but the layer computes in {dtype}: it must be {expected}")
 
 
 def unknown_keys(what: str, given: Any, known: Any) -> None:
@@ -68,11 +83,21 @@ class Parameterized:
         for key, value in mapping.items():
             setattr(self, key, value)
 
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape each parameter must have (in the layer's ``dtype``); ``{}`` without parameters."""
+        return {}
+
     def _check_parameters(self, mapping: Mapping[str, Any], prefix: str) -> None:
-        current = self.parameters()
-        unknown_keys("set_parameters()", [prefix + key for key in mapping], [prefix + key for key in current])
+        shapes = self.parameter_shapes()
+        unknown_keys("set_parameters()", [prefix + key for key in mapping], [prefix + key for key in shapes])
         for key, value in mapping.items():
-            check_parameter(prefix + key, value, current[key], self.backend)
+            # Named as the user wrote it: "ConvolutionLayer.weights", or "0.weights" inside a Sequential.
+            name = prefix + key if prefix else f"{type(self).__name__}.{key}"
+            check_parameter(name, value, shapes[key], self.dtype, self.backend)
+
+    def _check_current_parameters(self) -> None:
+        """The parameters as they are now (they may have been assigned directly) fit the layer."""
+        self._check_parameters(self.parameters(), "")
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Host (NumPy) copies of :meth:`parameters`, for saving or for another backend."""

@@ -1,12 +1,11 @@
 """The gather plan: for every patch element, where it is read from in one flattened input sample.
 
-Built once per geometry with NumPy on the host (it is small: one integer per patch element of one
-sample) and moved to each device once by ``Backend.constant``.
+Built with NumPy on the host for the output rows of one chunk (one integer per patch element of one
+sample's rows) and moved to each device once by ``Backend.constant``, which keeps it within
+``CONV2D_PLAN_CACHE`` bytes.
 """
 
 from __future__ import annotations
-
-import functools
 
 import numpy as np
 
@@ -30,37 +29,41 @@ def row_length(geom: Geometry) -> int:
     return geom.sample_size + 1 if geom.padded else geom.sample_size
 
 
-@functools.lru_cache(maxsize=128)
-def gather_indices(geom: Geometry) -> np.ndarray:
-    """Flat read positions of one sample's patch matrix, shape (C*kH*kW*OH*OW,).
+def row_plan(geom: Geometry, rows: tuple[int, int]) -> np.ndarray:
+    """Flat read positions of output rows ``[rows[0], rows[1])`` of one sample's patch matrix.
 
-    Ordered channel, kernel row, kernel column, output row, output column: reshaped to
-    (groups, C/groups*kH*kW, OH*OW) its rows follow ``weight.reshape(O, -1)``'s columns, so
-    the convolution is one batched matrix product and its result is already (N, O, OH*OW).
+    Shape (C*kH*kW*(rows[1]-rows[0])*OW,), ordered channel, kernel row, kernel column, output row,
+    output column: reshaped to (groups, C/groups*kH*kW, positions) its rows follow
+    ``weight.reshape(O, -1)``'s columns, so the convolution is one batched matrix product and its
+    result is already (N, O, positions).
+
+    Built for these rows only and straight in its index dtype: the plan is the one array of its
+    size (the rest have no channel axis), so a chunk of rows costs the chunk's plan and no
+    temporaries of the whole sample. Not cached here: ``Backend.constant`` keeps it, within
+    ``CONV2D_PLAN_CACHE`` bytes.
     """
     top, _, left, _ = geom.padding
-    channel = np.arange(geom.in_channels).reshape(-1, 1, 1, 1, 1)
-    kernel_row = np.arange(geom.kernel_h).reshape(1, -1, 1, 1, 1) * geom.dilation[0]
-    kernel_col = np.arange(geom.kernel_w).reshape(1, 1, -1, 1, 1) * geom.dilation[1]
-    out_row = np.arange(geom.out_h).reshape(1, 1, 1, -1, 1) * geom.stride[0]
-    out_col = np.arange(geom.out_w).reshape(1, 1, 1, 1, -1) * geom.stride[1]
-    rows = out_row + kernel_row - top
-    cols = out_col + kernel_col - left
-    inside = (rows >= 0) & (rows < geom.height) & (cols >= 0) & (cols < geom.width)
-    flat = (channel * geom.height + rows) * geom.width + cols
-    flat = np.where(inside, flat, geom.sample_size)  # outside: the zero after the sample
-    plan = np.ascontiguousarray(flat.reshape(-1), dtype=index_dtype(row_length(geom) - 1))
-    plan.flags.writeable = False  # shared by every caller through the cache
+    dtype = np.dtype(index_dtype(row_length(geom) - 1))
+    kernel_row = np.arange(geom.kernel_h).reshape(-1, 1, 1, 1) * geom.dilation[0]
+    kernel_col = np.arange(geom.kernel_w).reshape(1, -1, 1, 1) * geom.dilation[1]
+    out_row = np.arange(rows[0], rows[1]).reshape(1, 1, -1, 1) * geom.stride[0]
+    out_col = np.arange(geom.out_w).reshape(1, 1, 1, -1) * geom.stride[1]
+    in_row, in_col = out_row + kernel_row - top, out_col + kernel_col - left
+    inside = ((in_row >= 0) & (in_row < geom.height) & (in_col >= 0) & (in_col < geom.width)).reshape(-1)
+    # (kH, kW, rows, OW) offsets in one channel; zero outside, where the padding's zero is read instead.
+    offset = np.where(inside, (in_row * geom.width + in_col).reshape(-1), 0).astype(dtype)
+    plan = np.empty((geom.in_channels, offset.size), dtype=dtype)
+    channel_start = np.arange(geom.in_channels, dtype=dtype).reshape(-1, 1) * dtype.type(geom.height * geom.width)
+    np.add(channel_start, offset, out=plan)
+    plan[:, ~inside] = geom.sample_size  # outside: the zero after the sample
+    plan = plan.reshape(-1)
+    plan.flags.writeable = False  # shared by every caller through the backend's cache
     return plan
 
 
-def row_plan(geom: Geometry, rows: tuple[int, int]) -> np.ndarray:
-    """The gather plan of output rows ``[rows[0], rows[1])`` only (the whole plan for all rows)."""
-    plan = gather_indices(geom)
-    if rows == (0, geom.out_h):
-        return plan
-    per_row = plan.reshape(-1, geom.out_h, geom.out_w)[:, rows[0] : rows[1], :]
-    return per_row.reshape(-1).copy()
+def gather_indices(geom: Geometry) -> np.ndarray:
+    """The whole sample's plan: :func:`row_plan` of every output row."""
+    return row_plan(geom, (0, geom.out_h))
 
 
 def input_rows(geom: Geometry, rows: tuple[int, int]) -> tuple[int, int]:

@@ -8,6 +8,7 @@ over the batch, and over output rows when one sample alone does not fit.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -21,8 +22,8 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "m
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str, source: str) -> int:
-    """Bytes from ``"512MB"``, ``"1GiB"``, ``"1.5gb"`` or a plain number of bytes."""
+def parse_size(text: str, source: str, minimum: int = 1) -> int:
+    """Bytes from ``"512MB"``, ``"1GiB"``, ``"1.5gb"`` or a plain number of bytes (at least `minimum`)."""
     match = _SIZE.match(text)
     unit = match.group(2).lower() if match else ""
     if not match or unit not in _UNITS:
@@ -31,19 +32,20 @@ def parse_size(text: str, source: str) -> int:
             f"(units: {', '.join(u for u in _UNITS if u)})"
         )
     size = int(float(match.group(1)) * _UNITS[unit])
-    if size < 1:
-        raise ValueError(f"{source} must be at least 1 byte, got {text!r}")
+    if size < minimum:
+        raise ValueError(f"{source} must be at least {minimum} byte{'s' if minimum != 1 else ''}, got {text!r}")
     return size
 
 
 def resolve_limit(max_workspace_bytes: int | None) -> int:
     """The argument if given, else ``CONV2D_MAX_WORKSPACE`` (read at each call), else 1 GiB."""
     if max_workspace_bytes is not None:
-        if isinstance(max_workspace_bytes, bool) or not isinstance(max_workspace_bytes, int):
+        # NumPy integers are welcome, as for stride; True is a bug, not one byte.
+        if isinstance(max_workspace_bytes, bool) or not isinstance(max_workspace_bytes, numbers.Integral):
             raise TypeError(f"max_workspace_bytes must be an int number of bytes, got {max_workspace_bytes!r}")
         if max_workspace_bytes < 1:
             raise ValueError(f"max_workspace_bytes must be positive, got {max_workspace_bytes!r}")
-        return max_workspace_bytes
+        return int(max_workspace_bytes)
     text = os.environ.get(ENV_VAR, "").strip()
     return parse_size(text, f"the {ENV_VAR} environment variable") if text else DEFAULT_BYTES
 
@@ -91,6 +93,22 @@ def scratch_bytes(geom: Geometry, samples: int, rows: int, itemsize: int) -> int
     return itemsize * (samples * (padded_input + 4 * patches + readers + 2 * outputs) + weight)
 
 
+def _most_rows(geom: Geometry, itemsize: int, limit: int) -> int:
+    """The most output rows of one sample whose scratch fits in `limit` (0: not even one), below ``out_h``.
+
+    A binary search, as scratch grows with the rows: a scan row by row took seconds for a padding
+    of 10**6 (hours for 10**9) before it could say that nothing fits.
+    """
+    fits, too_many = 0, geom.out_h  # the whole sample is known not to fit
+    while too_many - fits > 1:
+        middle = (fits + too_many) // 2
+        if scratch_bytes(geom, 1, middle, itemsize) <= limit:
+            fits = middle
+        else:
+            too_many = middle
+    return fits
+
+
 def plan_chunks(geom: Geometry, batch: int, itemsize: int, limit: int) -> list[Chunk]:
     """Split a batch so that each chunk's scratch fits in `limit` bytes (MemoryError if none can)."""
     if batch == 0 or scratch_bytes(geom, batch, geom.out_h, itemsize) <= limit:
@@ -99,7 +117,7 @@ def plan_chunks(geom: Geometry, batch: int, itemsize: int, limit: int) -> list[C
         fixed = scratch_bytes(geom, 0, geom.out_h, itemsize)
         size = (limit - fixed) // (scratch_bytes(geom, 1, geom.out_h, itemsize) - fixed)
         return [Chunk(s, min(s + size, batch), 0, geom.out_h) for s in range(0, batch, size)]
-    rows = next((r for r in range(geom.out_h - 1, 0, -1) if scratch_bytes(geom, 1, r, itemsize) <= limit), 0)
+    rows = _most_rows(geom, itemsize, limit)
     if rows == 0:
         raise MemoryError(
             f"one output row of one sample needs {scratch_bytes(geom, 1, 1, itemsize):,} bytes of scratch, more than "

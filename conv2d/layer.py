@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_array_api_obj
 
 from . import _conv
 from ._conv import choose_algorithm
 from ._determinism import resolve_deterministic
-from ._functional import check_algorithm, check_arrays
+from ._functional import check_algorithm
 from ._parameters import Parameterized, dtype_name
 from ._workspace import resolve_limit
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry, positive_int, positive_ints
-from .backends import Backend, get_backend
+from .backends import Backend, backend_of, get_backend
 
 
 def _sigmoid(xp: Any, z: Any) -> Any:
@@ -35,6 +37,8 @@ ACTIVATIONS: dict[str | None, tuple[Callable[[Any, Any], Any], Callable[[Any, An
 
 def to_floating(backend: Backend, name: str, array: Any, dtype: Any = None) -> Any:
     """`array` moved to `backend`; TypeError unless it is real floating; cast to `dtype` if given."""
+    if is_array_api_obj(array):
+        backend_of(array, name)  # an unsupported array (a masked one) is refused under its own name
     array = backend.asarray(array)
     if not backend.xp.isdtype(array.dtype, "real floating"):
         raise TypeError(f"{name} has dtype {array.dtype}; the layer needs real floating data")
@@ -48,20 +52,51 @@ def forward_state(saved: Any) -> Any:
     return saved
 
 
+def batch_size(activation_prev: Any) -> int:
+    """The batch size of a layer input: anything forwardpass accepts, an array of any library or a nested list."""
+    shape = getattr(activation_prev, "shape", None)
+    if shape is not None and len(shape) > 0:
+        return int(shape[0])
+    if isinstance(activation_prev, Sequence) and not isinstance(activation_prev, (str, bytes)):
+        return len(activation_prev)
+    raise TypeError(
+        "activation_prev must be the input of the last forwardpass (an array, or a nested list of its samples), "
+        f"got {type(activation_prev).__name__} {activation_prev!r:.60}"
+    )
+
+
 def check_batch(activation_prev: Any, batch: int) -> None:
-    """backwardpass must be given the batch of the last forwardpass, not stale state of another one."""
-    if activation_prev.shape[0] != batch:
+    """backwardpass must be given the batch of the last forwardpass, not stale state of another one.
+
+    Only the batch size is read, so a nested list is as good as the array it became.
+    """
+    size = batch_size(activation_prev)
+    if size != batch:
         raise ValueError(
-            f"activation_prev has batch size {activation_prev.shape[0]} but the last forwardpass had {batch}; "
+            f"activation_prev has batch size {size} but the last forwardpass had {batch}; "
             "call forwardpass on this batch first"
         )
 
 
-def sgd_update(layer: Any, lr: float, grads: dict[str, Any]) -> None:
+def check_lr(lr: Any) -> float:
+    """The learning rate as a Python float: a real, finite, non-negative number (Python or NumPy scalar).
+
+    A Python float keeps the weights' dtype: a NumPy float64 scalar would promote float32 weights
+    on NumPy and JAX, and array-api-strict rejects it outright. A string, a bool, NaN or a negative
+    rate would silently ruin (or reverse) the training.
+    """
+    if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a real number such as 0.1, got {type(lr).__name__} {lr!r}")
+    value = float(lr)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"lr must be finite and non-negative, got {lr!r}")
+    return value
+
+
+
+def sgd_update(layer: Any, lr: Any, grads: dict[str, Any]) -> None:
     """The seed's plain SGD step, ``p - lr * grad`` for each parameter, as new arrays."""
-    # A Python float keeps the weights' dtype: a NumPy float64 scalar would promote float32
-    # weights on NumPy and JAX, and array-api-strict rejects it outright.
-    lr = float(lr)
+    lr = check_lr(lr)
     # New arrays rather than in-place updates: JAX arrays are immutable, and the caller may
     # still hold the old weights.
     for name, grad in grads.items():
@@ -100,6 +135,17 @@ class ConvolutionLayer(Parameterized):
         As in :func:`conv2d.conv2d`. The patch matrix built by `forwardpass` is kept for
         `backwardpass` when the batch fits in the workspace in one piece. ``deterministic=None``
         reads ``CONV2D_DETERMINISTIC`` at each call.
+
+    Notes
+    -----
+    The layer owns what it keeps between `forwardpass` and `backwardpass`: the activation's
+    derivative (computed in `forwardpass`), and the patch matrix or, when the batch was split, a
+    copy of `X`, never a view of the caller's arrays. So the returned output and `X` may be
+    changed in place afterwards (``out -= target``) without changing the gradients.
+
+    ``weights`` (numfilters, depth, rows, cols) and ``biases`` (numfilters,) may be replaced by
+    arrays of the layer's backend, device and dtype; anything else is refused at the next
+    `forwardpass` or `backwardpass` with a message naming the attribute.
 
     Examples
     --------
@@ -162,8 +208,13 @@ class ConvolutionLayer(Parameterized):
         rng = np.random.default_rng(seed)
         self.weights = self.backend.asarray(rng.normal(0.0, 0.1, weight_shape), dtype=self.dtype)
         self.biases = self.backend.asarray(rng.normal(0.0, 0.1, numfilters), dtype=self.dtype)
-        # (input, patches or None when the batch was split, activation) of the last forwardpass
-        self._saved: tuple[Any, Any | None, Any] | None = None
+        # (batch size, patches or None when the batch was split, a copy of X when it was split,
+        # activation derivative or None for no activation) of the last forwardpass
+        self._saved: tuple[int, Any | None, Any | None, Any | None] | None = None
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape each parameter must have."""
+        return {"weights": (self.out_depth, self.in_depth, self.filter_row, self.filter_col), "biases": (self.out_depth,)}
 
     def architecture(self) -> dict[str, Any]:
         """The constructor arguments that shape this layer, as JSON-ready values (see :func:`conv2d.nn.save`)."""
@@ -191,15 +242,22 @@ class ConvolutionLayer(Parameterized):
         expected = (self._geom.in_channels, self._geom.height, self._geom.width)
         if X.ndim != 4 or tuple(X.shape[1:]) != expected:
             raise ValueError(f"X must have shape (n, {', '.join(map(str, expected))}), got {tuple(X.shape)}")
-        check_arrays({"X": X, "weights": self.weights, "biases": self.biases})
+        self._check_current_parameters()
         limit = resolve_limit(self.max_workspace_bytes)
         pre, cols = _conv.forward(
             self.backend, X, self.weights, self.biases, self._geom, self.algorithm, limit,
             resolve_deterministic(self.deterministic),
         )
         xp = array_namespace(pre)
-        out = ACTIVATIONS[self.activation][0](xp, pre)
-        self._saved = (X, cols, out)
+        activation, derivative = ACTIVATIONS[self.activation]
+        out = activation(xp, pre)
+        # Keep only arrays the layer owns (see Notes): a patch matrix no larger than X may be a view
+        # of it (a 1x1 kernel's), and X itself is the caller's (or shares its memory).
+        if cols is not None and math.prod(cols.shape) <= math.prod(X.shape):
+            cols = xp.asarray(cols, copy=True)
+        kept_x = xp.asarray(X, copy=True) if cols is None else None
+        slope = None if self.activation is None else derivative(xp, out)
+        self._saved = (X.shape[0], cols, kept_x, slope)
         return out
 
     def backward(self, activation_prev: Any, delta: Any) -> tuple[Any, dict[str, Any]]:
@@ -219,13 +277,12 @@ class ConvolutionLayer(Parameterized):
         grads : dict
             ``{"weights": dE/dweights, "biases": dE/dbiases}``, keyed like :meth:`parameters`.
         """
-        X, cols, out = forward_state(self._saved)
-        batch = X.shape[0]
+        batch, cols, X, slope = forward_state(self._saved)
         check_batch(activation_prev, batch)
         delta = to_floating(self.backend, "delta", delta, self.dtype)
         check_output_shape("delta", tuple(delta.shape), batch, self._geom)
-        xp = array_namespace(delta)
-        grad_pre = delta * ACTIVATIONS[self.activation][1](xp, out)
+        self._check_current_parameters()
+        grad_pre = delta if slope is None else delta * slope
         limit = resolve_limit(self.max_workspace_bytes)
         grad_x, grad_w, grad_b = _conv.backward(
             self.backend, grad_pre, X, self.weights, self._geom, self.algorithm, limit, cols,
@@ -239,8 +296,9 @@ class ConvolutionLayer(Parameterized):
         Parameters
         ----------
         lr : float
-            Learning rate.
-        activation_prev : array
+            Learning rate: a real, finite, non-negative number (Python or NumPy scalar); anything
+            else (a string, a bool, NaN, a negative rate) is refused before any update.
+        activation_prev : array or nested list
             The input given to the last :meth:`forwardpass` (only its batch size is used).
         delta : array, shape (n, out_depth, out_row, out_col)
             dE/d(output of the last forwardpass).
@@ -250,6 +308,7 @@ class ConvolutionLayer(Parameterized):
         array, shape (n, in_depth, in_row, in_col)
             dE/dX, computed with the weights as they were before this update.
         """
+        check_lr(lr)  # before any work: a bad rate must not leave half an update behind
         grad_x, grads = self.backward(activation_prev, delta)
         sgd_update(self, lr, grads)
         return grad_x

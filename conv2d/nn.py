@@ -27,7 +27,7 @@ from ._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geo
 from ._conv import choose_algorithm
 from ._parameters import Parameterized, dtype_name, unknown_keys
 from .backends import Backend, backend_of, get_backend
-from .layer import ACTIVATIONS, check_batch, forward_state, sgd_update, to_floating
+from .layer import ACTIVATIONS, batch_size, check_batch, check_lr, forward_state, sgd_update, to_floating
 
 __all__ = [
     "AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "load", "save", "softmax_cross_entropy",
@@ -243,6 +243,13 @@ class DenseLayer(Parameterized):
     backend : str or Backend, optional
         Where the layer lives; default: the active backend.
 
+    Notes
+    -----
+    As :class:`conv2d.ConvolutionLayer`: the layer keeps a copy of its input and the activation's
+    derivative, so both the input and the returned output may be changed in place afterwards; a
+    replaced ``weights`` (out_features, in_features) or ``biases`` (out_features,) of another
+    shape, dtype, library or device is refused when next used, naming the attribute.
+
     Examples
     --------
     >>> import numpy as np, conv2d.nn
@@ -280,7 +287,12 @@ class DenseLayer(Parameterized):
         weights = rng.uniform(-bound, bound, (self.out_features, self.in_features))
         self.weights = self.backend.asarray(weights, dtype=self.dtype)
         self.biases = self.backend.asarray(rng.uniform(-bound, bound, self.out_features), dtype=self.dtype)
-        self._saved: tuple[Any, Any] | None = None  # (input, activation) of the last forward
+        # (a copy of the input, activation derivative or None for no activation) of the last forward
+        self._saved: tuple[Any, Any | None] | None = None
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape each parameter must have."""
+        return {"weights": (self.out_features, self.in_features), "biases": (self.out_features,)}
 
     def architecture(self) -> dict[str, Any]:
         """The constructor arguments that shape this layer, JSON-ready (see :func:`conv2d.nn.save`)."""
@@ -297,9 +309,12 @@ class DenseLayer(Parameterized):
         X = to_floating(self.backend, "X", X, self.dtype)
         if X.ndim != 2 or X.shape[1] != self.in_features:
             raise ValueError(f"X must have shape (n, {self.in_features}), got {tuple(X.shape)}")
+        self._check_current_parameters()
         xp = self.backend.xp
-        out = ACTIVATIONS[self.activation][0](xp, xp.matmul(X, xp.matrix_transpose(self.weights)) + self.biases)
-        self._saved = (X, out)
+        activation, derivative = ACTIVATIONS[self.activation]
+        out = activation(xp, xp.matmul(X, xp.matrix_transpose(self.weights)) + self.biases)
+        # The layer owns what it keeps, as ConvolutionLayer: the caller may change X or the output.
+        self._saved = (xp.asarray(X, copy=True), None if self.activation is None else derivative(xp, out))
         return out
 
     def backward(self, activation_prev: Any, delta: Any) -> tuple[Any, dict[str, Any]]:
@@ -312,13 +327,15 @@ class DenseLayer(Parameterized):
         delta : array, shape (n, out_features)
             dE/d(output of the last forwardpass).
         """
-        X, out = forward_state(self._saved)
+        X, slope = forward_state(self._saved)
         check_batch(activation_prev, X.shape[0])
         delta = to_floating(self.backend, "delta", delta, self.dtype)
-        if tuple(delta.shape) != tuple(out.shape):
-            raise ValueError(f"delta must have the forward output's shape {tuple(out.shape)}, got {tuple(delta.shape)}")
+        expected = (X.shape[0], self.out_features)
+        if tuple(delta.shape) != expected:
+            raise ValueError(f"delta must have the forward output's shape {expected}, got {tuple(delta.shape)}")
+        self._check_current_parameters()
         xp = self.backend.xp
-        grad_pre = delta * ACTIVATIONS[self.activation][1](xp, out)
+        grad_pre = delta if slope is None else delta * slope
         grad_x = xp.matmul(grad_pre, self.weights)
         grad_w = xp.matmul(xp.matrix_transpose(grad_pre), X)
         grad_b = xp.sum(grad_pre, axis=0)
@@ -330,11 +347,13 @@ class DenseLayer(Parameterized):
         Parameters
         ----------
         lr : float
-        activation_prev : array
+            A real, finite, non-negative number, as for :class:`conv2d.ConvolutionLayer`.
+        activation_prev : array or nested list
             The input of the last :meth:`forwardpass` (only its batch size is used: the layer kept it).
         delta : array, shape (n, out_features)
             dE/d(output of the last forwardpass).
         """
+        check_lr(lr)  # before any work: a bad rate must not leave half an update behind
         grad_x, grads = self.backward(activation_prev, delta)
         sgd_update(self, lr, grads)
         return grad_x
@@ -382,15 +401,20 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
     # (inside jax.jit) have no values to check: check them before the jitted call.
     if n and not backend.traced(labels) and not bool(xp.all((labels >= 0) & (labels < classes))):
         raise ValueError(f"labels must be class indices in [0, {classes}) for logits with {classes} columns")
-    # Subtracting each row's maximum keeps exp from overflowing and changes nothing else.
-    shifted = logits - xp.max(logits, axis=1, keepdims=True)
-    exp = xp.exp(shifted)
+    # Subtracting each row's maximum keeps exp from overflowing and changes nothing else. A logit
+    # more than the largest float below the maximum has probability 0 either way: raising it to
+    # that bound first keeps the subtraction itself from overflowing (float32 [3e38, -3e38]).
+    top = xp.max(logits, axis=1, keepdims=True)
+    floor = xp.maximum(top, xp.zeros_like(top)) - xp.finfo(logits.dtype).max
+    exp = xp.exp(xp.maximum(logits, floor) - top)
     total = xp.sum(exp, axis=1, keepdims=True)
-    log_prob = shifted - xp.log(total)
     classes_row = xp.reshape(xp.arange(classes, dtype=labels.dtype, device=device_of(labels)), (1, classes))
-    onehot = xp.astype(xp.reshape(labels, (n, 1)) == classes_row, logits.dtype)
-    loss = -xp.sum(onehot * log_prob) / n
-    grad = (exp / total - onehot) / n
+    is_label = xp.reshape(labels, (n, 1)) == classes_row
+    # -log softmax at the label, from the label's own logit picked by `where`: multiplying a
+    # one-hot with log-probabilities made 0 * -inf = NaN for any class of probability 0.
+    label_logit = xp.sum(xp.where(is_label, logits, xp.zeros_like(logits)), axis=1, keepdims=True)
+    loss = xp.sum((top - label_logit) + xp.log(total)) / n
+    grad = (exp / total - xp.astype(is_label, logits.dtype)) / n
     return loss, grad
 
 
@@ -439,7 +463,7 @@ class Sequential:
 
         Nothing is updated; the gradients are keyed like :meth:`parameters`.
         """
-        check_batch(activation_prev, forward_state(self._inputs)[0].shape[0])
+        check_batch(activation_prev, batch_size(forward_state(self._inputs)[0]))
         grads: dict[str, Any] = {}
         for index in reversed(range(len(self.layers))):
             delta, layer_grads = self.layers[index].backward(self._inputs[index], delta)
@@ -449,7 +473,8 @@ class Sequential:
 
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
         """Run `delta` (dE/d(output)) back through the layers, updating each; return dE/dX."""
-        check_batch(activation_prev, forward_state(self._inputs)[0].shape[0])
+        check_lr(lr)  # before any layer is updated
+        check_batch(activation_prev, batch_size(forward_state(self._inputs)[0]))
         for layer, layer_input in zip(reversed(self.layers), reversed(self._inputs), strict=True):
             delta = layer.backwardpass(lr, layer_input, delta)
         return delta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,11 +103,58 @@ def test_cli_environment_variable_picks_the_backend(capsys, monkeypatch):
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--lr", "-1"], "--lr must be positive"),
+        (["--threads", "-1"], "--threads must be 0 (the libraries' defaults) or a number of threads, got -1"),
     ],
 )
 def test_cli_bad_arguments(args, message, capsys):
     assert main(["demo", *args, "--no-plots"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["a-file", "/proc/forbidden"])
+def test_cli_unwritable_out_fails_before_training(where, tmp_path, capsys, monkeypatch):
+    """An --out that cannot take the plots is one line and exit status 2 at once, not a traceback after training."""
+    if where == "a-file":
+        where = tmp_path / "plots"
+        where.write_text("not a folder")
+    elif not Path("/proc").is_dir():
+        pytest.skip("needs Linux's /proc")
+    monkeypatch.setattr(demo, "load_digits", lambda *a, **k: pytest.fail("the demo loaded the data before checking --out"))
+    assert main(["demo", "--out", str(where)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert captured.err.startswith(f"error: --out {where} ") and "--no-plots" in captured.err
+
+
+@pytest.mark.parametrize("threads", [None, "2", "0"])
+def test_cli_limits_the_thread_pools_while_training_only(threads, capsys, monkeypatch):
+    """The demo trains with one BLAS/OpenMP thread by default (--threads N, 0 for the libraries' own), and
+    gives the process its thread pools back afterwards."""
+    from threadpoolctl import threadpool_info
+
+    def pools():
+        return {pool["filepath"]: pool["num_threads"] for pool in threadpool_info()}
+
+    before, seen = pools(), []
+    real_train = demo.train
+
+    def spy(*args, **kwargs):
+        seen.append(pools())
+        return real_train(*args, **{**kwargs, "max_batches": 2})
+
+    monkeypatch.setattr(demo, "train", spy)
+    assert main(["demo", "--epochs", "1", "--no-plots", *(["--threads", threads] if threads else [])]) == 0
+    expected = {path: int(threads or 1) for path in before} if threads != "0" else before
+    assert before and seen == [expected]
+    assert pools() == before
+    assert f"{threads or 1 if threads != '0' else 'default'} BLAS thread" in capsys.readouterr().out
+
+
+def test_cli_bad_backend_is_named_as_the_option(capsys):
+    """The error names --backend, where the value came from, not the get_backend() call behind it."""
+    assert main(["demo", "--backend", "tensorflow", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown conv2d backend 'tensorflow' (from --backend)" in err and "get_backend" not in err, err
 
 
 def test_demo_module_imports_no_demo_dependency():

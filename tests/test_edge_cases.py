@@ -220,7 +220,7 @@ def test_the_plan_widens_to_int64_past_the_int32_limit(monkeypatch):
     """gather_indices picks its dtype from the largest index it holds (the padding's zero at C*H*W):
     shown by lowering the int32 limit to just below and at that index (nothing large allocated)."""
     geom = make_geometry((1, 2, 5, 4), (1, 2, 3, 3), None, padding=1)
-    build = gather_indices.__wrapped__  # bypass (and leave alone) the cache: rebuilt under each limit
+    build = gather_indices  # not cached: rebuilt under each limit
     expected = build(geom)
     assert expected.max() == geom.sample_size == 40
     monkeypatch.setattr(_plan, "_INT32_MAX", 40)

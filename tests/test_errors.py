@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -33,6 +34,12 @@ def _torch():
 
 def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
+
+
+def _matrix(array):
+    with warnings.catch_warnings():  # NumPy discourages np.matrix; that is the point of the case
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.asmatrix(array)
 
 
 def _strict(device: str | None = None):
@@ -154,6 +161,18 @@ ARRAY_CASES: list[tuple[str, Callable, type, str]] = [
     ("conv2d: list weight", lambda: conv(X, W.tolist()), TypeError, r"weight must be an array of one of numpy, .*got builtins\.list"),
     ("conv2d: float bias", lambda: conv(X, W, 0.5), TypeError, r"bias must be an array of one of numpy, .*got builtins\.float"),
     ("conv2d: None x", lambda: conv(None, W), TypeError, r"x must be an array of one of numpy, .*got builtins\.NoneType"),
+    # NumPy subclasses whose arithmetic is not ndarray's (a mask would be dropped or misapplied)
+    ("conv2d: masked x", lambda: conv(np.ma.masked_less(X, 0), W), TypeError,
+     r"x is a numpy\.ma\.MaskedArray, a NumPy array subclass .*x\.filled\(value\)"),
+    ("conv2d: masked bias", lambda: conv(X, W, np.ma.masked_array(B)), TypeError, r"bias is a numpy\.ma\.MaskedArray"),
+    ("conv2d_backward: masked grad_out", lambda: backward(np.ma.masked_array(G), X, W), TypeError,
+     r"grad_out is a numpy\.ma\.MaskedArray"),
+    ("Backend.asarray: masked array", lambda: conv2d.get_backend("numpy").asarray(np.ma.masked_array(X)), TypeError,
+     r"obj is a numpy\.ma\.MaskedArray"),
+    ("nn.softmax_cross_entropy: np.matrix logits", lambda: conv2d.nn.softmax_cross_entropy(_matrix(G[:, :, 0, 0]), [0, 1]),
+     TypeError, r"logits is a numpy\.matrix.*np\.asarray\(logits\)"),
+    ("nn.softmax_cross_entropy: masked logits", lambda: conv2d.nn.softmax_cross_entropy(np.ma.masked_array(G[:, :, 0, 0]), [0, 1]),
+     TypeError, r"logits is a numpy\.ma\.MaskedArray"),
     # devices
     ("conv2d: two array_api_strict devices", lambda: conv(_strict().asarray(X), _strict("device1").asarray(W)), ValueError,
      r"x is on device 'array_api_strict' but weight is on 'array_api_strict:device1'"),
@@ -222,12 +241,27 @@ LAYER_METHOD_CASES: list[tuple[str, Callable, type, str]] = [
      r"X must have shape \(n, 3, 8, 8\), got \(2, 2, 8, 8\)"),
     ("forwardpass: 3-D", lambda: Layer((3, 8, 8), (3, 3), 4).forwardpass(X[0]), ValueError, r"X must have shape \(n, 3, 8, 8\), got \(3, 8, 8\)"),
     ("forwardpass: int X", lambda: Layer((3, 8, 8), (3, 3), 4).forwardpass(X.astype(np.int64)), TypeError, r"X has dtype int64"),
+    ("forwardpass: masked X", lambda: Layer((3, 8, 8), (3, 3), 4).forwardpass(np.ma.masked_less(X, 0)), TypeError,
+     r"X is a numpy\.ma\.MaskedArray, a NumPy array subclass"),
     ("backwardpass before forwardpass", lambda: Layer((3, 8, 8), (3, 3), 4).backwardpass(0.1, X, G), RuntimeError,
      r"backwardpass needs a forwardpass first"),
     ("backwardpass: delta of the wrong shape", lambda: _layer_after_forward().backwardpass(0.1, X, G[:, :, :5]), ValueError,
      r"delta must have the forward output's shape \(2, 4, 6, 6\) .*got \(2, 4, 5, 6\)"),
     ("backwardpass: activation_prev of another batch", lambda: _layer_after_forward().backwardpass(0.1, X[:1], G), ValueError,
      r"activation_prev has batch size 1 but the last forwardpass had 2"),
+    ("backwardpass: lr a string", lambda: _layer_after_forward().backwardpass("0.1", X, G), TypeError,
+     r"lr must be a real number such as 0\.1, got str '0\.1'"),
+    ("backwardpass: lr True", lambda: _layer_after_forward().backwardpass(True, X, G), TypeError, r"lr must be a real number .*got bool True"),
+    ("backwardpass: lr NaN", lambda: _layer_after_forward().backwardpass(float("nan"), X, G), ValueError,
+     r"lr must be finite and non-negative, got nan"),
+    ("backwardpass: lr infinite", lambda: _layer_after_forward().backwardpass(np.float32("inf"), X, G), ValueError,
+     r"lr must be finite and non-negative, got .*inf"),
+    ("backwardpass: lr negative", lambda: _layer_after_forward().backwardpass(-0.1, X, G), ValueError,
+     r"lr must be finite and non-negative, got -0\.1"),
+    ("backwardpass: lr an array", lambda: _layer_after_forward().backwardpass(np.array([0.1]), X, G), TypeError,
+     r"lr must be a real number .*got ndarray"),
+    ("backwardpass: activation_prev an int", lambda: _layer_after_forward().backwardpass(0.1, 2, G), TypeError,
+     r"activation_prev must be the input of the last forwardpass .*got int 2"),
     ("backwardpass: int delta", lambda: _layer_after_forward().backwardpass(0.1, X, G.astype(np.int64)), TypeError, r"delta has dtype int64"),
 ]
 
@@ -246,6 +280,65 @@ def test_bad_argument_message(description, call, error, pattern):
     message = str(info.value)
     assert type(info.value) is error, f"{description}: {type(info.value).__name__} instead of {error.__name__}: {message}"
     assert re.search(pattern, message), f"{description}: message {message!r} does not match {pattern!r}"
+
+
+@pytest.mark.parametrize("layer_kind", ["conv", "dense", "sequential"])
+def test_a_refused_lr_changes_no_weight(layer_kind):
+    """NaN used to turn every weight into NaN; a refused rate must leave the layer as it was."""
+    if layer_kind == "conv":
+        layer, x, delta = Layer((3, 8, 8), (3, 3), 4, seed=0), X, G
+    else:
+        dense = conv2d.nn.DenseLayer(8, 3, seed=0)
+        layer = dense if layer_kind == "dense" else conv2d.nn.Sequential([conv2d.nn.FlattenLayer(), dense])
+        x, delta = X[:, 0, 0, :], rng.standard_normal((2, 3))
+    layer.forwardpass(x)
+    weights = [np.array(w) for w in _weights(layer)]
+    for lr in (float("nan"), -1.0, "0.1", True):
+        with pytest.raises((TypeError, ValueError), match="lr must be"):
+            layer.backwardpass(lr, x, delta)
+    for before, after in zip(weights, _weights(layer), strict=True):
+        np.testing.assert_array_equal(after, before)
+
+
+def _weights(layer):
+    found = [layer] if hasattr(layer, "weights") else [sub for sub in layer.layers if hasattr(sub, "weights")]
+    return [array for sub in found for array in (sub.weights, sub.biases)]
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax", "array_api_strict"])
+def test_numpy_scalars_lists_and_any_case_are_accepted(backend_name):
+    """What stride already accepted (NumPy integers) the other arguments accept too, with the same result."""
+    backend = conv2d.get_backend(backend_name)
+    for spec in (backend.spec.upper(), backend.spec.title()):
+        assert conv2d.get_backend(spec) is backend, spec
+    dtype = "float32"
+    reference = Layer((3, 8, 8), (3, 3), 4, seed=3, backend=backend, dtype=dtype)
+    layer = Layer((3, 8, 8), (3, 3), 4, seed=3, backend=backend, dtype=dtype,
+                  max_workspace_bytes=np.int64(2**20), deterministic=np.True_)
+    expected = [reference.forwardpass(X), reference.backwardpass(0.1, X, G)]
+    got = [layer.forwardpass(X), layer.backwardpass(np.float32(0.1), X.tolist(), G)]  # activation_prev as a list
+    for name, a, b in zip(("forward", "backward"), got, expected):
+        np.testing.assert_allclose(backend.to_numpy(a), backend.to_numpy(b), rtol=1e-6, atol=1e-6, err_msg=name)
+    assert layer.weights.dtype == reference.weights.dtype  # a NumPy float32 lr promotes nothing
+    np.testing.assert_allclose(backend.to_numpy(layer.weights), backend.to_numpy(reference.weights), rtol=1e-6, atol=1e-7)
+    x, w = backend.asarray(X, dtype=dtype), backend.asarray(W, dtype=dtype)
+    np.testing.assert_array_equal(
+        backend.to_numpy(conv(x, w, max_workspace_bytes=np.int64(10**6), deterministic=np.False_)),
+        backend.to_numpy(conv(x, w)))
+
+
+def test_float64_on_jax_without_64_bit_types_names_the_switch():
+    """The message said only that float64 was not available, not how to turn it on."""
+    jax = pytest.importorskip("jax")
+    backend = conv2d.get_backend("jax")
+    was = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with pytest.raises(TypeError, match=r"dtype 'float64' is not available on backend 'jax.*JAX_ENABLE_X64=1.*float32"):
+            Layer((1, 4, 4), (3, 3), 2, backend=backend)
+        assert Layer((1, 4, 4), (3, 3), 2, backend=backend, dtype="float32").weights.dtype == backend.dtype("float32")
+    finally:
+        jax.config.update("jax_enable_x64", was)
 
 
 def test_table_descriptions_are_unique():

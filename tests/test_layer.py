@@ -577,3 +577,122 @@ def test_training_fits_a_teacher(cpu_backend):
     final = step(0.0)
     assert np.all(np.diff(losses) < 0), f"loss did not decrease monotonically: {losses}"
     assert final < losses[0] / 1e4, f"loss went from {losses[0]:.3g} to only {final:.3g}"
+
+
+# --------------------------------------------------------------------------------------------
+# The layer owns what it keeps between forwardpass and backwardpass
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 2)])
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+def test_changing_x_or_the_output_after_forwardpass_changes_nothing(cpu_backend, activation, kernel, split):
+    """`out -= target` (the output becomes the delta) and writing into X after forwardpass used to change
+    dE/dX (by up to 0.34): the derivative was read from the returned array, and the kept patches (a 1x1
+    kernel's) or X could be views of the caller's X. NumPy X on torch shares its memory, too."""
+    if cpu_backend.name == "jax":
+        pytest.skip("JAX arrays are immutable: nothing can change them in place")
+    from conv2d._workspace import plan_chunks, scratch_bytes
+
+    in_channels, batch = (1, 6, 5), 2  # one channel: the channel-major patches of a 1x1 kernel are X itself
+    layer = conv2d.ConvolutionLayer(in_channels, kernel, 3, activation=activation, seed=4, backend=cpu_backend)
+    if split:
+        layer.max_workspace_bytes = scratch_bytes(layer._geom, 1, layer.out_row, 8)
+        assert len(plan_chunks(layer._geom, batch, 8, layer.max_workspace_bytes)) == batch
+    rng = np.random.default_rng(32)
+    w0, b0 = _params(layer)
+    X = rng.standard_normal((batch, *in_channels))
+    target = rng.random((batch, 3, layer.out_row, layer.out_col))
+    y, *_ = torch_layer(X, w0, b0, np.zeros_like(target), activation)
+    _, gx, gw, gb = torch_layer(X, w0, b0, y - target, activation)
+    X_here = cpu_backend.asarray(X)
+    out = layer.forwardpass(X_here)
+    out -= cpu_backend.asarray(target)  # in place, as a seed-style training loop does
+    X_here[...] = 7.0
+    X[...] = -3.0
+    grad_x = layer.backwardpass(0.25, X_here, out)
+    assert_close(cpu_backend, grad_x, gx, "float64", "dE/dX")
+    w1, b1 = _params(layer)
+    assert_close(conv2d.get_backend("numpy"), (w0 - w1) / 0.25, gw, "float64", "weight gradient")
+    assert_close(conv2d.get_backend("numpy"), (b0 - b1) / 0.25, gb, "float64", "bias gradient")
+
+
+def test_dense_layer_owns_what_it_keeps(cpu_backend):
+    """DenseLayer likewise: its input and output may be changed in place after forwardpass."""
+    if cpu_backend.name == "jax":
+        pytest.skip("JAX arrays are immutable: nothing can change them in place")
+    import torch
+
+    dense = conv2d.nn.DenseLayer(5, 3, activation="tanh", seed=1, backend=cpu_backend)
+    rng = np.random.default_rng(33)
+    X, target = rng.standard_normal((4, 5)), rng.standard_normal((4, 3))
+    xt = torch.tensor(X, requires_grad=True)
+    wt, bt = (torch.tensor(np.array(cpu_backend.to_numpy(a), dtype=np.float64), requires_grad=True)
+              for a in (dense.weights, dense.biases))
+    yt = torch.tanh(xt @ wt.T + bt)
+    yt.backward(yt.detach() - torch.tensor(target))
+    X_here = cpu_backend.asarray(X)
+    out = dense.forwardpass(X_here)
+    out -= cpu_backend.asarray(target)
+    X_here[...] = 5.0
+    assert_close(cpu_backend, dense.backwardpass(0.5, X_here, out), xt.grad.numpy(), "float64", "dE/dX")
+    assert_close(cpu_backend, dense.weights, (wt - 0.5 * wt.grad).detach().numpy(), "float64", "weights")
+
+
+# --------------------------------------------------------------------------------------------
+# Replaced weights and biases are checked where they are used
+# --------------------------------------------------------------------------------------------
+
+def _conv_layer(backend="numpy"):
+    return conv2d.ConvolutionLayer((3, 8, 8), (3, 3), 4, seed=0, backend=backend)
+
+
+def _dense_layer():
+    return conv2d.nn.DenseLayer(6, 3, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("make", "attr", "value", "error", "pattern"),
+    [
+        # The same size as the expected (4, 3, 3, 3): used to be reinterpreted silently.
+        (_conv_layer, "weights", np.ones((12, 3, 3, 1)), ValueError,
+         r"ConvolutionLayer\.weights must have shape \(4, 3, 3, 3\), got \(12, 3, 3, 1\)"),
+        (_conv_layer, "weights", np.ones((4, 3, 5, 5)), ValueError,
+         r"ConvolutionLayer\.weights must have shape \(4, 3, 3, 3\), got \(4, 3, 5, 5\)"),
+        (_conv_layer, "biases", np.ones((4, 1)), ValueError, r"ConvolutionLayer\.biases must have shape \(4,\), got \(4, 1\)"),
+        (_conv_layer, "weights", np.ones((4, 3, 3, 3), dtype=np.float32), TypeError,
+         r"ConvolutionLayer\.weights has dtype float32 but the layer computes in float64"),
+        (_conv_layer, "weights", np.ones((4, 3, 3, 3)).tolist(), TypeError,
+         r"ConvolutionLayer\.weights must be a numpy array of shape \(4, 3, 3, 3\) and dtype float64, got builtins\.list"),
+        (_conv_layer, "biases", "torch", TypeError,
+         r"ConvolutionLayer\.biases is a torch array but the layer lives on backend 'numpy'"),
+        (_dense_layer, "weights", np.ones((6, 3)), ValueError, r"DenseLayer\.weights must have shape \(3, 6\), got \(6, 3\)"),
+        (_dense_layer, "biases", np.ones(3, dtype=np.float32), TypeError, r"DenseLayer\.biases has dtype float32"),
+    ],
+)
+@pytest.mark.parametrize("when", ["before forwardpass", "before backwardpass"])
+def test_replaced_parameters_are_checked(make, attr, value, error, pattern, when):
+    import torch
+
+    layer = make()
+    if isinstance(value, str):
+        value = torch.ones(4, dtype=torch.float64)
+    X = np.random.default_rng(0).standard_normal((2, 3, 8, 8) if make is _conv_layer else (2, 6))
+    if when == "before backwardpass":
+        delta = np.ones(tuple(layer.forwardpass(X).shape))
+    setattr(layer, attr, value)
+    with pytest.raises(error, match=pattern):
+        if when == "before forwardpass":
+            layer.forwardpass(X)
+        else:
+            layer.backwardpass(0.1, X, delta)
+
+
+def test_a_parameter_on_another_device_is_named():
+    pytest.importorskip("array_api_strict")
+    layer = _conv_layer("array_api_strict")
+    layer.weights = conv2d.get_backend("array_api_strict:device1").asarray(np.ones((4, 3, 3, 3)))
+    with pytest.raises(ValueError, match=r"ConvolutionLayer\.weights is on device 'array_api_strict:device1' but the "
+                                         r"layer lives on 'array_api_strict'; move it there"):
+        layer.forwardpass(np.ones((1, 3, 8, 8)))

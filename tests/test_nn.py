@@ -222,6 +222,30 @@ def test_softmax_cross_entropy_against_torch(backend, scale):
     assert np.isfinite(float(loss))
 
 
+@pytest.mark.parametrize(
+    ("logits", "labels", "dtype"),
+    [([[-np.inf, 0.0, 0.0], [1.0, 2.0, 3.0]], [1, 2], "float64"),
+     ([[3e38, -3e38, 0.0]], [0], "float32"),
+     ("random-with-inf", [0, 3, 1, 2, 4], "float64")],
+    ids=["minus-inf-logit", "float32-extremes", "random-with-inf"],
+)
+def test_softmax_cross_entropy_with_infinite_log_probabilities(cpu_backend, logits, labels, dtype):
+    """A class with probability 0 (logit -inf, or a shift that overflows to -inf) is not NaN: PyTorch's value."""
+    if isinstance(logits, str):
+        rng = np.random.default_rng(11)
+        logits = rng.standard_normal((5, 6))
+        logits[rng.random((5, 6)) < 0.3] = -np.inf
+        logits[np.arange(5), labels] = rng.standard_normal(5)  # the label's own class stays finite
+    logits = np.asarray(logits, dtype=dtype)
+    loss, grad = nn.softmax_cross_entropy(cpu_backend.asarray(logits), cpu_backend.asarray(np.array(labels)))
+    lt = torch.tensor(logits, requires_grad=True)
+    expected = F.cross_entropy(lt, torch.tensor(labels))
+    expected.backward()
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(_np(cpu_backend, grad)))
+    assert_close(cpu_backend, loss, expected.detach().numpy(), dtype, "loss")
+    assert_close(cpu_backend, grad, lt.grad.numpy(), dtype, "gradient")
+
+
 def test_softmax_cross_entropy_labels_from_anywhere(backend):
     """Labels as a list, NumPy int32 or another library's array are moved to the logits' backend."""
     logits = backend.asarray(np.random.default_rng(0).standard_normal((3, 4)))

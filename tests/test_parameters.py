@@ -107,12 +107,12 @@ def test_set_parameters_checks_all_before_replacing(backend):
     good = backend.asarray(np.ones(tuple(params["0.biases"].shape)))
     with pytest.raises(KeyError, match="7.weights"):
         net.set_parameters({"7.weights": good})
-    with pytest.raises(ValueError, match=r"'2\.biases' must have shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"2\.biases must have shape \(3,\)"):
         net.set_parameters({"0.biases": good, "2.biases": backend.asarray(np.ones(4))})
-    with pytest.raises(TypeError, match="'0.biases' must have dtype"):
+    with pytest.raises(TypeError, match=r"0\.biases has dtype \S*float32 but the layer computes in \S*float64"):
         net.set_parameters({"0.biases": backend.asarray(np.ones(4, dtype=np.float32))})
     if backend.name != "numpy":
-        with pytest.raises(TypeError, match="'0.biases' must be a"):
+        with pytest.raises(TypeError, match=r"0\.biases is a numpy array but the layer lives on"):
             net.set_parameters({"0.biases": np.ones(4)})
     assert net.parameters()["0.biases"] is params["0.biases"]  # nothing replaced by the failed calls
     net.set_parameters({"0.biases": good})

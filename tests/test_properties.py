@@ -149,7 +149,7 @@ def test_torch_matches_pytorch(case, dtype, algorithm, seed):
     _check_against_pytorch("torch", case, dtype, algorithm, seed)
 
 
-@settings(max_examples=_examples(40))  # JAX compiles each new shape: fewer examples
+@settings(max_examples=_examples(15))  # JAX compiles each new shape: fewer examples (thorough: 150)
 @given(case=convolutions(), dtype=DTYPES, algorithm=ALGORITHMS, seed=SEEDS)
 def test_jax_matches_pytorch(case, dtype, algorithm, seed):
     """JAX (CPU): output and the three gradients equal PyTorch's for any legal geometry."""
@@ -193,7 +193,7 @@ def split_convolutions(draw) -> tuple[dict, str, int, str]:
     return case, dtype, limit, how
 
 
-@settings(max_examples=_examples(100))
+@settings(max_examples=_examples(50))  # three backends, whole and split: the suite's slowest property (thorough: 500)
 @given(split=split_convolutions(), backend=st.sampled_from(["numpy", "torch", "array_api_strict"]), algorithm=ALGORITHMS,
        seed=SEEDS)
 def test_split_workspace_gives_the_same_results(split, backend, algorithm, seed):
@@ -222,7 +222,7 @@ def test_split_workspace_gives_the_same_results(split, backend, algorithm, seed)
 # ---------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=_examples(100))
+@settings(max_examples=_examples(50))  # a C++ build behind each kernel call (thorough: 500)
 @given(split=split_convolutions(), path=st.sampled_from(["kernels", "gather"]), whole=st.booleans(), seed=SEEDS)
 def test_gpu_paths_match_pytorch(split, path, whole, seed):
     """'kernels' and deterministic 'gather' on a backend like a GPU's equal PyTorch, in one chunk or several."""

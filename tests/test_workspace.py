@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 
 import numpy as np
@@ -75,6 +76,42 @@ def test_too_small_a_limit_is_a_memory_error_saying_how_much_and_how_to_fix():
         conv2d.conv2d(x, w, max_workspace_bytes=100, **GEOMETRY["kwargs"])
 
 
+def _counting_scratch(monkeypatch, most: int) -> list[int]:
+    """Count plan_chunks' scratch estimates, and stop it (AssertionError) past `most` of them."""
+    calls = [0]
+
+    def counted(*args):
+        calls[0] += 1
+        assert calls[0] <= most, f"plan_chunks estimated the scratch more than {most} times: a scan, not a search"
+        return scratch_bytes(*args)
+
+    monkeypatch.setattr("conv2d._workspace.scratch_bytes", counted)
+    return calls
+
+
+@pytest.mark.parametrize("padding", [10**6, 10**9])
+def test_a_hopeless_request_fails_at_once(monkeypatch, padding):
+    """A huge padding used to be scanned row by row (9 s for 10**6, hours for 10**9) before the MemoryError."""
+    calls = _counting_scratch(monkeypatch, most=200)
+    started = time.perf_counter()
+    with pytest.raises(MemoryError, match="one output row of one sample needs .* bytes of scratch"):
+        conv2d.conv2d(np.ones((2, 4, 8, 8)), np.ones((6, 2, 3, 3)), groups=2, padding=padding)
+    assert time.perf_counter() - started < 2, "hang detector: a failed plan must not take seconds"
+    assert calls[0] <= 2 * (padding * 2).bit_length() + 4
+
+
+def test_the_row_search_finds_the_most_rows_that_fit(monkeypatch):
+    """The binary search gives the chunks the row-by-row scan gave: the most rows under the limit."""
+    geom = make_geometry((3, 2, 300, 40), (5, 2, 3, 3), None, padding=1)
+    for rows in (1, 2, 7, 150, 299):
+        limit = scratch_bytes(geom, 1, rows, 8) + 7
+        calls = _counting_scratch(monkeypatch, most=40)
+        chunks = plan_chunks(geom, 3, 8, limit)
+        assert {c.row_stop - c.row_start for c in chunks if c.row_stop < geom.out_h} == {rows}
+        assert calls[0] < 40
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("algorithm", ["gather", "slices"])
 @pytest.mark.parametrize("split", ["batch", "rows"])
 def test_split_results_equal_unsplit_and_pytorch(backend, algorithm, split):
@@ -107,6 +144,38 @@ def test_layer_with_a_small_workspace_matches_the_unsplit_layer(cpu_backend):
     results = [[layer.forwardpass(X), layer.backwardpass(0.1, X, delta), layer.weights, layer.biases] for layer in layers]
     for a, s in zip(*results):
         np.testing.assert_allclose(cpu_backend.to_numpy(s), cpu_backend.to_numpy(a), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("cache", ["0", "1MiB"])
+def test_gather_split_by_rows_builds_only_each_chunks_plan(monkeypatch, cache):
+    """gather used to build the whole sample's plan in int64 temporaries for every chunk of rows
+    (x 16x512x512, 64 MiB limit: +604 MiB). The scratch stays under the limit, plus what the plan
+    cache may keep (CONV2D_PLAN_CACHE), and the cache keeps no more than that after the call."""
+    monkeypatch.setenv("CONV2D_PLAN_CACHE", cache)
+    conv2d.clear_caches()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 16, 96, 96)).astype(np.float32)
+    w = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
+    g = rng.standard_normal((1, 8, 96, 96)).astype(np.float32)
+    limit, kept = 2**20, parse_size(cache, "cache", minimum=0)
+    geom = make_geometry(x.shape, w.shape, None, padding=1)
+    assert len(plan_chunks(geom, 1, 4, limit)) > 4  # split by rows, one sample
+    results = 2 * g.nbytes + x.nbytes + w.nbytes  # y, grad_x and grad_weight (the bias gradient is small)
+    conv2d.conv2d_backward(g[:, :, :4, :4], x[:, :, :4, :4], w, padding=1, algorithm="gather")  # imports done
+    conv2d.clear_caches()
+    tracemalloc.start()
+    try:
+        y = conv2d.conv2d(x, w, padding=1, algorithm="gather", max_workspace_bytes=limit)
+        grads = conv2d.conv2d_backward(g, x, w, padding=1, algorithm="gather", max_workspace_bytes=limit)
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= limit + kept + results, f"peak {peak:,} bytes > limit {limit:,} + cache {kept:,} + results {results:,}"
+    assert current <= kept + results + 2**16, f"{current:,} bytes still held after the calls"
+    reference = torch_conv(x.astype(np.float64), w.astype(np.float64), np.zeros(8), g.astype(np.float64), padding=1)
+    numpy = conv2d.get_backend("numpy")
+    for name, ours, ref in zip(("y", "grad_x", "grad_weight"), (y, *grads), reference):
+        assert_close(numpy, ours, ref, "float32", name)
 
 
 @pytest.mark.parametrize("algorithm", ["gather", "slices"])

@@ -40,7 +40,7 @@ ENV_VAR = "CONV2D_BACKEND"
 DEFAULT_SPEC = "numpy"
 
 # name -> module under conv2d.backends; each module has LIBRARY, INSTALL_HINT, is_array,
-# device_spec and build (see numpy.py for the smallest one).
+# device_spec and build (see numpy.py for the smallest one), and may have check_plain(array, argument).
 _MODULES = {
     "numpy": "numpy",
     "cupy": "cupy",
@@ -72,8 +72,9 @@ def _split(spec: str, source: str) -> tuple[str, str | None]:
             f"backend spec from {source} must be a string such as 'numpy' or 'torch:cuda', "
             f"got {type(spec).__name__} {spec!r}"
         )
-    name, _, device = (part.strip() for part in spec.strip().partition(":"))
-    name = _ALIASES.get(name.lower(), name.lower())
+    # Names and devices alike ignore case: 'jax:CPU', 'Torch:CUDA'.
+    name, _, device = (part.strip().lower() for part in spec.strip().partition(":"))
+    name = _ALIASES.get(name, name)
     if name not in CHOICES:
         raise ValueError(f"unknown conv2d backend {spec!r} (from {source}); choose one of: {_choices_text()}")
     if name == "auto" and device:
@@ -239,6 +240,8 @@ def backend_of(array: Any, argument: str = "array") -> Backend:
     for name in _MODULES:
         module = _module(name)
         if module.LIBRARY in sys.modules and module.is_array(array):
+            if hasattr(module, "check_plain"):  # a subclass that changes the arithmetic is refused by name
+                module.check_plain(array, argument)
             return _build(name, module.device_spec(array))
     raise TypeError(
         f"{argument} must be an array of one of {', '.join(_MODULES)}, got {type(array).__module__}."

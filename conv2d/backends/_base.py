@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,13 +9,11 @@ from typing import Any
 import numpy as np
 from array_api_compat import is_array_api_obj
 
+from .._cache import ByteCache
+
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name, but its library or device cannot be used here."""
-
-
-# How many host-built constants (gather plans) one backend keeps on its device.
-_CONSTANT_CACHE_SIZE = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,8 +60,9 @@ class Backend:
     # (JAX's jit/grad/vmap); None: _native_asarray, which never traces.
     _constant_asarray: Callable[[np.ndarray], Any] | None = field(default=None, repr=False)
     _traced: Callable[[Any], bool] | None = field(default=None, repr=False)
-    _constants: OrderedDict = field(default_factory=OrderedDict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # What to do about a dtype this backend lacks, e.g. JAX's switch for 64-bit types ("" if nothing).
+    _dtype_hint: Callable[[str], str] = field(default=lambda name: "", repr=False)
+    _constants: ByteCache = field(default_factory=ByteCache, repr=False)
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         # A backend holds a module, a lock and device arrays: it travels as its spec and becomes
@@ -87,10 +84,12 @@ class Backend:
         (copied through host memory). `dtype` is a dtype of this library or a name such as
         ``"float32"``.
         """
-        if is_array_api_obj(obj) and not self._owns(obj):
+        if is_array_api_obj(obj):
             from . import backend_of  # the registry imports this module: import late
 
-            obj = backend_of(obj, "obj").to_numpy(obj)
+            source = backend_of(obj, "obj")  # also refuses a masked array, whose mask would be lost here
+            if not self._owns(obj):
+                obj = source.to_numpy(obj)
         if isinstance(dtype, str):
             dtype = self.dtype(dtype)
         return self._native_asarray(obj, dtype)
@@ -125,9 +124,10 @@ class Backend:
             # Outside the standard's list, but NumPy, CuPy, torch and JAX have it (array-api-strict not).
             dtypes = {**dtypes, "float16": self.xp.float16}
         if name not in dtypes:
+            hint = self._dtype_hint(name)
             raise TypeError(
                 f"dtype {name!r} is not available on backend {self.spec!r}; "
-                f"choose one of {sorted(dtypes)}"
+                f"{hint + ', or ' if hint else ''}choose one of {sorted(dtypes)}"
             )
         return dtypes[name]
 
@@ -135,22 +135,20 @@ class Backend:
         """A read-only array built on the host once per `key`, kept on this backend's device.
 
         Gather plans are pure functions of the geometry, so they are built and transferred
-        once and reused by every call with the same geometry. They are concrete arrays even when
-        the caller is being traced (``jax.jit``): a traced program embeds them as constants.
+        once and reused by every call with the same geometry, as long as they fit in the
+        backend's cache (``CONV2D_PLAN_CACHE`` bytes, see :func:`conv2d.clear_caches`). They are
+        concrete arrays even when the caller is being traced (``jax.jit``): a traced program embeds
+        them as constants.
         """
-        with self._lock:
-            if key in self._constants:
-                self._constants.move_to_end(key)
-                return self._constants[key]
-        host = make_host_array()
-        # A traced value must never enter the cache: the next call, traced or not, would get a
-        # tracer of a finished trace. The hook builds a concrete array whatever the caller is doing.
-        value = self._native_asarray(host, None) if self._constant_asarray is None else self._constant_asarray(host)
-        with self._lock:
-            self._constants[key] = value
-            while len(self._constants) > _CONSTANT_CACHE_SIZE:
-                self._constants.popitem(last=False)
-        return value
+
+        def make() -> tuple[Any, int]:
+            host = make_host_array()
+            # A traced value must never enter the cache: the next call, traced or not, would get a
+            # tracer of a finished trace. The hook builds a concrete array whatever the caller is doing.
+            asarray = self._constant_asarray or (lambda array: self._native_asarray(array, None))
+            return asarray(host), host.nbytes
+
+        return self._constants.get(key, make)
 
 
 def _backend_from_spec(spec: str) -> Backend:

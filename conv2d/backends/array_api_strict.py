@@ -33,10 +33,11 @@ def build(device: str | None) -> Backend:
         raise BackendUnavailableError(f"array-api-strict is not installed ({exc})") from exc
 
     devices = {_device_name(d): d for d in xp.__array_namespace_info__().devices()}
-    name = device or "CPU_DEVICE"
-    if name not in devices:
+    # The selector lowers device names (they ignore case); the library's own names are mixed case.
+    name = next((n for n in devices if n.lower() == (device or "CPU_DEVICE").lower()), None)
+    if name is None:
         raise BackendUnavailableError(
-            f"array-api-strict has no device {name!r}; its devices are {sorted(devices)}"
+            f"array-api-strict has no device {device!r}; its devices are {sorted(devices)}"
         )
     dev = devices[name]
 

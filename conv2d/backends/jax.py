@@ -126,6 +126,11 @@ def build(device: str | None) -> Backend:
     def scatter_add(target, indices, values):
         return target.at[indices].add(values)  # functional update; duplicates accumulate
 
+    def dtype_hint(name):
+        if name.endswith("64") and not jax.config.jax_enable_x64:
+            return "JAX has 64-bit types disabled: set JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True))"
+        return ""
+
     return Backend(
         name="jax",
         spec=f"jax:{dev.platform}:{dev.id}",
@@ -137,6 +142,7 @@ def build(device: str | None) -> Backend:
         _owns=is_array,
         # JAX arrays are immutable. A slice names each element once: saying so lets XLA's GPU
         # scatter skip atomics, so the slice additions stay deterministic there.
+        _dtype_hint=dtype_hint,
         _slice_add=lambda target, key, values: target.at[key].add(values, unique_indices=True, indices_are_sorted=True),
         deterministic_scatter=dev.platform == "cpu",  # XLA's GPU scatter-add uses atomics
         _constant_asarray=constant_asarray,

@@ -16,6 +16,25 @@ def is_array(obj: Any) -> bool:
     return is_numpy_array(obj)
 
 
+def check_plain(array: Any, argument: str) -> None:
+    """TypeError for an ndarray subclass whose arithmetic is not ndarray's (masked arrays, np.matrix).
+
+    They pass as NumPy arrays, but a mask would be dropped or misapplied and a matrix multiplies
+    differently, so the result would be silently wrong or fail deep inside. A memory map is a plain
+    array on a file: accepted.
+    """
+    import numpy as np
+
+    if type(array) in (np.ndarray, np.memmap):
+        return
+    kind = f"{type(array).__module__}.{type(array).__qualname__}"
+    fix = f"{argument}.filled(value) to choose what masked entries become" if isinstance(array, np.ma.MaskedArray) else f"np.asarray({argument})"
+    raise TypeError(
+        f"{argument} is a {kind}, a NumPy array subclass whose arithmetic differs from a plain ndarray's; "
+        f"conv2d takes plain arrays: pass {fix}"
+    )
+
+
 def device_spec(array: Any) -> str | None:
     return None
 
