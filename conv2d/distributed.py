@@ -1,0 +1,340 @@
+"""conv2d on Dask: chunked arrays in and out, a client for a local or remote cluster, inference over
+data larger than memory, and data-parallel training (extra ``conv2d[dask]``; ``conv2d[dask-cuda]``
+for GPU workers).
+
+This is the only module that imports dask. Dask arrays are not a backend: the library's core runs
+unchanged on each chunk (a NumPy or CuPy array), once per batch chunk. Running the core *on* dask
+arrays was measured and rejected: im2col puts the whole batch inside one matrix product, so the
+result would collapse into one chunk, and dask has no scatter-add.
+
+Networks and layers travel to the workers pickled, with each backend replaced by its spec without
+a device number (``cupy:1`` -> ``cupy``, ``torch:cuda:1`` -> ``torch:cuda``): a worker sees the GPU
+it was given as device 0 (``dask cuda worker`` sets ``CUDA_VISIBLE_DEVICES``), so it resolves the
+spec on its own device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import operator
+import os
+import pickle
+import re
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+try:
+    import dask
+    import dask.array as da
+    import distributed
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        f"conv2d.distributed needs dask and distributed ({exc}); install them with "
+        "python -m pip install 'conv2d[dask]'"
+    ) from exc
+
+from . import _functional
+from ._geometry import check_output_shape, make_geometry
+from .backends import Backend, backend_of, get_backend
+
+__all__ = ["DataParallel", "client", "predict"]
+
+#: Seconds to wait for a scheduler before saying it cannot be reached.
+CONNECT_TIMEOUT = 10.0
+
+
+# --------------------------------------------------------------------------- dask arrays in, dask arrays out
+
+
+def is_dask_array(array: Any) -> bool:
+    return isinstance(array, da.Array)
+
+
+def _as_dask(array: Any, batch_chunks: tuple[int, ...] | None = None) -> da.Array:
+    """`array` as a dask array whose trailing axes are whole; the batch axis chunked as given
+    (default: as it is, or one chunk for an in-memory array)."""
+    if not is_dask_array(array):
+        array = da.from_array(array, chunks=array.shape)
+    chunks = {axis: -1 for axis in range(1, array.ndim)}
+    if batch_chunks is not None:
+        chunks[0] = batch_chunks
+    return array.rechunk(chunks)
+
+
+def _meta(array: Any) -> Any:
+    """An empty array of `array`'s library, device and dtype: what the argument checks look at."""
+    return array._meta if is_dask_array(array) else array[(slice(0, 0),) * array.ndim]
+
+
+def _shape(array: Any) -> tuple[int, ...]:
+    # An unknown chunk size makes the batch size NaN; the checks only use the other axes then.
+    return tuple(-1 if s != s else int(s) for s in array.shape)
+
+
+def _forward_block(x: Any, weight: Any, bias: Any, options: dict[str, Any]) -> Any:
+    return _functional.conv2d(x, weight, bias, **options)
+
+
+def _backward_block(grad_out: Any, x: Any, weight: Any, options: dict[str, Any]) -> tuple[Any, Any, Any]:
+    return _functional.conv2d_backward(grad_out, x, weight, **options)
+
+
+def _stacked_part(parts: tuple[Any, ...], index: int) -> Any:
+    """One block's partial weight or bias gradient with a leading axis of one, to be summed over blocks."""
+    return parts[index][None, ...]
+
+
+def forward(x: Any, weight: Any, bias: Any | None, options: dict[str, Any]) -> da.Array:
+    """:func:`conv2d.conv2d` with a dask array among the arguments: one call per batch chunk.
+
+    Chunks along C, H or W are merged first (a convolution needs whole samples); the result has
+    `x`'s batch chunks and whole (O, OH, OW) blocks, in the chunks' library (NumPy or CuPy: the
+    same code path, as each chunk is handed to the ordinary call).
+    """
+    named = {"x": x, "weight": weight} if bias is None else {"x": x, "weight": weight, "bias": bias}
+    backend = _functional.check_arrays({name: _meta(a) for name, a in named.items()})
+    geom = make_geometry(
+        _shape(x), _shape(weight), None if bias is None else _shape(bias),
+        stride=options["stride"], padding=options["padding"], dilation=options["dilation"], groups=options["groups"],
+    )
+    _functional.check_algorithm(options["algorithm"])
+    x = _as_dask(x)
+    bias_args = (None, None) if bias is None else (_as_dask(bias), "o")
+    meta = backend.xp.empty((0, 0, 0, 0), dtype=_meta(x).dtype)
+    # Output (n, o, p, q); (c, h, w) and the kernel (k, i, j) are whole blocks, handed over as they are.
+    return da.blockwise(
+        _forward_block, "nopq", x, "nchw", _as_dask(weight), "okij", *bias_args, options, None,
+        new_axes={"p": geom.out_h, "q": geom.out_w}, concatenate=True, meta=meta,
+    )
+
+
+def backward(grad_out: Any, x: Any, weight: Any, options: dict[str, Any]) -> tuple[da.Array, da.Array, da.Array]:
+    """:func:`conv2d.conv2d_backward` with a dask array among the arguments.
+
+    One call per batch chunk of `x` (`grad_out` is rechunked to match); `grad_x` has `x`'s batch
+    chunks; `grad_weight` and `grad_bias` are tree sums of the chunks' gradients (lazy).
+    """
+    backend = _functional.check_arrays({"grad_out": _meta(grad_out), "x": _meta(x), "weight": _meta(weight)})
+    geom = make_geometry(
+        _shape(x), _shape(weight), None,
+        stride=options["stride"], padding=options["padding"], dilation=options["dilation"], groups=options["groups"],
+    )
+    if x.shape[0] == x.shape[0] and grad_out.shape[0] == grad_out.shape[0]:  # known batch sizes (not NaN)
+        check_output_shape("grad_out", _shape(grad_out), int(x.shape[0]), geom)
+    _functional.check_algorithm(options["algorithm"])
+    x = _as_dask(x)
+    grad_out = _as_dask(grad_out, x.chunks[0])
+    weight = _as_dask(weight)
+    dtype = _meta(x).dtype
+    # Each batch block's task returns the tuple (grad_x, grad_weight, grad_bias): a 1-D collection
+    # of tuples along the batch, from which three arrays pick their part without recomputing it.
+    parts = da.blockwise(
+        _backward_block, "n", grad_out, "nopq", x, "nchw", weight, "okij", options, None,
+        concatenate=True, meta=np.empty((0,), dtype=object),
+    )
+    _, c, h, w = x.shape
+    o, k, i, j = weight.shape
+    grad_x = da.blockwise(
+        operator.getitem, "nchw", parts, "n", 0, None, new_axes={"c": c, "h": h, "w": w},
+        meta=backend.xp.empty((0,) * 4, dtype=dtype),
+    )
+    # One partial gradient per batch block (a leading axis of one each), then a tree sum over blocks.
+    weight_parts = da.blockwise(
+        _stacked_part, "nokij", parts, "n", 1, None, new_axes={"o": o, "k": k, "i": i, "j": j},
+        adjust_chunks={"n": 1}, meta=backend.xp.empty((0,) * 5, dtype=dtype),
+    )
+    bias_parts = da.blockwise(
+        _stacked_part, "no", parts, "n", 2, None, new_axes={"o": o},
+        adjust_chunks={"n": 1}, meta=backend.xp.empty((0, 0), dtype=dtype),
+    )
+    return grad_x, weight_parts.sum(axis=0), bias_parts.sum(axis=0)
+
+
+# --------------------------------------------------------------------------- the client
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def client(address: str | None = None, *, timeout: float = CONNECT_TIMEOUT, backend: str | Backend | None = None):
+    """A ``distributed.Client``: to `address`, a running one, or a new local cluster.
+
+    Parameters
+    ----------
+    address : str, optional
+        The scheduler, e.g. ``"tcp://10.0.0.5:8786"`` (what ``dask scheduler`` prints). Default:
+        Dask's own setting ``scheduler-address`` (the ``DASK_SCHEDULER_ADDRESS`` environment
+        variable), else the current default client, else a new ``LocalCluster`` on 127.0.0.1 with
+        one single-threaded worker process per core (the nanny of each gives it one BLAS thread,
+        so workers do not oversubscribe the cores). When `backend` (default: the active one) is
+        CuPy and ``dask_cuda`` is installed, a ``LocalCUDACluster`` instead: one worker per GPU.
+    timeout : float, default 10
+        Seconds to wait for the scheduler at `address`.
+    backend : str or Backend, optional
+        Decides between the CPU and the CUDA local cluster (default: :func:`conv2d.get_backend`).
+
+    Returns
+    -------
+    distributed.Client
+        The default client of this process from now on. A local cluster started here stops
+        with ``client.close()`` (a CUDA one with ``client.shutdown()``).
+
+    Raises
+    ------
+    ConnectionError
+        No scheduler answered at `address` within `timeout` seconds.
+    ValueError
+        `address` is not an address Dask can read.
+
+    Examples
+    --------
+    >>> from conv2d import distributed  # doctest: +SKIP
+    >>> with distributed.client() as c:  # doctest: +SKIP
+    ...     print(len(c.scheduler_info()["workers"]))
+    2
+    """
+    address = address or dask.config.get("scheduler-address", None)
+    if address:
+        return _connect(str(address), timeout)
+    try:
+        return distributed.default_client()
+    except ValueError:  # there is none
+        pass
+    if get_backend(backend).name == "cupy":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            pass
+        else:
+            return distributed.Client(LocalCUDACluster(host="127.0.0.1", threads_per_worker=1, dashboard_address=None))
+    return distributed.Client(
+        n_workers=_cores(), threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+    )
+
+
+def _connect(address: str, timeout: float):
+    try:
+        return distributed.Client(address, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionError(
+            f"no Dask scheduler answered at {address!r} within {timeout:g} s ({exc}). Start one with "
+            "`dask scheduler` and pass the address it prints (tcp://HOST:8786), or unset "
+            "DASK_SCHEDULER_ADDRESS and pass no address for a local cluster"
+        ) from exc
+    except ValueError as exc:
+        raise ValueError(
+            f"{address!r} is not a Dask scheduler address ({exc}); expected e.g. 'tcp://10.0.0.5:8786'"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- networks on the workers
+
+
+def portable_spec(backend: Backend) -> str:
+    """`backend`'s spec without a device number: what a worker resolves on the device it was given."""
+    return re.sub(r":\d+$", "", backend.spec)
+
+
+class _PortablePickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, Backend):
+            return get_backend, (portable_spec(obj),)
+        return NotImplemented
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle `obj` (a layer, a network) with every backend replaced by its :func:`portable_spec`."""
+    buffer = io.BytesIO()
+    _PortablePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+# A worker keeps the networks it has unpickled, one copy per thread (forwardpass keeps state on
+# the layers), keyed by the payload's digest: a network is unpickled once per worker thread.
+_networks = threading.local()
+_KEEP_NETWORKS = 4
+
+
+def _network(payload: bytes, digest: str) -> Any:
+    cache = getattr(_networks, "cache", None)
+    if cache is None:
+        cache = _networks.cache = OrderedDict()
+    if digest not in cache:
+        cache[digest] = pickle.loads(payload)
+        while len(cache) > _KEEP_NETWORKS:
+            cache.popitem(last=False)
+    cache.move_to_end(digest)
+    return cache[digest]
+
+
+def _predict_block(x: Any, payload: bytes, digest: str) -> Any:
+    out = _network(payload, digest).forwardpass(x)
+    return backend_of(x, "x").asarray(out)  # back in the chunk's library (NumPy chunks: host memory)
+
+
+def predict(net: Any, x: Any) -> da.Array:
+    """`net`'s forward pass over a dask array, one chunk at a time, on whatever scheduler computes it.
+
+    Parameters
+    ----------
+    net : layer or nn.Sequential
+        Anything with ``forwardpass(X)`` that pickles (conv2d's layers and networks do). It is
+        pickled once, into one task of the graph: each worker fetches it once and unpickles it
+        once (per thread), whatever the number of chunks.
+    x : dask array, shape (N, ...)
+        The input, chunked along the batch (other axes are merged into whole samples), with NumPy
+        or CuPy chunks, e.g. ``dask.array.from_zarr(...)`` or a ``numpy.load(..., mmap_mode="r")``
+        wrapped by ``dask.array.from_array``.
+
+    Returns
+    -------
+    dask array, shape (N, ...)
+        Lazy; `x`'s batch chunks, in the library of `x`'s chunks. Computing it holds a few chunks
+        and their activations per worker at a time, so the input may be larger than memory.
+        If a worker dies, Dask recomputes its chunks elsewhere.
+
+    Notes
+    -----
+    The output's shape and dtype are found by running `net` on one sample here, at once.
+
+    Examples
+    --------
+    >>> import dask.array as da, numpy as np, conv2d  # doctest: +SKIP
+    >>> from conv2d import distributed, nn  # doctest: +SKIP
+    >>> layer = conv2d.ConvolutionLayer((1, 8, 8), (3, 3), 4, seed=0)  # doctest: +SKIP
+    >>> x = da.random.random((1000, 1, 8, 8), chunks=(100, 1, 8, 8))  # doctest: +SKIP
+    >>> distributed.predict(layer, x).compute().shape  # doctest: +SKIP
+    (1000, 4, 6, 6)
+    """
+    if not hasattr(net, "forwardpass"):
+        raise TypeError(f"net must be a layer or network with forwardpass(X), got {type(net).__name__}")
+    if not is_dask_array(x):
+        raise TypeError(
+            f"x must be a dask array chunked along the batch, got {type(x).__module__}.{type(x).__qualname__}; "
+            "wrap it, e.g. dask.array.from_array(x, chunks=(1000, -1, -1, -1))"
+        )
+    if x.ndim < 2:
+        raise ValueError(f"x must have a batch axis and sample axes, got shape {x.shape}")
+    x = _as_dask(x)
+    payload = dumps(net)
+    digest = hashlib.sha256(payload).hexdigest()
+    chunk_backend = backend_of(_meta(x), "x")
+    probe = pickle.loads(payload).forwardpass(chunk_backend.xp.zeros((1, *x.shape[1:]), dtype=x.dtype))
+    probe = chunk_backend.asarray(probe)
+    # One key holds the pickled network; every chunk's task depends on it.
+    network = dask.delayed(payload, name=f"conv2d-network-{digest[:16]}", pure=True)
+    in_index = "n" + "abcdefghijklm"[: x.ndim - 1]
+    out_index = "n" + "opqrstuvwxyz"[: probe.ndim - 1]
+    return da.blockwise(
+        _predict_block, out_index, x, in_index, network, None, digest, None,
+        new_axes=dict(zip(out_index[1:], probe.shape[1:], strict=True)),
+        concatenate=True, meta=chunk_backend.xp.empty((0,) * probe.ndim, dtype=probe.dtype),
+    )
