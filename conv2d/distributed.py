@@ -222,7 +222,9 @@ def client(address: str | None = None, *, timeout: float = CONNECT_TIMEOUT, back
 
 def _connect(address: str, timeout: float):
     try:
-        return distributed.Client(address, timeout=timeout)
+        # A client that fails to connect would stay registered as the default one if it was
+        # made so: try with a private one first.
+        distributed.Client(address, timeout=timeout, set_as_default=False).close()
     except (OSError, TimeoutError) as exc:
         raise ConnectionError(
             f"no Dask scheduler answered at {address!r} within {timeout:g} s ({exc}). Start one with "
@@ -233,20 +235,22 @@ def _connect(address: str, timeout: float):
         raise ValueError(
             f"{address!r} is not a Dask scheduler address ({exc}); expected e.g. 'tcp://10.0.0.5:8786'"
         ) from exc
+    return distributed.Client(address, timeout=timeout)
 
 
 # --------------------------------------------------------------------------- networks on the workers
 
 
-def portable_spec(backend: Backend) -> str:
-    """`backend`'s spec without a device number: what a worker resolves on the device it was given."""
-    return re.sub(r":\d+$", "", backend.spec)
+def portable_spec(spec: str) -> str:
+    """A backend spec without its device number (``"cupy:1"`` -> ``"cupy"``): what a worker
+    resolves, on the device it was given."""
+    return re.sub(r":\d+$", "", spec)
 
 
 class _PortablePickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, Backend):
-            return get_backend, (portable_spec(obj),)
+            return get_backend, (portable_spec(obj.spec),)
         return NotImplemented
 
 
