@@ -22,7 +22,9 @@ import os
 import pickle
 import re
 import threading
+import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,13 +40,16 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     ) from exc
 
 from . import _functional
-from ._geometry import check_output_shape, make_geometry
+from ._geometry import check_output_shape, make_geometry, positive_int
 from .backends import Backend, backend_of, get_backend
+from .nn import softmax_cross_entropy
 
-__all__ = ["DataParallel", "client", "predict"]
+__all__ = ["DataParallel", "History", "client", "predict"]
 
 #: Seconds to wait for a scheduler before saying it cannot be reached.
 CONNECT_TIMEOUT = 10.0
+# Seconds to wait for a replica's answer (starting one, a step): a bound, not a deadline to meet.
+_WAIT = 300.0
 
 
 # --------------------------------------------------------------------------- dask arrays in, dask arrays out
@@ -220,6 +225,10 @@ def client(address: str | None = None, *, timeout: float = CONNECT_TIMEOUT, back
     )
 
 
+# DataParallel's argument `client` hides the function's name there.
+_default_client = client
+
+
 def _connect(address: str, timeout: float):
     try:
         # A client that fails to connect would stay registered as the default one if it was
@@ -342,3 +351,277 @@ def predict(net: Any, x: Any) -> da.Array:
         new_axes=dict(zip(out_index[1:], probe.shape[1:], strict=True)),
         concatenate=True, meta=chunk_backend.xp.empty((0,) * probe.ndim, dtype=probe.dtype),
     )
+
+
+# --------------------------------------------------------------------------- data-parallel training
+
+
+def _network_backend(net: Any) -> Backend:
+    """The backend of `net`'s parameters (all of one backend, as the layers check)."""
+    params = net.parameters()
+    if not params:
+        raise ValueError("the network has no parameters to train")
+    return backend_of(next(iter(params.values())), "parameter")
+
+
+class _Replica:
+    """One worker's copy of the network, its optimizer and the training data (a Dask actor).
+
+    Each step applies the previous step's summed gradient (so all replicas stay identical: the
+    same update on the same numbers) and returns the gradient of its part of the new batch as one
+    flat host buffer: one message out and one back per worker and step.
+    """
+
+    def __init__(self, payload: bytes) -> None:
+        self.net = pickle.loads(payload)
+        self.backend = _network_backend(self.net)
+        params = self.net.parameters()
+        self.names = list(params)
+        self.shapes = [tuple(params[name].shape) for name in self.names]
+        self.dtypes = [params[name].dtype for name in self.names]
+        self.optimizer: Any = None
+        self.X = self.y = None
+
+    def start(self, optimizer_payload: bytes, X: np.ndarray, y: np.ndarray) -> None:
+        """Take the optimizer (with its state) and the training data for a fit."""
+        self.optimizer = pickle.loads(optimizer_payload)
+        self.X = self.backend.asarray(X, dtype=self.dtypes[0])
+        self.y = self.backend.asarray(y)
+
+    def step(self, summed: np.ndarray | None, indices: np.ndarray | None, weight: float) -> tuple | None:
+        """Apply `summed` (the last step's total gradient), then return (flat gradient of the mean loss
+        over `indices` times `weight`, loss sum, correct count, compute seconds) for these rows."""
+        start = time.perf_counter()
+        if summed is not None:
+            self.optimizer.step(self.net, self._unflatten(summed))
+        if indices is None:
+            return None
+        xp = self.backend.xp
+        rows = self.backend.asarray(indices)
+        x, y = xp.take(self.X, rows, axis=0), xp.take(self.y, rows, axis=0)
+        logits = self.net.forwardpass(x)
+        loss, delta = softmax_cross_entropy(logits, y)
+        # weight = part / global batch: the parts' gradients then add up to the global mean's.
+        _, grads = self.net.backward(x, delta * weight)
+        flat = np.concatenate([self.backend.to_numpy(grads[name]).reshape(-1) for name in self.names])
+        correct = int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == y, xp.int32)))
+        return flat, float(loss) * int(indices.shape[0]), correct, time.perf_counter() - start
+
+    def _unflatten(self, flat: np.ndarray) -> dict[str, Any]:
+        grads, offset = {}, 0
+        for name, shape, dtype in zip(self.names, self.shapes, self.dtypes, strict=True):
+            size = int(np.prod(shape))
+            grads[name] = self.backend.asarray(flat[offset : offset + size].reshape(shape), dtype=dtype)
+            offset += size
+        return grads
+
+    def state(self) -> bytes:
+        """The network's parameters (host copies) and the optimizer, pickled portably."""
+        return dumps((self.net.state_dict(), self.optimizer))
+
+
+@dataclass
+class History:
+    """What :meth:`DataParallel.fit` measured, one entry per epoch."""
+
+    loss: list[float] = field(default_factory=list)  # mean training loss over the epoch's samples
+    accuracy: list[float] = field(default_factory=list)  # training accuracy over the epoch's samples
+    seconds: list[float] = field(default_factory=list)  # wall time of the epoch (training only)
+    step_ms: list[float] = field(default_factory=list)  # mean wall time of one step
+    overhead_ms: list[float] = field(default_factory=list)  # step_ms less the slowest worker's compute
+    validation_loss: list[float] = field(default_factory=list)  # when fit was given validation data
+    validation_accuracy: list[float] = field(default_factory=list)
+
+
+class DataParallel:
+    """Train a network on several Dask workers at once: one replica per worker, one batch split over them.
+
+    Parameters
+    ----------
+    net : nn.Sequential or layer
+        The network to train (it has ``parameters()``, ``backward()``, ``state_dict()``); it is
+        copied to every worker and left unchanged here: :meth:`network` returns the trained copy.
+    client : distributed.Client, optional
+        Default: :func:`client` (a local cluster unless one is configured).
+
+    Notes
+    -----
+    Each step of :meth:`fit` draws the global batch, splits it into one contiguous part per
+    worker, and each replica returns the gradient of its part (weighted by its share of the batch)
+    as one flat buffer; they are summed here and the sum goes back with the next step's indices,
+    where every replica applies the same optimizer step. So the result is single-process training
+    on the global batch, to float rounding. The training data is copied once to every worker
+    (it must fit in each worker's memory); a worker lost during :meth:`fit` fails the fit.
+
+    Examples
+    --------
+    >>> from conv2d import demo, distributed, optim  # doctest: +SKIP
+    >>> import conv2d  # doctest: +SKIP
+    >>> data = demo.load_digits()  # doctest: +SKIP
+    >>> trainer = distributed.DataParallel(demo.build_network(conv2d.get_backend()))  # doctest: +SKIP
+    >>> history = trainer.fit(data.train_x, data.train_y, epochs=2, batch_size=32,
+    ...                       optimizer=optim.SGD(0.2), seed=0)  # doctest: +SKIP
+    >>> net = trainer.network()  # doctest: +SKIP
+    """
+
+    def __init__(self, net: Any, client: Any = None) -> None:
+        for method in ("parameters", "backward", "state_dict", "load_state_dict", "forwardpass"):
+            if not callable(getattr(net, method, None)):
+                raise TypeError(f"net must be a conv2d layer or nn.Sequential with {method}(), got {type(net).__name__}")
+        _network_backend(net)
+        self.client = _default_client() if client is None else client
+        self._net = net
+        self._payload = dumps(net)
+        self._replicas: list[Any] = []
+
+    def _start_replicas(self) -> list[Any]:
+        if not self._replicas:
+            workers = sorted(self.client.scheduler_info()["workers"])
+            if not workers:
+                raise RuntimeError("the Dask cluster has no workers; start some (dask worker ADDRESS --nthreads 1)")
+            futures = [
+                self.client.submit(_Replica, self._payload, actor=True, workers=[w], pure=False) for w in workers
+            ]
+            self._replicas = [future.result(timeout=_WAIT) for future in futures]
+        return self._replicas
+
+    def fit(
+        self,
+        X: Any,
+        y: Any,
+        epochs: int,
+        batch_size: int,
+        optimizer: Any,
+        seed: int = 0,
+        validation_data: tuple[Any, Any] | None = None,
+    ) -> History:
+        """Minimise the mean softmax cross-entropy of the network on (X, y) by mini-batches.
+
+        Parameters
+        ----------
+        X : array, shape (n, ...)
+            Training inputs (any supported library; copied to the host, then to each worker once).
+        y : array of int, shape (n,)
+            Class labels, as :func:`conv2d.nn.softmax_cross_entropy` takes them.
+        epochs, batch_size : int
+            Passes over the data, and the global batch (split over the workers at each step).
+        optimizer : conv2d.optim.SGD or conv2d.optim.Adam
+            Copied to every worker with its state; after the fit it holds the replicas' state, so
+            a second fit continues the first.
+        seed : int, default 0
+            Each epoch visits the rows in the order of ``numpy.random.default_rng(seed).permutation``
+            (one generator for the whole fit), in batches of `batch_size`, the last one smaller if
+            needed: the order of ``conv2d.demo.train``.
+        validation_data : (X, y), optional
+            Evaluated here after each epoch (the network is fetched from a worker).
+
+        Returns
+        -------
+        History
+            Per epoch: training loss and accuracy, seconds, ms per step and overhead per step
+            (the step's wall time less its slowest worker's compute time), validation scores.
+        """
+        epochs = positive_int("epochs", epochs)
+        batch_size = positive_int("batch_size", batch_size)
+        if not callable(getattr(optimizer, "step", None)):
+            raise TypeError(f"optimizer must be a conv2d.optim optimizer with step(), got {type(optimizer).__name__}")
+        X, y = _host(X), _host(y)
+        if X.ndim < 1 or y.shape != (X.shape[0],):
+            raise ValueError(f"y must have shape ({X.shape[0] if X.ndim else '?'},), one label per row of X, got {y.shape}")
+        replicas = self._start_replicas()
+        optimizer_payload = dumps(optimizer)
+        _results([replica.start(optimizer_payload, X, y) for replica in replicas])
+        history = History()
+        rng = np.random.default_rng(seed)
+        n = X.shape[0]
+        pending: np.ndarray | None = None  # the summed gradient not yet applied
+        for _ in range(epochs):
+            start = time.perf_counter()
+            order = rng.permutation(n)
+            loss_sum, correct, overhead = 0.0, 0, 0.0
+            steps = 0
+            for batch_start in range(0, n, batch_size):
+                step_start = time.perf_counter()
+                batch = order[batch_start : batch_start + batch_size]
+                parts = np.array_split(batch, len(replicas))
+                futures = [
+                    replica.step(pending, part if len(part) else None, len(part) / len(batch))
+                    for replica, part in zip(replicas, parts, strict=True)
+                ]
+                results = [result for result in _results(futures) if result is not None]
+                pending = results[0][0]
+                for result in results[1:]:
+                    pending = pending + result[0]
+                loss_sum += sum(result[1] for result in results)
+                correct += sum(result[2] for result in results)
+                overhead += time.perf_counter() - step_start - max(result[3] for result in results)
+                steps += 1
+            seconds = time.perf_counter() - start
+            history.loss.append(loss_sum / n)
+            history.accuracy.append(correct / n)
+            history.seconds.append(seconds)
+            history.step_ms.append(1000 * seconds / steps)
+            history.overhead_ms.append(1000 * overhead / steps)
+            if validation_data is not None:
+                _results([replica.step(pending, None, 0.0) for replica in replicas])
+                pending = None
+                loss, accuracy = _evaluate(self.network(), *validation_data)
+                history.validation_loss.append(loss)
+                history.validation_accuracy.append(accuracy)
+        if pending is not None:
+            _results([replica.step(pending, None, 0.0) for replica in replicas])
+        _, trained_optimizer = pickle.loads(replicas[0].state().result(timeout=_WAIT))
+        # The optimizer continues from where the replicas left it (its state on this process's backend).
+        optimizer.__dict__.update(_to_backend(trained_optimizer.__dict__, _network_backend(self._net)))
+        return history
+
+    def network(self) -> Any:
+        """A copy of the network on this process's backend, with the replicas' current parameters."""
+        net = pickle.loads(pickle.dumps(self._net))
+        if self._replicas:
+            state, _ = pickle.loads(self._replicas[0].state().result(timeout=_WAIT))
+            net.load_state_dict(state)
+        return net
+
+
+def _host(array: Any) -> np.ndarray:
+    """`array` in host memory as NumPy (from any supported library, or a sequence)."""
+    if isinstance(array, np.ndarray):
+        return array
+    try:
+        return backend_of(array, "array").to_numpy(array)
+    except TypeError:
+        return np.asarray(array)
+
+
+def _results(futures: list[Any]) -> list[Any]:
+    return [future.result(timeout=_WAIT) for future in futures]
+
+
+def _to_backend(value: Any, backend: Backend) -> Any:
+    """`value` with every array in it (through dicts, lists and tuples) moved to `backend`."""
+    if isinstance(value, dict):
+        return {key: _to_backend(item, backend) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_backend(item, backend) for item in value)
+    try:
+        backend_of(value, "value")
+    except TypeError:
+        return value
+    return backend.asarray(value)
+
+
+def _evaluate(net: Any, X: Any, y: Any, batch_size: int = 512) -> tuple[float, float]:
+    """(mean softmax cross-entropy, accuracy) of `net` on (X, y), here, by batches."""
+    backend = _network_backend(net)
+    xp = backend.xp
+    X, y = _host(X), _host(y)
+    dtype = next(iter(net.parameters().values())).dtype
+    loss_sum, correct = 0.0, 0
+    for start in range(0, X.shape[0], batch_size):
+        x, labels = backend.asarray(X[start : start + batch_size], dtype=dtype), backend.asarray(y[start : start + batch_size])
+        logits = net.forwardpass(x)
+        loss, _ = softmax_cross_entropy(logits, labels)
+        loss_sum += float(loss) * x.shape[0]
+        correct += int(xp.sum(xp.astype(xp.argmax(logits, axis=1) == labels, xp.int32)))
+    return loss_sum / X.shape[0], correct / X.shape[0]
