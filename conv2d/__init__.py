@@ -11,7 +11,7 @@ from .backends import (
     set_backend,
     use_backend,
 )
-from . import nn
+from . import nn, optim
 from .layer import ConvolutionLayer
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "BackendUnavailableError",
     "ConvolutionLayer",
     "nn",
+    "optim",
     "available_backends",
     "conv2d",
     "conv2d_backward",

@@ -12,6 +12,7 @@ from . import _conv
 from ._conv import choose_algorithm
 from ._determinism import resolve_deterministic
 from ._functional import check_algorithm, check_arrays
+from ._parameters import Parameterized
 from ._workspace import resolve_limit
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry, positive_int, positive_ints
 from .backends import Backend, get_backend
@@ -56,11 +57,25 @@ def check_batch(activation_prev: Any, batch: int) -> None:
         )
 
 
-class ConvolutionLayer:
+def sgd_update(layer: Any, lr: float, grads: dict[str, Any]) -> None:
+    """The seed's plain SGD step, ``p - lr * grad`` for each parameter, as new arrays."""
+    # A Python float keeps the weights' dtype: a NumPy float64 scalar would promote float32
+    # weights on NumPy and JAX, and array-api-strict rejects it outright.
+    lr = float(lr)
+    # New arrays rather than in-place updates: JAX arrays are immutable, and the caller may
+    # still hold the old weights.
+    for name, grad in grads.items():
+        setattr(layer, name, getattr(layer, name) - lr * grad)
+
+
+class ConvolutionLayer(Parameterized):
     """A 2-D convolution layer followed by an activation, trained by plain SGD.
 
     A drop-in for the NumPy layer this project grew from, on any backend: same constructor
     arguments, same attributes (``weights``, ``biases``, ``out_row``, ...), same methods.
+    For other optimizers, :meth:`backward` gives the gradients without updating anything
+    (see :mod:`conv2d.optim`); :meth:`state_dict` and :meth:`load_state_dict` checkpoint the
+    parameters, and the layer pickles (without the state its last forwardpass kept).
 
     Parameters
     ----------
@@ -96,7 +111,11 @@ class ConvolutionLayer:
     (2, 4, 6, 6)
     >>> layer.backwardpass(0.1, X, out - 0.5).shape
     (2, 3, 8, 8)
+    >>> sorted(layer.parameters())
+    ['biases', 'weights']
     """
+
+    PARAMETERS = ("weights", "biases")
 
     def __init__(
         self,
@@ -167,6 +186,37 @@ class ConvolutionLayer:
         self._saved = (X, cols, out)
         return out
 
+    def backward(self, activation_prev: Any, delta: Any) -> tuple[Any, dict[str, Any]]:
+        """Return dE/dX and the parameters' gradients, changing nothing.
+
+        Parameters
+        ----------
+        activation_prev : array
+            The input given to the last :meth:`forwardpass` (only its batch size is used).
+        delta : array, shape (n, out_depth, out_row, out_col)
+            dE/d(output of the last forwardpass).
+
+        Returns
+        -------
+        delta_prev : array, shape (n, in_depth, in_row, in_col)
+            dE/dX.
+        grads : dict
+            ``{"weights": dE/dweights, "biases": dE/dbiases}``, keyed like :meth:`parameters`.
+        """
+        X, cols, out = forward_state(self._saved)
+        batch = X.shape[0]
+        check_batch(activation_prev, batch)
+        delta = to_floating(self.backend, "delta", delta, self.dtype)
+        check_output_shape("delta", tuple(delta.shape), batch, self._geom)
+        xp = array_namespace(delta)
+        grad_pre = delta * ACTIVATIONS[self.activation][1](xp, out)
+        limit = resolve_limit(self.max_workspace_bytes)
+        grad_x, grad_w, grad_b = _conv.backward(
+            self.backend, grad_pre, X, self.weights, self._geom, self.algorithm, limit, cols,
+            resolve_deterministic(self.deterministic),
+        )
+        return grad_x, {"weights": grad_w, "biases": grad_b}
+
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
         """Update weights and biases by SGD and return dE/dX.
 
@@ -184,23 +234,6 @@ class ConvolutionLayer:
         array, shape (n, in_depth, in_row, in_col)
             dE/dX, computed with the weights as they were before this update.
         """
-        X, cols, out = forward_state(self._saved)
-        # A Python float keeps the weights' dtype: a NumPy float64 scalar would promote float32
-        # weights on NumPy and JAX, and array-api-strict rejects it outright.
-        lr = float(lr)
-        batch = X.shape[0]
-        check_batch(activation_prev, batch)
-        delta = to_floating(self.backend, "delta", delta, self.dtype)
-        check_output_shape("delta", tuple(delta.shape), batch, self._geom)
-        xp = array_namespace(delta)
-        grad_pre = delta * ACTIVATIONS[self.activation][1](xp, out)
-        limit = resolve_limit(self.max_workspace_bytes)
-        grad_x, grad_w, grad_b = _conv.backward(
-            self.backend, grad_pre, X, self.weights, self._geom, self.algorithm, limit, cols,
-            resolve_deterministic(self.deterministic),
-        )
-        # New arrays rather than in-place updates: JAX arrays are immutable, and the caller may
-        # still hold the old weights.
-        self.weights = self.weights - lr * grad_w
-        self.biases = self.biases - lr * grad_b
+        grad_x, grads = self.backward(activation_prev, delta)
+        sgd_update(self, lr, grads)
         return grad_x

@@ -4,6 +4,9 @@ Each layer has ``forwardpass(X)`` (which keeps what the backward pass needs) and
 ``backwardpass(lr, activation_prev, delta)`` (which returns dE/dX and, for :class:`DenseLayer`,
 takes a plain SGD step), so that they chain with the convolution layer in a layer-by-layer
 network. They are written on the array API namespace of their backend, like the convolution.
+Like :class:`conv2d.ConvolutionLayer`, each also has ``parameters()``, ``backward(activation_prev,
+delta)`` (dE/dX and the gradients, no update), ``set_parameters``, ``state_dict``,
+``load_state_dict``, and pickles without its saved forward state.
 
 Pooling reuses the convolution's im2col and col2im: a pooling window is a depthwise convolution
 (``groups = channels``) with no padding, so the convolution's patches are every window, and its
@@ -13,7 +16,7 @@ col2im sends the window gradients back (overlapping windows add up).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,8 +25,9 @@ from array_api_compat import device as device_of
 
 from ._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
 from ._conv import choose_algorithm
+from ._parameters import Parameterized, unknown_keys
 from .backends import Backend, backend_of, get_backend
-from .layer import ACTIVATIONS, check_batch, forward_state, to_floating
+from .layer import ACTIVATIONS, check_batch, forward_state, sgd_update, to_floating
 
 __all__ = ["AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "softmax_cross_entropy"]
 
@@ -47,7 +51,7 @@ def _to_nchw(xp: Any, per_channel: Any, n: int, geom: Geometry) -> Any:
     return xp.permute_dims(xp.reshape(per_channel, (geom.in_channels, n, geom.out_h, geom.out_w)), (1, 0, 2, 3))
 
 
-class _Pool:
+class _Pool(Parameterized):
     """What max- and average-pooling share: the window geometry, input checks and saved state."""
 
     def __init__(
@@ -128,8 +132,8 @@ class MaxPoolLayer(_Pool):
         self._saved = (X.shape[0], X.dtype, where)
         return _to_nchw(xp, xp.max(windows, axis=1), X.shape[0], self._geom)
 
-    def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
-        """Return dE/dX: each window's delta at its maximum, zero elsewhere (`lr` is unused: no parameters)."""
+    def backward(self, activation_prev: Any, delta: Any) -> tuple[Any, dict[str, Any]]:
+        """Return (dE/dX, {}): each window's delta at its maximum, zero elsewhere; no parameters."""
         batch, delta = self._delta(activation_prev, delta)
         xp = self.backend.xp
         where = self._saved[2]
@@ -137,7 +141,11 @@ class MaxPoolLayer(_Pool):
         # A one-hot mask along the window axis by comparison with arange: the standard has no scatter.
         tap = xp.reshape(xp.arange(taps, dtype=where.dtype, device=device_of(where)), (1, taps, 1))
         grad_windows = xp.where(tap == where, delta, xp.zeros_like(delta))
-        return _scatter_windows(self.backend, grad_windows, batch, self._geom)
+        return _scatter_windows(self.backend, grad_windows, batch, self._geom), {}
+
+    def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
+        """Return dE/dX (`lr` is unused: no parameters)."""
+        return self.backward(activation_prev, delta)[0]
 
 
 class AvgPoolLayer(_Pool):
@@ -161,20 +169,26 @@ class AvgPoolLayer(_Pool):
         self._saved = (X.shape[0], X.dtype)
         return _to_nchw(xp, xp.mean(windows, axis=1), X.shape[0], self._geom)
 
-    def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
-        """Return dE/dX: each window's delta shared equally by its pixels (`lr` is unused)."""
+    def backward(self, activation_prev: Any, delta: Any) -> tuple[Any, dict[str, Any]]:
+        """Return (dE/dX, {}): each window's delta shared equally by its pixels; no parameters."""
         batch, delta = self._delta(activation_prev, delta)
         xp = self.backend.xp
         taps = self.pool_row * self.pool_col
         grad_windows = xp.broadcast_to(delta / taps, (self.in_depth, taps, batch * self._geom.positions))
-        return _scatter_windows(self.backend, grad_windows, batch, self._geom)
+        return _scatter_windows(self.backend, grad_windows, batch, self._geom), {}
+
+    def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
+        """Return dE/dX (`lr` is unused: no parameters)."""
+        return self.backward(activation_prev, delta)[0]
 
 
-class FlattenLayer:
+class FlattenLayer(Parameterized):
     """Reshape (n, ...) to (n, features) for a :class:`DenseLayer`; the backward pass reshapes back.
 
     Works in the library of its input (no backend of its own): a reshape needs none.
     """
+
+    TRANSIENT = ("_shape",)
 
     def __init__(self) -> None:
         self._shape: tuple[int, ...] | None = None
@@ -185,16 +199,20 @@ class FlattenLayer:
         self._shape = tuple(X.shape)
         return xp.reshape(X, (X.shape[0], math.prod(X.shape[1:])))
 
-    def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
-        """Return `delta` in the shape of the last forwardpass's input (`lr` is unused)."""
+    def backward(self, activation_prev: Any, delta: Any) -> tuple[Any, dict[str, Any]]:
+        """Return (`delta` in the shape of the last forwardpass's input, {})."""
         check_batch(activation_prev, forward_state(self._shape)[0])
         expected = (self._shape[0], math.prod(self._shape[1:]))
         if tuple(delta.shape) != expected:
             raise ValueError(f"delta must have the forward output's shape {expected}, got {tuple(delta.shape)}")
-        return array_namespace(delta).reshape(delta, self._shape)
+        return array_namespace(delta).reshape(delta, self._shape), {}
+
+    def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
+        """Return `delta` in the shape of the last forwardpass's input (`lr` is unused)."""
+        return self.backward(activation_prev, delta)[0]
 
 
-class DenseLayer:
+class DenseLayer(Parameterized):
     """A fully connected layer, ``activation(X @ weights.T + biases)``, trained by plain SGD.
 
     Parameters
@@ -220,6 +238,8 @@ class DenseLayer:
     >>> dense.backwardpass(0.1, X, np.ones((4, 3))).shape
     (4, 6)
     """
+
+    PARAMETERS = ("weights", "biases")
 
     def __init__(
         self,
@@ -257,6 +277,28 @@ class DenseLayer:
         self._saved = (X, out)
         return out
 
+    def backward(self, activation_prev: Any, delta: Any) -> tuple[Any, dict[str, Any]]:
+        """Return dE/dX and ``{"weights": ..., "biases": ...}``, the gradients; change nothing.
+
+        Parameters
+        ----------
+        activation_prev : array
+            The input of the last :meth:`forwardpass` (only its batch size is used: the layer kept it).
+        delta : array, shape (n, out_features)
+            dE/d(output of the last forwardpass).
+        """
+        X, out = forward_state(self._saved)
+        check_batch(activation_prev, X.shape[0])
+        delta = to_floating(self.backend, "delta", delta, self.dtype)
+        if tuple(delta.shape) != tuple(out.shape):
+            raise ValueError(f"delta must have the forward output's shape {tuple(out.shape)}, got {tuple(delta.shape)}")
+        xp = self.backend.xp
+        grad_pre = delta * ACTIVATIONS[self.activation][1](xp, out)
+        grad_x = xp.matmul(grad_pre, self.weights)
+        grad_w = xp.matmul(xp.matrix_transpose(grad_pre), X)
+        grad_b = xp.sum(grad_pre, axis=0)
+        return grad_x, {"weights": grad_w, "biases": grad_b}
+
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
         """Update weights and biases by SGD and return dE/dX (with the weights before the update).
 
@@ -268,20 +310,8 @@ class DenseLayer:
         delta : array, shape (n, out_features)
             dE/d(output of the last forwardpass).
         """
-        X, out = forward_state(self._saved)
-        lr = float(lr)  # a NumPy scalar would promote float32 weights (see ConvolutionLayer)
-        check_batch(activation_prev, X.shape[0])
-        delta = to_floating(self.backend, "delta", delta, self.dtype)
-        if tuple(delta.shape) != tuple(out.shape):
-            raise ValueError(f"delta must have the forward output's shape {tuple(out.shape)}, got {tuple(delta.shape)}")
-        xp = self.backend.xp
-        grad_pre = delta * ACTIVATIONS[self.activation][1](xp, out)
-        grad_x = xp.matmul(grad_pre, self.weights)
-        grad_w = xp.matmul(xp.matrix_transpose(grad_pre), X)
-        grad_b = xp.sum(grad_pre, axis=0)
-        # New arrays, not in-place updates: JAX arrays are immutable.
-        self.weights = self.weights - lr * grad_w
-        self.biases = self.biases - lr * grad_b
+        grad_x, grads = self.backward(activation_prev, delta)
+        sgd_update(self, lr, grads)
         return grad_x
 
 
@@ -341,7 +371,8 @@ class Sequential:
     """Layers run one after the other; itself a layer with the same protocol.
 
     ``forwardpass`` keeps each layer's input, and ``backwardpass`` hands each layer its own input
-    as ``activation_prev``, in reverse order.
+    as ``activation_prev``, in reverse order. Parameters, gradients and state dicts are those of
+    the layers, keyed ``"<index>.<name>"`` (``"0.weights"``, ``"5.biases"``).
 
     Examples
     --------
@@ -353,6 +384,8 @@ class Sequential:
     >>> loss, grad = nn.softmax_cross_entropy(net.forwardpass(X), y)
     >>> net.backwardpass(0.1, X, grad).shape
     (5, 1, 8, 8)
+    >>> list(net.parameters())
+    ['0.weights', '0.biases', '3.weights', '3.biases']
     """
 
     def __init__(self, layers: Iterable[Any]) -> None:
@@ -370,9 +403,70 @@ class Sequential:
         self._inputs = inputs
         return X
 
+    def backward(self, activation_prev: Any, delta: Any) -> tuple[Any, dict[str, Any]]:
+        """Run `delta` (dE/d(output)) back through the layers; return dE/dX and every layer's gradients.
+
+        Nothing is updated; the gradients are keyed like :meth:`parameters`.
+        """
+        check_batch(activation_prev, forward_state(self._inputs)[0].shape[0])
+        grads: dict[str, Any] = {}
+        for index in reversed(range(len(self.layers))):
+            delta, layer_grads = self.layers[index].backward(self._inputs[index], delta)
+            grads.update((f"{index}.{name}", grad) for name, grad in layer_grads.items())
+        # Layer order, as parameters() lists them.
+        return delta, {key: grads[key] for key in self.parameters() if key in grads}
+
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
         """Run `delta` (dE/d(output)) back through the layers, updating each; return dE/dX."""
         check_batch(activation_prev, forward_state(self._inputs)[0].shape[0])
         for layer, layer_input in zip(reversed(self.layers), reversed(self._inputs), strict=True):
             delta = layer.backwardpass(lr, layer_input, delta)
         return delta
+
+    def parameters(self) -> dict[str, Any]:
+        """Every layer's parameters, keyed ``"<layer index>.<name>"``, in layer order."""
+        return {f"{index}.{name}": value for index, layer in enumerate(self.layers)
+                for name, value in layer.parameters().items()}
+
+    def _split(self, what: str, mapping: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """`mapping` ("<index>.<name>" keys) split into one dict per layer; KeyError for a key of no layer."""
+        unknown_keys(what, mapping, self.parameters())
+        per_layer: list[dict[str, Any]] = [{} for _ in self.layers]
+        for key, value in mapping.items():
+            index, name = key.split(".", 1)
+            per_layer[int(index)][name] = value
+        return per_layer
+
+    def set_parameters(self, mapping: Mapping[str, Any]) -> None:
+        """Replace the parameters named in `mapping` (keys as in :meth:`parameters`).
+
+        Checked as each layer checks them, all before any is replaced; errors name the key.
+        """
+        self._check_parameters(mapping, "")
+        for layer, part in zip(self.layers, self._split("set_parameters()", mapping), strict=True):
+            layer.set_parameters(part)
+
+    def _check_parameters(self, mapping: Mapping[str, Any], prefix: str) -> None:
+        unknown_keys("set_parameters()", [prefix + key for key in mapping], [prefix + key for key in self.parameters()])
+        for index, (layer, part) in enumerate(zip(self.layers, self._split("set_parameters()", mapping), strict=True)):
+            layer._check_parameters(part, f"{prefix}{index}.")
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Host (NumPy) copies of :meth:`parameters`."""
+        return {f"{index}.{name}": value for index, layer in enumerate(self.layers)
+                for name, value in layer.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Set every layer's parameters from `state` (keys as in :meth:`state_dict`); errors name the key."""
+        self._load_state_dict(state, "")
+
+    def _load_state_dict(self, state: Mapping[str, Any], prefix: str) -> None:
+        missing = sorted(set(self.parameters()) - set(state))
+        if missing:
+            raise KeyError(f"state has no {[prefix + key for key in missing]}; it needs {[prefix + k for k in self.parameters()]}")
+        unknown_keys("state", [prefix + key for key in state], [prefix + key for key in self.parameters()])
+        for index, (layer, part) in enumerate(zip(self.layers, self._split("state", state), strict=True)):
+            layer._load_state_dict(part, f"{prefix}{index}.")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_inputs": None}  # the inputs of the last batch are not part of the network

@@ -56,6 +56,11 @@ class Backend:
     _constants: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # A backend holds a module, a lock and device arrays: it travels as its spec and becomes
+        # the receiving process's registry object for that spec (one object per library and device).
+        return _backend_from_spec, (self.spec,)
+
     def owns(self, array: Any) -> bool:
         """Whether `array` belongs to this backend's library (any device)."""
         return self._owns(array)
@@ -127,3 +132,10 @@ class Backend:
             while len(self._constants) > _CONSTANT_CACHE_SIZE:
                 self._constants.popitem(last=False)
         return value
+
+
+def _backend_from_spec(spec: str) -> Backend:
+    """What an unpickled Backend becomes: the registry's backend for `spec` in this process."""
+    from . import get_backend  # the registry imports this module: import late
+
+    return get_backend(spec)
