@@ -24,7 +24,7 @@ import dask  # noqa: E402
 import dask.array as da  # noqa: E402
 
 import conv2d  # noqa: E402
-from conv2d import distributed, nn  # noqa: E402
+from conv2d import distributed, nn, optim  # noqa: E402
 
 from .oracle import TOLERANCE, assert_close, torch_conv  # noqa: E402
 
@@ -225,12 +225,12 @@ def test_a_network_travels_with_its_backend_spec():
 # --------------------------------------------------------------------------- predict()
 
 
-def _small_network(seed: int = 0) -> nn.Sequential:
+def _small_network(seed: int = 0, dtype: str = "float32") -> nn.Sequential:
     return nn.Sequential([
-        conv2d.ConvolutionLayer((1, 8, 8), (3, 3), 4, padding=1, activation="relu", dtype="float32", seed=seed),
+        conv2d.ConvolutionLayer((1, 8, 8), (3, 3), 4, padding=1, activation="relu", dtype=dtype, seed=seed),
         nn.MaxPoolLayer((4, 8, 8), 2),
         nn.FlattenLayer(),
-        nn.DenseLayer(64, 10, dtype="float32", seed=seed + 1),
+        nn.DenseLayer(64, 10, dtype=dtype, seed=seed + 1),
     ])
 
 
@@ -289,3 +289,95 @@ def test_predict_survives_a_killed_worker(cluster_client):
 
 def _chunks_in_memory(name: str, dask_scheduler=None) -> int:
     return sum(1 for key, task in dask_scheduler.tasks.items() if name in str(key) and task.state == "memory")
+
+
+# --------------------------------------------------------------------------- DataParallel
+
+
+def _reference_fit(net, X, y, epochs, batch_size, optimizer, seed):
+    """Single-process training, written here: the same batches, one backward() and one step each."""
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(len(X))
+        for start in range(0, len(X), batch_size):
+            rows = order[start : start + batch_size]
+            logits = net.forwardpass(X[rows])
+            _, delta = nn.softmax_cross_entropy(logits, y[rows])
+            _, grads = net.backward(X[rows], delta)
+            optimizer.step(net, grads)
+    return net
+
+
+def _training_data(seed: int, n: int = 150):
+    rng = _rng(seed)
+    return rng.random((n, 1, 8, 8)), rng.integers(0, 10, n).astype(np.int32)
+
+
+def _assert_same_parameters(net, reference, rtol: float):
+    want = reference.state_dict()
+    got = net.state_dict()
+    assert list(got) == list(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=rtol, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    "make_optimizer", [lambda: optim.SGD(0.1, momentum=0.9, weight_decay=1e-3), lambda: optim.Adam(1e-2)],
+    ids=["sgd-momentum", "adam"],
+)
+def test_fit_is_single_process_training_to_rounding(cluster_client, make_optimizer):
+    """Same seed and global batch: the same parameters as the in-process loop (float64, to 1e-10),
+    also after a second fit, which continues with the optimizer's state from the first."""
+    X, y = _training_data(9)
+    net = _small_network(4, "float64")
+    net_before = net.state_dict()
+    trainer = distributed.DataParallel(net, cluster_client)
+    optimizer, reference_optimizer = make_optimizer(), make_optimizer()
+    history = trainer.fit(X, y, epochs=2, batch_size=40, optimizer=optimizer, seed=5)  # last batch smaller: 30
+    reference = _reference_fit(_small_network(4, "float64"), X, y, 2, 40, reference_optimizer, 5)
+    _assert_same_parameters(trainer.network(), reference, 1e-10)
+    trainer.fit(X, y, epochs=1, batch_size=40, optimizer=optimizer, seed=6)
+    _reference_fit(reference, X, y, 1, 40, reference_optimizer, 6)
+    _assert_same_parameters(trainer.network(), reference, 1e-10)
+    assert len(history.loss) == len(history.accuracy) == len(history.step_ms) == len(history.overhead_ms) == 2
+    assert all(np.isfinite(history.loss)) and all(0 <= a <= 1 for a in history.accuracy)
+    for key, value in net.state_dict().items():  # the network given is left as it was
+        np.testing.assert_array_equal(value, net_before[key])
+
+
+
+def test_fit_with_batches_smaller_than_the_cluster(cluster_client):
+    """Batches of one sample: one worker idles each step; still the single-process result."""
+    X, y = _training_data(10, n=5)
+    trainer = distributed.DataParallel(_small_network(7, "float64"), cluster_client)
+    history = trainer.fit(X, y, epochs=1, batch_size=1, optimizer=optim.SGD(0.05), seed=1,
+                          validation_data=(X, y))
+    reference = _reference_fit(_small_network(7, "float64"), X, y, 1, 1, optim.SGD(0.05), 1)
+    _assert_same_parameters(trainer.network(), reference, 1e-10)
+    logits = reference.forwardpass(X)
+    loss, _ = nn.softmax_cross_entropy(logits, y)
+    assert history.validation_loss == pytest.approx([float(loss)], rel=1e-10)
+    assert history.validation_accuracy == [float(np.mean(np.argmax(logits, axis=1) == y))]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(epochs=0), ValueError, "epochs must be a positive int"),
+        (dict(batch_size=0), ValueError, "batch_size must be a positive int"),
+        (dict(optimizer=0.1), TypeError, "optimizer must be a conv2d.optim optimizer"),
+        (dict(y=np.zeros(3, np.int32)), ValueError, "y must have shape"),
+    ],
+)
+def test_fit_rejects_bad_arguments(cluster_client, kwargs, error, message):
+    X, y = _training_data(11, n=6)
+    arguments = dict(X=X, y=y, epochs=1, batch_size=2, optimizer=optim.SGD(0.1), seed=0) | kwargs
+    with pytest.raises(error, match=message):
+        distributed.DataParallel(_small_network(), cluster_client).fit(**arguments)
+
+
+def test_data_parallel_needs_a_trainable_network(cluster_client):
+    with pytest.raises(TypeError, match="parameters"):
+        distributed.DataParallel(object(), cluster_client)
+    with pytest.raises(ValueError, match="no parameters"):
+        distributed.DataParallel(nn.Sequential([nn.FlattenLayer()]), cluster_client)
