@@ -158,6 +158,36 @@ def train(
     return run
 
 
+def train_on_dask(
+    client: Any, backend: Backend, *, epochs: int, batch_size: int, lr: float, seed: int, data: Digits,
+) -> TrainingRun:
+    """:func:`train`'s run on the workers of `client` (:class:`conv2d.distributed.DataParallel`).
+
+    The same network, batches and SGD steps as :func:`train` (each global batch split over the
+    workers, their gradients summed), so the same result to float rounding; prints the workers
+    and the time per step with its overhead.
+    """
+    from . import distributed
+    from .optim import SGD
+
+    trainer = distributed.DataParallel(build_network(backend, seed), client)
+    run = TrainingRun(build_network(backend, seed), backend)
+    test_x, test_y = backend.asarray(data.test_x, dtype=DTYPE), backend.asarray(data.test_y)
+    loss, accuracy = evaluate(run.network, test_x, test_y)
+    history = trainer.fit(data.train_x, data.train_y, epochs, batch_size, SGD(lr), seed,
+                          validation_data=(data.test_x, data.test_y))
+    run.network = trainer.network()
+    run.train_loss, run.train_accuracy = history.loss, history.accuracy
+    run.test_loss, run.test_accuracy = [loss, *history.validation_loss], [accuracy, *history.validation_accuracy]
+    run.epoch_seconds = history.seconds
+    workers = len(client.scheduler_info()["workers"])
+    print(
+        f"dask: {workers} workers at {client.scheduler.address}; per step {sum(history.step_ms) / epochs:.1f} ms, "
+        f"of which overhead {sum(history.overhead_ms) / epochs:.1f} ms (the rest: the slowest worker's compute)"
+    )
+    return run
+
+
 def plot(run: TrainingRun, out: Path) -> list[Path]:
     """Write loss.png (loss and accuracy per epoch) and filters.png (the first layer's filters) to `out`."""
     from matplotlib.figure import Figure  # a bare Figure: no pyplot, no GUI backend, no global state
@@ -211,6 +241,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=d["seed"], help=f"seed of the split, weights and batch order (default {d['seed']})")
     add("--out", type=Path, default=Path("conv2d-demo"), help="folder for the plots (default ./conv2d-demo/)")
     add("--no-plots", action="store_true", help="do not write loss.png and filters.png")
+    add("--dask", nargs="?", const="", default=None, metavar="ADDRESS",
+        help="train data-parallel on Dask workers: the scheduler at ADDRESS, else DASK_SCHEDULER_ADDRESS, "
+             "else a local cluster of one worker per core (needs conv2d[dask])")
 
 
 def _error(message: str) -> int:
@@ -239,16 +272,35 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         return _error(f"the demo needs {exc.name}: python -m pip install 'conv2d[demo]'")
 
+    client = started = None
+    if args.dask is not None:
+        try:
+            from . import distributed
+
+            existing = distributed.current_client()
+            client = distributed.client(args.dask or None, backend=backend)
+        except (ImportError, ConnectionError, ValueError) as exc:
+            return _error(str(exc))
+        started = client if client is not existing else None  # ours to close: a connection or a local cluster
+
     data = load_digits(args.seed)
     print(
         f"digits: {len(data.train_y)} training and {len(data.test_y)} test images (8x8), {DTYPE}, "
         f"backend {backend.spec} (from {source})"
     )
     start = time.perf_counter()
-    result = train(
-        backend, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, data=data,
-        progress=lambda **kw: tqdm(unit="batch", leave=True, dynamic_ncols=True, **kw),
-    )
+    if client is None:
+        result = train(
+            backend, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, data=data,
+            progress=lambda **kw: tqdm(unit="batch", leave=True, dynamic_ncols=True, **kw),
+        )
+    else:
+        try:
+            result = train_on_dask(client, backend, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                   seed=args.seed, data=data)
+        finally:
+            if started is not None:
+                started.close()
     total = time.perf_counter() - start
     seconds = result.epoch_seconds
     accuracy, n_test = result.test_accuracy[-1], len(data.test_y)

@@ -209,19 +209,49 @@ def client(address: str | None = None, *, timeout: float = CONNECT_TIMEOUT, back
     address = address or dask.config.get("scheduler-address", None)
     if address:
         return _connect(str(address), timeout)
+    current = current_client()
+    return current if current is not None else local_client(backend=backend)
+
+
+def current_client():
+    """This process's default ``distributed.Client``, or None when there is none."""
     try:
         return distributed.default_client()
-    except ValueError:  # there is none
-        pass
+    except ValueError:
+        return None
+
+
+# Everything on 127.0.0.1, no dashboard, and the scheduler's HTTP endpoints (health, metrics) on a
+# free port: on its default, 8787, a second cluster on the machine would warn and move.
+_LOCAL_ONLY = dict(host="127.0.0.1", dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+
+
+def local_client(workers: int | None = None, *, memory_limit: str | None = None, backend: str | Backend | None = None):
+    """A new cluster on this machine (127.0.0.1 only) and its client; ``client.close()`` stops a CPU one.
+
+    Parameters
+    ----------
+    workers : int, optional
+        Worker processes of one thread each; default: one per usable core. (A CUDA cluster has one
+        worker per GPU instead.)
+    memory_limit : str, optional
+        Per worker, e.g. ``"256MiB"``: Dask pauses a worker that passes 80% of it and restarts one
+        that passes 95%. Default: Dask's (the machine's memory shared out).
+    backend : str or Backend, optional
+        When it is CuPy (default: the active backend) and ``dask_cuda`` is installed, a
+        ``LocalCUDACluster`` (stop it with ``client.shutdown()``).
+    """
     if get_backend(backend).name == "cupy":
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
             pass
         else:
-            return distributed.Client(LocalCUDACluster(host="127.0.0.1", threads_per_worker=1, dashboard_address=None))
+            cluster = LocalCUDACluster(threads_per_worker=1, memory_limit=memory_limit or "auto", **_LOCAL_ONLY)
+            return distributed.Client(cluster)
     return distributed.Client(
-        n_workers=_cores(), threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+        n_workers=workers or _cores(), threads_per_worker=1, processes=True, memory_limit=memory_limit or "auto",
+        **_LOCAL_ONLY,
     )
 
 

@@ -33,17 +33,15 @@ WAIT = 60  # seconds: the bound on every wait for the cluster
 
 @pytest.fixture(scope="module")
 def cluster_client():
-    """Two worker processes, one thread each, on 127.0.0.1; closed when the module is done."""
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None)
-    client = Client(cluster, timeout=WAIT)
+    """Two worker processes, one thread each, on 127.0.0.1 (distributed.local_client); closed when
+    the module is done."""
+    client = distributed.local_client(2)
     try:
         client.wait_for_workers(2, timeout=WAIT)
+        assert all(w["nthreads"] == 1 for w in client.scheduler_info()["workers"].values())
         yield client
     finally:
         client.close(timeout=WAIT)
-        cluster.close(timeout=WAIT)
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -381,3 +379,43 @@ def test_data_parallel_needs_a_trainable_network(cluster_client):
         distributed.DataParallel(object(), cluster_client)
     with pytest.raises(ValueError, match="no parameters"):
         distributed.DataParallel(nn.Sequential([nn.FlattenLayer()]), cluster_client)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def test_demo_dask_trains_as_the_demo_does(cluster_client, capsys):
+    """`demo --dask ADDRESS`: the same batches and SGD steps as the plain demo, so the same test
+    accuracy and (to float32 rounding) the same training loss; the cluster is left running."""
+    pytest.importorskip("sklearn")
+    from conv2d import demo
+    from conv2d.__main__ import main
+
+    address = cluster_client.scheduler.address
+    assert main(["demo", "--dask", address, "--epochs", "2", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert f"dask: 2 workers at {address}" in printed, printed
+    local = demo.train(conv2d.get_backend("numpy"), epochs=2, seed=0)
+    assert f"test accuracy: {local.test_accuracy[-1]:.2%}" in printed, printed
+    assert cluster_client.submit(sum, [1, 2]).result(timeout=WAIT) == 3  # still up
+
+
+def test_demo_dask_bad_address(capsys):
+    from conv2d.__main__ import main
+
+    assert main(["demo", "--dask", "tcp://127.0.0.1:9", "--epochs", "1", "--no-plots"]) == 2
+    assert "no Dask scheduler answered at 'tcp://127.0.0.1:9'" in capsys.readouterr().err
+
+
+def test_scale_command_prints_every_figure_with_the_load(capsys):
+    from conv2d.__main__ import main
+
+    args = ["scale", "--workers", "1", "--images", "300", "--chunk", "100", "--memory-limit", "512",
+            "--batch-sizes", "16", "--steps", "3"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if "images/s" in line or "ms/step" in line]
+    assert len(lines) == 4, printed  # inference and training: in one process, then 1 worker
+    assert all("load " in line for line in lines), printed
+    assert "results identical" in printed, printed  # same chunks, one BLAS thread: the same bits
+    assert "overhead" in printed and "peak memory per worker" in printed, printed
