@@ -226,6 +226,14 @@ def current_client():
 _LOCAL_ONLY = dict(host="127.0.0.1", dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
 
 
+# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, to hand freed memory back to the
+# system at once. Setting it also turns off glibc's adaptive mmap threshold, so every large
+# temporary (patch matrices, activations) is a fresh mmap that the kernel zeroes page by page:
+# measured 2x slower per training step here (91 -> 199 ms at batch 1024, same process otherwise).
+# Local clusters leave glibc's default; README says how to do the same for `dask worker`.
+_TRIM_SETTING = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+
+
 def local_client(workers: int | None = None, *, memory_limit: str | None = None, backend: str | Backend | None = None):
     """A new cluster on this machine (127.0.0.1 only) and its client; ``client.close()`` stops a CPU one.
 
@@ -241,18 +249,20 @@ def local_client(workers: int | None = None, *, memory_limit: str | None = None,
         When it is CuPy (default: the active backend) and ``dask_cuda`` is installed, a
         ``LocalCUDACluster`` (stop it with ``client.shutdown()``).
     """
-    if get_backend(backend).name == "cupy":
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            pass
-        else:
-            cluster = LocalCUDACluster(threads_per_worker=1, memory_limit=memory_limit or "auto", **_LOCAL_ONLY)
-            return distributed.Client(cluster)
-    return distributed.Client(
-        n_workers=workers or _cores(), threads_per_worker=1, processes=True, memory_limit=memory_limit or "auto",
-        **_LOCAL_ONLY,
-    )
+    cuda = get_backend(backend).name == "cupy"
+    with dask.config.set({_TRIM_SETTING: None}):  # the nannies read it when they start
+        if cuda:
+            try:
+                from dask_cuda import LocalCUDACluster
+            except ImportError:
+                pass
+            else:
+                cluster = LocalCUDACluster(threads_per_worker=1, memory_limit=memory_limit or "auto", **_LOCAL_ONLY)
+                return distributed.Client(cluster)
+        return distributed.Client(
+            n_workers=workers or _cores(), threads_per_worker=1, processes=True, memory_limit=memory_limit or "auto",
+            **_LOCAL_ONLY,
+        )
 
 
 # DataParallel's argument `client` hides the function's name there.

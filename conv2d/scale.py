@@ -33,6 +33,7 @@ from .backends import BackendUnavailableError, get_backend
 from .layer import ConvolutionLayer
 
 _MIB = 2**20
+_WAIT = 900  # seconds: a bound on one measurement (a worker paused at its memory limit would hang)
 IMAGE = (3, 32, 32)
 
 
@@ -125,9 +126,9 @@ def inference(args: argparse.Namespace, backend: Any) -> None:
                 client.wait_for_workers(workers, timeout=120)
                 x = da.from_npy_stack(folder / "images", mmap_mode="r")
                 y = distributed.predict(net, x)
-                client.compute(y[:1]).result()  # workers import conv2d and fetch the network once
+                client.compute(y[:1]).result(timeout=_WAIT)  # workers import conv2d, fetch the network
                 start = time.perf_counter()
-                result = client.compute(y).result()
+                result = client.compute(y).result(timeout=_WAIT)
                 seconds = time.perf_counter() - start
                 peaks = sorted(client.run(_worker_peak_mib).values())
             same = "identical" if np.array_equal(result, single) else (
@@ -205,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--memory-limit", type=_positive, default=256, metavar="MIB",
         help="memory limit of each worker process in MiB; the dataset is 1.25x that unless --images (default 256)")
     add("--images", type=_positive, help="images in the generated dataset (default: 1.25x the memory limit)")
-    add("--chunk", type=_positive, default=128, help="images per chunk (default 128)")
+    add("--chunk", type=_positive, default=64, help="images per chunk (default 64)")
     add("--dir", help="where to write the dataset (default: the system's temporary folder); removed after")
     add("--batch-sizes", type=_batch_sizes, default=[32, 256, 1024], metavar="B,B,...",
         help="global batch sizes for the training measurement (default 32,256,1024)")

@@ -191,6 +191,14 @@ def test_client_reads_the_scheduler_address_from_the_environment(cluster_client,
     assert dask.config.get("scheduler-address", None) is None
 
 
+def test_local_workers_have_one_blas_thread_and_glibcs_own_malloc_settings(cluster_client):
+    """Dask's nanny gives each worker one BLAS thread; local_client keeps MALLOC_TRIM_THRESHOLD_
+    unset (setting it made a training step 2x slower here, see distributed._TRIM_SETTING)."""
+    environments = cluster_client.run(lambda: {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")})
+    assert len(environments) == 2
+    assert all(env == {"OMP_NUM_THREADS": "1", "MALLOC_TRIM_THRESHOLD_": None} for env in environments.values()), environments
+
+
 def test_client_returns_the_current_default_client(cluster_client):
     with dask.config.set({"scheduler-address": None}):
         cluster_client.as_current()
