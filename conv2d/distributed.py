@@ -55,14 +55,14 @@ _WAIT = 300.0
 # --------------------------------------------------------------------------- dask arrays in, dask arrays out
 
 
-def is_dask_array(array: Any) -> bool:
+def _is_dask(array: Any) -> bool:
     return isinstance(array, da.Array)
 
 
 def _as_dask(array: Any, batch_chunks: tuple[int, ...] | None = None) -> da.Array:
     """`array` as a dask array whose trailing axes are whole; the batch axis chunked as given
     (default: as it is, or one chunk for an in-memory array)."""
-    if not is_dask_array(array):
+    if not _is_dask(array):
         array = da.from_array(array, chunks=array.shape)
     chunks = {axis: -1 for axis in range(1, array.ndim)}
     if batch_chunks is not None:
@@ -72,7 +72,7 @@ def _as_dask(array: Any, batch_chunks: tuple[int, ...] | None = None) -> da.Arra
 
 def _meta(array: Any) -> Any:
     """An empty array of `array`'s library, device and dtype: what the argument checks look at."""
-    return array._meta if is_dask_array(array) else array[(slice(0, 0),) * array.ndim]
+    return array._meta if _is_dask(array) else array[(slice(0, 0),) * array.ndim]
 
 
 def _shape(array: Any) -> tuple[int, ...]:
@@ -369,7 +369,7 @@ def predict(net: Any, x: Any) -> da.Array:
     """
     if not hasattr(net, "forwardpass"):
         raise TypeError(f"net must be a layer or network with forwardpass(X), got {type(net).__name__}")
-    if not is_dask_array(x):
+    if not _is_dask(x):
         raise TypeError(
             f"x must be a dask array chunked along the batch, got {type(x).__module__}.{type(x).__qualname__}; "
             "wrap it, e.g. dask.array.from_array(x, chunks=(1000, -1, -1, -1))"
@@ -507,7 +507,9 @@ class DataParallel:
     def __init__(self, net: Any, client: Any = None) -> None:
         for method in ("parameters", "backward", "state_dict", "load_state_dict", "forwardpass"):
             if not callable(getattr(net, method, None)):
-                raise TypeError(f"net must be a conv2d layer or nn.Sequential with {method}(), got {type(net).__name__}")
+                raise TypeError(
+                    f"net must be a conv2d layer or nn.Sequential with {method}(), got {type(net).__name__}"
+                )
         _network_backend(net)
         self.client = _default_client() if client is None else client
         self._net = net
@@ -566,8 +568,10 @@ class DataParallel:
         if not callable(getattr(optimizer, "step", None)):
             raise TypeError(f"optimizer must be a conv2d.optim optimizer with step(), got {type(optimizer).__name__}")
         X, y = _host(X), _host(y)
-        if X.ndim < 1 or y.shape != (X.shape[0],):
-            raise ValueError(f"y must have shape ({X.shape[0] if X.ndim else '?'},), one label per row of X, got {y.shape}")
+        if X.ndim < 2:
+            raise ValueError(f"X must have a batch axis and sample axes, got shape {X.shape}")
+        if y.shape != (X.shape[0],):
+            raise ValueError(f"y must have shape ({X.shape[0]},), one label per row of X, got {y.shape}")
         replicas = self._start_replicas()
         optimizer_payload = dumps(optimizer)
         _results([replica.start(optimizer_payload, X, y) for replica in replicas])
@@ -659,7 +663,8 @@ def _evaluate(net: Any, X: Any, y: Any, batch_size: int = 512) -> tuple[float, f
     dtype = next(iter(net.parameters().values())).dtype
     loss_sum, correct = 0.0, 0
     for start in range(0, X.shape[0], batch_size):
-        x, labels = backend.asarray(X[start : start + batch_size], dtype=dtype), backend.asarray(y[start : start + batch_size])
+        x = backend.asarray(X[start : start + batch_size], dtype=dtype)
+        labels = backend.asarray(y[start : start + batch_size])
         logits = net.forwardpass(x)
         loss, _ = softmax_cross_entropy(logits, labels)
         loss_sum += float(loss) * x.shape[0]
