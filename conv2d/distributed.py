@@ -44,7 +44,7 @@ from ._geometry import check_output_shape, make_geometry, positive_int
 from .backends import Backend, backend_of, get_backend
 from .nn import softmax_cross_entropy
 
-__all__ = ["DataParallel", "History", "client", "predict"]
+__all__ = ["DataParallel", "History", "client", "current_client", "local_client", "predict"]
 
 #: Seconds to wait for a scheduler before saying it cannot be reached.
 CONNECT_TIMEOUT = 10.0

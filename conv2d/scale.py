@@ -96,10 +96,6 @@ def _single_process(net: nn.Sequential, folder: Path, chunks: int) -> tuple[np.n
     return np.concatenate(outputs), seconds
 
 
-def _worker_peak_mib() -> float:
-    return _peak_rss_mib()
-
-
 def inference(args: argparse.Namespace, backend: Any) -> None:
     import dask.array as da
 
@@ -130,7 +126,7 @@ def inference(args: argparse.Namespace, backend: Any) -> None:
                 start = time.perf_counter()
                 result = client.compute(y).result(timeout=_WAIT)
                 seconds = time.perf_counter() - start
-                peaks = sorted(client.run(_worker_peak_mib).values())
+                peaks = sorted(client.run(_peak_rss_mib).values())
             same = "identical" if np.array_equal(result, single) else (
                 f"max difference {float(np.abs(result - single).max()):.2e}")
             print(
