@@ -437,3 +437,27 @@ def test_scale_command_prints_every_figure_with_the_load(capsys):
     assert "overhead" in printed, printed
     peaks = re.findall(r"peak memory per worker (\d+) MiB", printed)
     assert len(peaks) == 1 and int(peaks[0]) < 512, printed  # under the --memory-limit given
+
+
+def test_the_backend_travels_with_the_network(cluster_client):
+    """A torch network trains on torch on the workers (they resolve its spec, 'torch:cpu'), and
+    equals in-process torch training; network() gives torch arrays back."""
+    pytest.importorskip("torch")
+    torch_backend = conv2d.get_backend("torch")
+
+    def network():
+        return nn.Sequential([
+            conv2d.ConvolutionLayer((1, 8, 8), (3, 3), 4, padding=1, activation="relu", dtype="float64", seed=2,
+                                    backend=torch_backend),
+            nn.MaxPoolLayer((4, 8, 8), 2, backend=torch_backend),
+            nn.FlattenLayer(),
+            nn.DenseLayer(64, 10, dtype="float64", seed=3, backend=torch_backend),
+        ])
+
+    X, y = _training_data(12, n=40)
+    trainer = distributed.DataParallel(network(), cluster_client)
+    trainer.fit(X, y, epochs=1, batch_size=20, optimizer=optim.SGD(0.1), seed=2)
+    trained = trainer.network()
+    assert all(torch_backend.owns(value) for value in trained.parameters().values())
+    reference = _reference_fit(network(), torch_backend.asarray(X), torch_backend.asarray(y), 1, 20, optim.SGD(0.1), 2)
+    _assert_same_parameters(trained, reference, 1e-10)
