@@ -45,9 +45,20 @@ def _load() -> str:
 
 
 def _peak_rss_mib() -> float:
-    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident memory so far, in MiB.
+
+    Linux's VmHWM belongs to the process image: getrusage's ru_maxrss would also count the parent's
+    memory at the fork that started a worker process (it survives the exec).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (_MIB if sys.platform == "darwin" else 1024)
+    return peak / (_MIB if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB elsewhere
 
 
 def inference_network(backend: Any, dtype: str = "float32") -> nn.Sequential:
