@@ -1,4 +1,4 @@
-"""Command line of conv2d: python -m conv2d info | demo | bench."""
+"""Command line of conv2d: python -m conv2d info | demo | bench | scale."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ _COMMANDS = {
     "info": (None, "versions, usable backends and the active one"),
     "bench": (".bench", "time conv2d against PyTorch, the bare matrix products and the seed"),
     "demo": (".demo", "train a small CNN on scikit-learn's digits"),
+    "scale": (".scale", "inference images/s and training ms/step on 1..k Dask workers (needs conv2d[dask])"),
 }
 
 

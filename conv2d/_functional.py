@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from array_api_compat import array_namespace
@@ -52,6 +53,12 @@ def check_algorithm(algorithm: str) -> str:
     return algorithm
 
 
+def _dask_among(*arrays: Any) -> bool:
+    """Whether any argument is a dask array, asked without importing dask (an optional dependency)."""
+    module = sys.modules.get("dask.array")
+    return module is not None and any(isinstance(array, module.Array) for array in arrays)
+
+
 def _shape(array: Any) -> tuple[int, ...]:
     return tuple(array.shape)
 
@@ -74,7 +81,10 @@ def conv2d(
     Parameters
     ----------
     x : array, shape (N, C, H, W)
-        Input batch, a real floating array of NumPy, CuPy, torch, JAX or array-api-strict.
+        Input batch, a real floating array of NumPy, CuPy, torch, JAX or array-api-strict; or a
+        dask array of NumPy or CuPy chunks (then the result is a lazy dask array with the same
+        batch chunks, one ordinary call per chunk; chunks along C, H or W are first merged into
+        whole samples). Needs ``conv2d[dask]``; see :mod:`conv2d.distributed`.
     weight : array, shape (O, C // groups, kH, kW)
         Filters, same library, device and dtype as `x`.
     bias : array, shape (O,), optional
@@ -129,6 +139,14 @@ def conv2d(
     >>> conv2d.conv2d(x, w, padding="same").shape
     (2, 4, 8, 8)
     """
+    if _dask_among(x, weight, bias):
+        from . import distributed
+
+        options = dict(
+            stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
+            max_workspace_bytes=max_workspace_bytes, deterministic=deterministic,
+        )
+        return distributed.forward(x, weight, bias, options)
     op = compiler_op("conv2d")
     if op is not None:  # torch.compile is tracing: one opaque operator, checked and run when it executes
         return op(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
@@ -182,7 +200,10 @@ def conv2d_backward(
     grad_x : array, shape (N, C, H, W)
     grad_weight : array, shape (O, C // groups, kH, kW)
     grad_bias : array, shape (O,)
-        Returned whether or not the forward pass had a bias.
+        Returned whether or not the forward pass had a bias. With dask arrays (see
+        :func:`conv2d`): `grad_x` is chunked like `x` along the batch (C, H and W whole;
+        `grad_out` is rechunked to match), and `grad_weight` and `grad_bias` are lazy tree sums
+        of the per-chunk gradients, equal to the single-call ones to float rounding.
 
     Raises
     ------
@@ -199,6 +220,14 @@ def conv2d_backward(
     >>> gx.shape, gw.shape, gb.shape
     ((2, 3, 8, 8), (4, 3, 3, 3), (4,))
     """
+    if _dask_among(grad_out, x, weight):
+        from . import distributed
+
+        options = dict(
+            stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
+            max_workspace_bytes=max_workspace_bytes, deterministic=deterministic,
+        )
+        return distributed.backward(grad_out, x, weight, options)
     op = compiler_op("conv2d_backward")
     if op is not None:  # as in conv2d
         return op(grad_out, x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,

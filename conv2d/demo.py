@@ -208,6 +208,38 @@ def train(
     return run
 
 
+def train_on_dask(
+    client: Any, backend: Backend, *, epochs: int, batch_size: int, lr: float | None, optimizer: str = "sgd",
+    seed: int, data: Digits,
+) -> TrainingRun:
+    """:func:`train`'s run on the workers of `client` (:class:`conv2d.distributed.DataParallel`).
+
+    The same network, batches and optimizer steps as :func:`train` (each global batch split over
+    the workers, their gradients summed), so the same result to float rounding; prints the workers
+    and the time per step with its overhead.
+    """
+    from . import distributed
+
+    lr = OPTIMIZER_LR[optimizer] if lr is None else lr
+    updater = optim.Adam(lr) if optimizer == "adam" else optim.SGD(lr)
+    trainer = distributed.DataParallel(build_network(backend, seed), client)
+    run = TrainingRun(build_network(backend, seed), backend)
+    test_x, test_y = backend.asarray(data.test_x, dtype=DTYPE), backend.asarray(data.test_y)
+    loss, accuracy = evaluate(run.network, test_x, test_y)
+    history = trainer.fit(data.train_x, data.train_y, epochs, batch_size, updater, seed,
+                          validation_data=(data.test_x, data.test_y))
+    run.network = trainer.network()
+    run.train_loss, run.train_accuracy = history.loss, history.accuracy
+    run.test_loss, run.test_accuracy = [loss, *history.validation_loss], [accuracy, *history.validation_accuracy]
+    run.epoch_seconds = history.seconds
+    workers = len(client.scheduler_info()["workers"])
+    print(
+        f"dask: {workers} workers at {client.scheduler.address}; per step {sum(history.step_ms) / epochs:.1f} ms, "
+        f"of which overhead {sum(history.overhead_ms) / epochs:.1f} ms (the rest: the slowest worker's compute)"
+    )
+    return run
+
+
 def plot(run: TrainingRun, out: Path) -> list[Path]:
     """Write loss.png (loss and accuracy per epoch) and filters.png (the first layer's filters) to `out`."""
     from matplotlib.figure import Figure  # a bare Figure: no pyplot, no GUI backend, no global state
@@ -268,6 +300,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int, default=d["threads"],
         help=f"BLAS/OpenMP threads of this process while it trains (default {d['threads']}: fastest for the "
              "demo's tiny matrices, above all on a busy machine; 0 leaves the libraries' own defaults)")
+    add("--dask", nargs="?", const="", default=None, metavar="ADDRESS",
+        help="train data-parallel on Dask workers: the scheduler at ADDRESS, else DASK_SCHEDULER_ADDRESS, "
+             "else a local cluster of one worker per core (needs conv2d[dask])")
 
 
 def _error(message: str) -> int:
@@ -317,6 +352,17 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         return _error(problem)
 
+    client = started = None
+    if args.dask is not None:
+        try:
+            from . import distributed
+
+            existing = distributed.current_client()
+            client = distributed.client(args.dask or None, backend=backend)
+        except (ImportError, ConnectionError, ValueError) as exc:
+            return _error(str(exc))
+        started = client if client is not existing else None  # ours to close: a connection or a local cluster
+
     data = load_digits(args.seed)
     print(
         f"digits: {len(data.train_y)} training and {len(data.test_y)} test images (8x8), {DTYPE}, "
@@ -325,11 +371,19 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     # Only this process's thread pools, only while it trains (threadpoolctl: OpenBLAS, MKL, OpenMP, torch's).
     with threadpool_limits(limits=args.threads or None):
-        result = train(
-            backend, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-            jit=not args.no_jit, seed=args.seed, data=data,
-            progress=lambda **kw: tqdm(unit="batch", leave=True, dynamic_ncols=True, **kw),
-        )
+        if client is None:
+            result = train(
+                backend, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                jit=not args.no_jit, seed=args.seed, data=data,
+                progress=lambda **kw: tqdm(unit="batch", leave=True, dynamic_ncols=True, **kw),
+            )
+        else:
+            try:
+                result = train_on_dask(client, backend, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                       optimizer=args.optimizer, seed=args.seed, data=data)
+            finally:
+                if started is not None:
+                    started.close()
     total = time.perf_counter() - start
     seconds = result.epoch_seconds
     accuracy, n_test = result.test_accuracy[-1], len(data.test_y)

@@ -21,7 +21,7 @@ def test_the_readme_has_python_blocks():
 def test_readme_block_runs(number, tmp_path, monkeypatch):
     """A block that used names it never defined (X, labels) failed for every reader who pasted it."""
     monkeypatch.chdir(tmp_path)  # a block that saves a network writes here, not into the checkout
-    namespace: dict = {"__name__": f"readme_block_{number}"}
+    namespace: dict = {"__name__": "__main__"}  # as a pasted script runs, main guard included
     exec(compile(BLOCKS[number], f"README.md python block {number}", "exec"), namespace)
     # Every block leaves arrays (NumPy's or JAX's), all finite: no NaN from a misused example.
     arrays = [np.asarray(value) for value in namespace.values() if is_array_api_obj(value)]
