@@ -162,7 +162,7 @@ class ConvolutionLayer(Parameterized):
         rng = np.random.default_rng(seed)
         self.weights = self.backend.asarray(rng.normal(0.0, 0.1, weight_shape), dtype=self.dtype)
         self.biases = self.backend.asarray(rng.normal(0.0, 0.1, numfilters), dtype=self.dtype)
-        # (input, patches or None when the batch was split, activation) of the last forwardpass
+        # (input, patches or None when they exceed the workspace limit, activation) of the last forwardpass
         self._saved: tuple[Any, Any | None, Any] | None = None
 
     def architecture(self) -> dict[str, Any]:
@@ -195,7 +195,7 @@ class ConvolutionLayer(Parameterized):
         limit = resolve_limit(self.max_workspace_bytes)
         pre, cols = _conv.forward(
             self.backend, X, self.weights, self.biases, self._geom, self.algorithm, limit,
-            resolve_deterministic(self.deterministic),
+            resolve_deterministic(self.deterministic), keep_patches=True,
         )
         xp = array_namespace(pre)
         out = ACTIVATIONS[self.activation][0](xp, pre)
