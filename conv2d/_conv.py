@@ -166,10 +166,12 @@ def forward(
         product = xp.reshape(
             xp.matmul(w, cols), (geom.out_channels, chunk.stop - chunk.start, rows[1] - rows[0], geom.out_w)
         )
+        if bias is not None:
+            # Into the product we own, in place where the backend allows it, before the one copy
+            # that places it: no second pass over, and no second array the size of, the output.
+            product = backend.slice_add(product, (...,), xp.reshape(bias, (geom.out_channels, 1, 1, 1)))
         key = (slice(chunk.start, chunk.stop), slice(None), slice(*rows), slice(None))
         y = _place(backend, y, (n, geom.out_channels, geom.out_h, geom.out_w), key, xp.permute_dims(product, (1, 0, 2, 3)))
-    if bias is not None:
-        y = y + xp.reshape(bias, (1, geom.out_channels, 1, 1))
     return y, None if kept is None else (chunks, kept)
 
 
@@ -195,7 +197,7 @@ def backward(
     chunks, kept = (_chunks(backend, grad_out, geom, limit), None) if cols is None else cols
     w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.patch_size))
     grad_bias = xp.sum(grad_out, axis=(0, 2, 3))
-    grad_weight = xp.zeros(w.shape, dtype=weight.dtype, device=device_of(weight))
+    grad_weight = None
     grad_x = None
     for (start, stop), row_chunks in groupby(enumerate(chunks), key=lambda c: (c[1].start, c[1].stop)):
         acc = algo.grad_start(backend, grad_out, stop - start, geom)
@@ -205,7 +207,9 @@ def backward(
             # (n, O, rows, OW) -> (groups, O/groups, n*rows*OW): the layout of the patch columns.
             grad_y = xp.permute_dims(grad_out[start:stop, :, rows[0] : rows[1], :], (1, 0, 2, 3))
             grad_y = xp.reshape(grad_y, (geom.groups, geom.filters_per_group, -1))
-            grad_weight = grad_weight + xp.matmul(grad_y, xp.matrix_transpose(patches))
+            part = xp.matmul(grad_y, xp.matrix_transpose(patches))
+            # Summed in place over the chunks where the backend allows it (a new array on JAX).
+            grad_weight = part if grad_weight is None else backend.slice_add(grad_weight, (...,), part)
             acc = algo.grad_add(backend, acc, _grad_patches(xp, w, grad_y), geom, rows)
         piece = algo.grad_finish(acc, stop - start, geom)
         grad_x = _place(backend, grad_x, (n, geom.in_channels, geom.height, geom.width), (slice(start, stop), ...), piece)
