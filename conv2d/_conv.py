@@ -25,7 +25,7 @@ from array_api_compat import device as device_of
 
 from ._algorithms import ALGORITHMS, GatherTransposed
 from ._geometry import Geometry
-from ._workspace import Chunk, plan_chunks
+from ._workspace import plan_chunks, scratch_bytes
 from .backends import Backend
 
 
@@ -93,9 +93,26 @@ def _whole_call_or_patches(algo: Any, x: Any, geom: Geometry, limit: int) -> Any
     return algo
 
 
-def _chunks(x: Any, geom: Geometry, limit: int):
+def cache_limit(backend: Backend, geom: Geometry, batch: int, itemsize: int, limit: int) -> int:
+    """The workspace limit for chunks whose patch matrix fits the backend's cache, at most `limit`.
+
+    As many samples per chunk as fit in ``backend.cache_bytes`` (at least one: a sample's output
+    rows are split only to honour `limit`), evened out over the chunks so that none is a small
+    remainder. On NumPy, chunks of the L2 cache's size were the fastest of those measured
+    (docs/benchmarks.md, "Chunk size"); a backend without ``cache_bytes`` gets `limit`.
+    """
+    if backend.cache_bytes is None or batch == 0:
+        return limit
+    patches_per_sample = itemsize * geom.in_channels * geom.kernel_h * geom.kernel_w * geom.out_h * geom.out_w
+    samples = max(1, backend.cache_bytes // patches_per_sample)
+    chunk_count = -(-batch // samples)
+    samples = -(-batch // chunk_count)
+    return min(limit, scratch_bytes(geom, samples, geom.out_h, itemsize))
+
+
+def _chunks(backend: Backend, x: Any, geom: Geometry, limit: int):
     itemsize = array_namespace(x).finfo(x.dtype).bits // 8
-    return plan_chunks(geom, x.shape[0], itemsize, limit)
+    return plan_chunks(geom, x.shape[0], itemsize, cache_limit(backend, geom, x.shape[0], itemsize, limit))
 
 
 def _grad_patches(xp: Any, w: Any, grad_y: Any) -> Any:
@@ -123,29 +140,39 @@ def _place(backend: Backend, whole: Any | None, shape: tuple[int, ...], key: tup
 
 def forward(
     backend: Backend, x: Any, weight: Any, bias: Any | None, geom: Geometry, algorithm: str, limit: int,
-    deterministic: bool = False,
+    deterministic: bool = False, keep_patches: bool = False,
 ) -> tuple[Any, Any | None]:
-    """Return (y, patches): y is (N, O, OH, OW); patches (kept only when the batch was one chunk)
-    can be handed back to :func:`backward` to save rebuilding them."""
+    """Return (y, patches): y is (N, O, OH, OW).
+
+    With `keep_patches`, `patches` is every chunk's patch matrix (with the chunks), to hand back to
+    :func:`backward` so that it does not rebuild them; kept only where the whole batch's patches
+    fit the workspace limit at once (else None, as without `keep_patches`).
+    """
     xp = array_namespace(x, weight)
     algo = _whole_call_or_patches(choose_algorithm(algorithm, backend, deterministic, geom), x, geom, limit)
     if hasattr(algo, "forward"):  # a whole-call algorithm: no patches to hand back
         return algo.forward(backend, x, weight, bias, geom, limit, deterministic), None
-    chunks = _chunks(x, geom, limit)
+    chunks = _chunks(backend, x, geom, limit)
     n = x.shape[0]
+    itemsize = xp.finfo(x.dtype).bits // 8
+    kept = [] if keep_patches and scratch_bytes(geom, n, geom.out_h, itemsize) <= limit else None
     w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.patch_size))
     y = None
     for chunk in chunks:
         rows = (chunk.row_start, chunk.row_stop)
         cols = algo.patches(backend, x[chunk.start : chunk.stop, ...], geom, rows)
+        if kept is not None:
+            kept.append(cols)
         product = xp.reshape(
             xp.matmul(w, cols), (geom.out_channels, chunk.stop - chunk.start, rows[1] - rows[0], geom.out_w)
         )
+        if bias is not None:
+            # Into the product we own, in place where the backend allows it, before the one copy
+            # that places it: no second pass over, and no second array the size of, the output.
+            product = backend.slice_add(product, (...,), xp.reshape(bias, (geom.out_channels, 1, 1, 1)))
         key = (slice(chunk.start, chunk.stop), slice(None), slice(*rows), slice(None))
         y = _place(backend, y, (n, geom.out_channels, geom.out_h, geom.out_w), key, xp.permute_dims(product, (1, 0, 2, 3)))
-    if bias is not None:
-        y = y + xp.reshape(bias, (1, geom.out_channels, 1, 1))
-    return y, cols if len(chunks) == 1 else None
+    return y, None if kept is None else (chunks, kept)
 
 
 def backward(
@@ -159,26 +186,30 @@ def backward(
     cols: Any | None = None,
     deterministic: bool = False,
 ) -> tuple[Any, Any, Any]:
-    """Return (grad_x, grad_weight, grad_bias). `cols` are the forward's patches; if given, `x` is not read."""
+    """Return (grad_x, grad_weight, grad_bias). `cols` are the forward's kept patches (see
+    :func:`forward`); if given, `x` is not read."""
     xp = array_namespace(grad_out, weight)
     algo = _whole_call_or_patches(choose_algorithm(algorithm, backend, deterministic, geom), x, geom, limit)
     if hasattr(algo, "backward"):
         return algo.backward(backend, grad_out, x, weight, geom, limit, deterministic)
     n = grad_out.shape[0]
-    chunks = _chunks(grad_out, geom, limit) if cols is None else [Chunk(0, n, 0, geom.out_h)]
+    # The forward's chunks where it kept their patches: the same chunks, whatever the limit is now.
+    chunks, kept = (_chunks(backend, grad_out, geom, limit), None) if cols is None else cols
     w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.patch_size))
     grad_bias = xp.sum(grad_out, axis=(0, 2, 3))
-    grad_weight = xp.zeros(w.shape, dtype=weight.dtype, device=device_of(weight))
+    grad_weight = None
     grad_x = None
-    for (start, stop), row_chunks in groupby(chunks, key=lambda c: (c.start, c.stop)):
+    for (start, stop), row_chunks in groupby(enumerate(chunks), key=lambda c: (c[1].start, c[1].stop)):
         acc = algo.grad_start(backend, grad_out, stop - start, geom)
-        for chunk in row_chunks:
+        for index, chunk in row_chunks:
             rows = (chunk.row_start, chunk.row_stop)
-            patches = cols if cols is not None else algo.patches(backend, x[start:stop, ...], geom, rows)
+            patches = kept[index] if kept is not None else algo.patches(backend, x[start:stop, ...], geom, rows)
             # (n, O, rows, OW) -> (groups, O/groups, n*rows*OW): the layout of the patch columns.
             grad_y = xp.permute_dims(grad_out[start:stop, :, rows[0] : rows[1], :], (1, 0, 2, 3))
             grad_y = xp.reshape(grad_y, (geom.groups, geom.filters_per_group, -1))
-            grad_weight = grad_weight + xp.matmul(grad_y, xp.matrix_transpose(patches))
+            part = xp.matmul(grad_y, xp.matrix_transpose(patches))
+            # Summed in place over the chunks where the backend allows it (a new array on JAX).
+            grad_weight = part if grad_weight is None else backend.slice_add(grad_weight, (...,), part)
             acc = algo.grad_add(backend, acc, _grad_patches(xp, w, grad_y), geom, rows)
         piece = algo.grad_finish(acc, stop - start, geom)
         grad_x = _place(backend, grad_x, (n, geom.in_channels, geom.height, geom.width), (slice(start, stop), ...), piece)

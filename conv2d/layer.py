@@ -208,7 +208,7 @@ class ConvolutionLayer(Parameterized):
         rng = np.random.default_rng(seed)
         self.weights = self.backend.asarray(rng.normal(0.0, 0.1, weight_shape), dtype=self.dtype)
         self.biases = self.backend.asarray(rng.normal(0.0, 0.1, numfilters), dtype=self.dtype)
-        # (batch size, patches or None when the batch was split, a copy of X when it was split,
+        # (batch size, patches or None when they exceed the workspace limit, a copy of X in that case,
         # activation derivative or None for no activation) of the last forwardpass
         self._saved: tuple[int, Any | None, Any | None, Any | None] | None = None
 
@@ -246,15 +246,20 @@ class ConvolutionLayer(Parameterized):
         limit = resolve_limit(self.max_workspace_bytes)
         pre, cols = _conv.forward(
             self.backend, X, self.weights, self.biases, self._geom, self.algorithm, limit,
-            resolve_deterministic(self.deterministic),
+            resolve_deterministic(self.deterministic), keep_patches=True,
         )
         xp = array_namespace(pre)
         activation, derivative = ACTIVATIONS[self.activation]
         out = activation(xp, pre)
-        # Keep only arrays the layer owns (see Notes): a patch matrix no larger than X may be a view
-        # of it (a 1x1 kernel's), and X itself is the caller's (or shares its memory).
-        if cols is not None and math.prod(cols.shape) <= math.prod(X.shape):
-            cols = xp.asarray(cols, copy=True)
+        # Keep only arrays the layer owns (see Notes): a chunk's patch matrix no larger than its
+        # samples may be a view of them (a 1x1 kernel's), and X itself is the caller's (or shares its memory).
+        if cols is not None:
+            chunks, pieces = cols
+            sample = math.prod(X.shape[1:])
+            cols = (chunks, [
+                xp.asarray(piece, copy=True) if math.prod(piece.shape) <= (chunk.stop - chunk.start) * sample else piece
+                for chunk, piece in zip(chunks, pieces, strict=True)
+            ])
         kept_x = xp.asarray(X, copy=True) if cols is None else None
         slope = None if self.activation is None else derivative(xp, out)
         self._saved = (X.shape[0], cols, kept_x, slope)

@@ -42,6 +42,10 @@ class Backend:
         deterministic)``, ``prefers(geom)`` (whether ``auto`` should pick it for that layer) and
         a ``deterministic`` attribute, whether it can honour ``deterministic=True`` (see
         ``backends/torch.py``); None where the library has none.
+    cache_bytes : int or None
+        The CPU cache (bytes) that one chunk's patch matrix should fit in: the batch is then split
+        into chunks that small (see ``_conv.cache_limit``). None: chunks as large as the workspace
+        limit allows (GPUs, and backends not measured with small chunks).
     """
 
     name: str
@@ -55,6 +59,7 @@ class Backend:
     deterministic_scatter: bool = True
     kernels: Any = field(default=None, repr=False)
     native: Any = field(default=None, repr=False)
+    cache_bytes: int | None = None
     _slice_add: Callable[[Any, Any, Any], Any] | None = field(default=None, repr=False)
     # Host array -> concrete device array even while a function transformation traces the caller
     # (JAX's jit/grad/vmap); None: _native_asarray, which never traces.

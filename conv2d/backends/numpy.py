@@ -7,6 +7,7 @@ from typing import Any
 from array_api_compat import is_numpy_array
 
 from ._base import Backend, BackendUnavailableError
+from ._cpu_cache import l2_cache_bytes
 
 LIBRARY = "numpy"
 INSTALL_HINT = "pip install numpy"
@@ -63,4 +64,5 @@ def build(device: str | None) -> Backend:
         _to_numpy=np.asarray,
         _scatter_add=scatter_add,
         _owns=is_array,
+        cache_bytes=l2_cache_bytes(),
     )
