@@ -59,6 +59,26 @@ def _dask_among(*arrays: Any) -> bool:
     return module is not None and any(isinstance(array, module.Array) for array in arrays)
 
 
+def _delegated(function: str, arrays: tuple[Any, ...], options: dict[str, Any]) -> Any | None:
+    """The result of `function` where another engine takes the call, else None.
+
+    A dask array among `arrays` goes to :mod:`conv2d.distributed` (one ordinary call per batch
+    chunk). While ``torch.compile`` traces, the call is one opaque custom operator, checked and run
+    when the compiled graph executes. Both are asked for without importing dask or torch.
+    """
+    if _dask_among(*arrays):
+        from . import distributed
+
+        handler = distributed.forward if function == "conv2d" else distributed.backward
+        return handler(*arrays, options)
+    op = compiler_op(function)
+    if op is None:
+        return None
+    resolved = dict(options, max_workspace_bytes=resolve_limit(options["max_workspace_bytes"]),
+                    deterministic=resolve_deterministic(options["deterministic"]))
+    return op(*arrays, **resolved)
+
+
 def _shape(array: Any) -> tuple[int, ...]:
     return tuple(array.shape)
 
@@ -139,18 +159,13 @@ def conv2d(
     >>> conv2d.conv2d(x, w, padding="same").shape
     (2, 4, 8, 8)
     """
-    if _dask_among(x, weight, bias):
-        from . import distributed
-
-        options = dict(
-            stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
-            max_workspace_bytes=max_workspace_bytes, deterministic=deterministic,
-        )
-        return distributed.forward(x, weight, bias, options)
-    op = compiler_op("conv2d")
-    if op is not None:  # torch.compile is tracing: one opaque operator, checked and run when it executes
-        return op(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
-                  max_workspace_bytes=resolve_limit(max_workspace_bytes), deterministic=resolve_deterministic(deterministic))
+    options = dict(
+        stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
+        max_workspace_bytes=max_workspace_bytes, deterministic=deterministic,
+    )
+    delegated = _delegated("conv2d", (x, weight, bias), options)
+    if delegated is not None:
+        return delegated
     named = {"x": x, "weight": weight} if bias is None else {"x": x, "weight": weight, "bias": bias}
     backend = check_arrays(named)
     geom = make_geometry(
@@ -220,19 +235,13 @@ def conv2d_backward(
     >>> gx.shape, gw.shape, gb.shape
     ((2, 3, 8, 8), (4, 3, 3, 3), (4,))
     """
-    if _dask_among(grad_out, x, weight):
-        from . import distributed
-
-        options = dict(
-            stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
-            max_workspace_bytes=max_workspace_bytes, deterministic=deterministic,
-        )
-        return distributed.backward(grad_out, x, weight, options)
-    op = compiler_op("conv2d_backward")
-    if op is not None:  # as in conv2d
-        return op(grad_out, x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                  algorithm=algorithm, max_workspace_bytes=resolve_limit(max_workspace_bytes),
-                  deterministic=resolve_deterministic(deterministic))
+    options = dict(
+        stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
+        max_workspace_bytes=max_workspace_bytes, deterministic=deterministic,
+    )
+    delegated = _delegated("conv2d_backward", (grad_out, x, weight), options)
+    if delegated is not None:
+        return delegated
     backend = check_arrays({"grad_out": grad_out, "x": x, "weight": weight})
     geom = make_geometry(
         _shape(x), _shape(weight), None, stride=stride, padding=padding, dilation=dilation, groups=groups
