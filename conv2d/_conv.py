@@ -25,7 +25,7 @@ from array_api_compat import device as device_of
 
 from ._algorithms import ALGORITHMS, GatherTransposed
 from ._geometry import Geometry
-from ._workspace import plan_chunks, scratch_bytes
+from ._workspace import bytes_per_item, plan_chunks, scratch_bytes
 from .backends import Backend
 
 
@@ -88,7 +88,7 @@ def auto_algorithm(backend: Backend, deterministic: bool = False, geom: Geometry
 def _whole_call_or_patches(algo: Any, x: Any, geom: Geometry, limit: int) -> Any:
     """`algo`, or ``slices`` where `algo` is a whole-call algorithm whose one sample does not fit
     the workspace limit (``direct`` cannot split a sample; ``slices`` splits its output rows)."""
-    if hasattr(algo, "fits") and not algo.fits(geom, array_namespace(x).finfo(x.dtype).bits // 8, limit):
+    if hasattr(algo, "fits") and not algo.fits(geom, bytes_per_item(x), limit):
         return ALGORITHMS["slices"]
     return algo
 
@@ -111,7 +111,7 @@ def cache_limit(backend: Backend, geom: Geometry, batch: int, itemsize: int, lim
 
 
 def _chunks(backend: Backend, x: Any, geom: Geometry, limit: int):
-    itemsize = array_namespace(x).finfo(x.dtype).bits // 8
+    itemsize = bytes_per_item(x)
     return plan_chunks(geom, x.shape[0], itemsize, cache_limit(backend, geom, x.shape[0], itemsize, limit))
 
 
@@ -154,7 +154,7 @@ def forward(
         return algo.forward(backend, x, weight, bias, geom, limit, deterministic), None
     chunks = _chunks(backend, x, geom, limit)
     n = x.shape[0]
-    itemsize = xp.finfo(x.dtype).bits // 8
+    itemsize = bytes_per_item(x)
     kept = [] if keep_patches and scratch_bytes(geom, n, geom.out_h, itemsize) <= limit else None
     w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.patch_size))
     y = None

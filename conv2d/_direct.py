@@ -27,6 +27,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from ._geometry import Geometry
+from ._workspace import bytes_per_item
 from .backends import Backend
 
 # Bytes of input (padded, one chunk of samples) the passes over the taps should find in the cache.
@@ -110,7 +111,7 @@ class Direct:
         g, c = geom.groups, geom.channels_per_group
         w = _grouped_weight(xp, weight, geom)
         pieces = []
-        for start, stop in _chunks(geom, n, xp.finfo(x.dtype).bits // 8, limit):
+        for start, stop in _chunks(geom, n, bytes_per_item(x), limit):
             padded = _pad(xp, x[start:stop, ...], geom)
             padded = xp.reshape(padded, (stop - start, g, 1, c, *padded.shape[2:]))
             y = None
@@ -134,7 +135,7 @@ class Direct:
         w = _grouped_weight(xp, weight, geom)
         grad_w: list[Any] = [None] * (geom.kernel_h * geom.kernel_w)  # per tap: (G, m, c)
         pieces = []
-        for start, stop in _chunks(geom, n, xp.finfo(x.dtype).bits // 8, limit):
+        for start, stop in _chunks(geom, n, bytes_per_item(x), limit):
             k = stop - start
             padded = _pad(xp, x[start:stop, ...], geom)
             padded = xp.reshape(padded, (k, g, 1, c, *padded.shape[2:]))

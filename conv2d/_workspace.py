@@ -12,6 +12,9 @@ import numbers
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
+
+from array_api_compat import array_namespace
 
 from ._geometry import Geometry
 
@@ -48,6 +51,11 @@ def resolve_limit(max_workspace_bytes: int | None) -> int:
         return int(max_workspace_bytes)
     text = os.environ.get(ENV_VAR, "").strip()
     return parse_size(text, f"the {ENV_VAR} environment variable") if text else DEFAULT_BYTES
+
+
+def bytes_per_item(array: Any) -> int:
+    """Bytes per element of a floating `array` of any array API library (the standard has no ``itemsize``)."""
+    return array_namespace(array).finfo(array.dtype).bits // 8
 
 
 @dataclass(frozen=True)
