@@ -25,6 +25,7 @@ from array_api_compat import device as device_of
 
 from ._algorithms import ALGORITHMS, GatherTransposed
 from ._geometry import Geometry
+from ._winograd import check_winograd, winograd_applies
 from ._workspace import bytes_per_item, plan_chunks, scratch_bytes
 from .backends import Backend
 
@@ -48,6 +49,8 @@ def choose_algorithm(name: str, backend: Backend, deterministic: bool = False, g
             f"algorithm 'native' calls the array library's own convolution, which backend {backend.spec!r} does "
             "not have (torch and jax do); use algorithm='auto', 'gather' or 'slices'"
         )
+    if name == "winograd" and geom is not None:
+        check_winograd(geom)
     if name == "gather" and deterministic and not backend.deterministic_scatter:
         return GatherTransposed
     return ALGORITHMS[name]
@@ -57,6 +60,18 @@ def choose_algorithm(name: str, backend: Backend, deterministic: bool = False, g
 # 32x64x32x32, 3x3 pad 1, forward+backward, channels per group 1, 2, 4, 8: direct 64, 106, 140,
 # 374 ms against slices 82, 357, 314, 153 ms (best of 9, on a loaded 2-core machine, load 7).
 DIRECT_MAX_CHANNELS_PER_GROUP = 4
+
+
+# Channels and filters per group from which ``winograd`` beats im2col on NumPy (3x3, stride 1): measured
+# forward+backward, float32, N=32, channels = filters: 16 at 32x32 a tie (12.2 against 12.9 ms single-
+# threaded CPU time), 32 at 16x16 5.7 against 9.4, 64 at 16x16 14.4 against 26.4, 128 at 8x8 11.1
+# against 24.1 ms (docs/benchmarks.md, "Winograd").
+WINOGRAD_MIN_CHANNELS = 32
+
+
+def _winograd_pays(backend: Backend, geom: Geometry) -> bool:
+    return (backend.name == "numpy" and winograd_applies(geom)
+            and min(geom.channels_per_group, geom.filters_per_group) >= WINOGRAD_MIN_CHANNELS)
 
 
 def auto_algorithm(backend: Backend, deterministic: bool = False, geom: Geometry | None = None) -> str:
@@ -70,9 +85,12 @@ def auto_algorithm(backend: Backend, deterministic: bool = False, geom: Geometry
     3. ``direct`` for grouped layers with at most :data:`DIRECT_MAX_CHANNELS_PER_GROUP` channels
        per group (depthwise and near it), where im2col's patch matrix is mostly overhead;
        not on JAX, where its many small operations cost more than im2col's few;
-    4. else ``slices`` (measured faster than ``gather`` on most shapes, deterministic, no index array).
+    4. ``winograd`` on NumPy for 3x3 layers with stride 1 and dilation 1 and at least
+       :data:`WINOGRAD_MIN_CHANNELS` channels and filters per group, where its 16 products of
+       4x4-transformed tiles beat im2col's one product of 9x-sized patches;
+    5. else ``slices`` (measured faster than ``gather`` on most shapes, deterministic, no index array).
 
-    Without `geom` (pooling layers borrow the patch builder) rules 1 and 3 do not apply.
+    Without `geom` (pooling layers borrow the patch builder) rules 1, 3 and 4 do not apply.
     """
     native = backend.native
     if geom is not None and native is not None and native.prefers(geom) and (native.deterministic or not deterministic):
@@ -82,6 +100,8 @@ def auto_algorithm(backend: Backend, deterministic: bool = False, geom: Geometry
     if (geom is not None and backend.name != "jax" and geom.groups > 1
             and geom.channels_per_group <= DIRECT_MAX_CHANNELS_PER_GROUP):
         return "direct"
+    if geom is not None and _winograd_pays(backend, geom):
+        return "winograd"
     return "slices"
 
 

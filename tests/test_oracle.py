@@ -83,8 +83,8 @@ def test_matches_pytorch(backend, case, dtype, algorithm):
     y_ref, gx_ref, gw_ref, gb_ref = torch_conv(x, w, b, grad_out, **case["kwargs"])
 
     X, W, B, G = (backend.asarray(a, dtype=dtype) for a in (x, w, b, grad_out))
-    missing = missing_algorithm(algorithm, backend)
-    if missing:  # kernels: CuPy's (on the CPU: tests/test_kernels.py); native: torch's and JAX's
+    missing = missing_algorithm(algorithm, backend, geom)
+    if missing:  # kernels: CuPy's (on the CPU: tests/test_kernels.py); native: torch's and JAX's; winograd: 3x3 s1
         with pytest.raises(ValueError, match=missing):
             conv2d.conv2d(X, W, B, algorithm=algorithm, **case["kwargs"])
         return
