@@ -7,19 +7,25 @@ columns. With the input tile ``d`` and the kernel ``g`` transformed once,
     y = A^T [ sum_c U[o, c] * V[c] ] A            (elementwise in the 4x4 transformed domain)
 
 the sum over channels is, for each of the 16 positions of the transformed domain, one matrix
-product (O x C) @ (C x tiles): 16 products with 4*4 = 16 multiplications per 2x2 outputs where
+product (tiles x C) @ (C x O): 16 products with 4*4 = 16 multiplications per 2x2 outputs where
 im2col's one product has 9*4 = 36, and a transformed input 4x the input where im2col's patch matrix
 is 9x. The three passes are all done this way:
 
-    forward       M[xi]  = U[xi] @ V[xi]                       y  = A^T M A
-    grad_weight   dU[xi] = dM[xi] @ V[xi]^T, dM = A dy A^T     dg = G^T dU G
-    grad_input    dV[xi] = U[xi]^T @ dM[xi]                    dd = B dV B^T, tiles added where they overlap
+    forward       M[xi]  = V[xi] @ U[xi]                       y  = A^T M A
+    grad_weight   dU[xi] = V[xi]^T @ dM[xi], dM = A dy A^T     dg = G^T dU G
+    grad_input    dV[xi] = dM[xi] @ U[xi]^T                    dd = B dV B^T, tiles added where they overlap
+
+Dilation d: the 2x2 outputs of a tile are d apart and read input rows and columns d apart, so a
+tile holds one phase (row and column modulo d) of the output. The padded input, seen as blocks of
+2d rows (and columns), gives every tile row as a strided view: tile row k of block row t and phase
+a is input row 2d*t + d*k + a. No copy rearranges phases; d = 1 is the plain case.
 
 The transforms are additions and halvings only, so float32 loses little (relative error of a few
-1e-7 against float64). Written once on the array API: every backend runs it; in-place additions go
-through ``Backend.slice_add``. Applies to 3x3 kernels with stride 1 and dilation 1 (any padding and
-groups); :func:`check_winograd` says so for any other layer. ``auto`` picks it where measured faster
-(:func:`conv2d._conv.auto_algorithm`).
+1e-7 against float64). Everything is channels-last (n, rows, cols, C), so that each strided view's
+innermost run is C contiguous values. Written once on the array API: every backend runs it;
+in-place additions go through ``Backend.slice_add``. Applies to 3x3 kernels with stride 1 (any
+dilation, padding and groups); :func:`check_winograd` says so for any other layer. ``auto`` picks
+it where measured faster (:func:`conv2d._conv.auto_algorithm`).
 """
 
 from __future__ import annotations
@@ -33,9 +39,7 @@ from ._geometry import Geometry
 from ._workspace import bytes_per_item
 from .backends import Backend
 
-
 Tile = list  # rows of a tile, each a list of arrays (one per column of the tile)
-
 
 # The one-dimensional transforms of F(2, 3), each applied to the rows and then to the columns of a tile.
 def _input_transform(d0: Any, d1: Any, d2: Any, d3: Any) -> list[Any]:  # B^T d
@@ -64,6 +68,8 @@ def _output_transform_adjoint(y0: Any, y1: Any) -> list[Any]:  # A y
     return [y0, y0 + y1, y0 - y1, -y1]
 
 
+
+
 def _on_rows(transform: Callable[..., list[Any]], tile: Tile) -> Tile:
     """`transform` applied down each column of `tile` (to its rows): a new list of rows."""
     columns = [transform(*column) for column in zip(*tile)]
@@ -83,14 +89,9 @@ def _flatten(tile: Tile) -> list[Any]:
     return [value for row in tile for value in row]
 
 
-def _unflatten(stacked: Any, side: int) -> Tile:
-    """(side*side, ...) -> rows of arrays: the transformed domain's positions as a tile."""
-    return [[stacked[side * i + j, ...] for j in range(side)] for i in range(side)]
-
-
 def winograd_applies(geom: Geometry) -> bool:
-    """Whether ``winograd`` computes the layer `geom`: a 3x3 kernel, stride 1, dilation 1."""
-    return (geom.kernel_h, geom.kernel_w) == (3, 3) and geom.stride == (1, 1) and geom.dilation == (1, 1)
+    """Whether ``winograd`` computes the layer `geom`: a 3x3 kernel and stride 1 (any dilation, padding, groups)."""
+    return (geom.kernel_h, geom.kernel_w) == (3, 3) and geom.stride == (1, 1)
 
 
 def check_winograd(geom: Geometry) -> None:
@@ -102,26 +103,31 @@ def check_winograd(geom: Geometry) -> None:
         wrong.append(f"kernel {geom.kernel_h}x{geom.kernel_w}")
     if geom.stride != (1, 1):
         wrong.append(f"stride {geom.stride}")
-    if geom.dilation != (1, 1):
-        wrong.append(f"dilation {geom.dilation}")
     raise ValueError(
-        f"algorithm 'winograd' computes 3x3 convolutions with stride 1 and dilation 1, not this layer's "
-        f"{', '.join(wrong)}; use algorithm='auto' (which picks it where it applies and pays), 'slices' or 'gather'"
+        f"algorithm 'winograd' computes 3x3 convolutions with stride 1, not this layer's {', '.join(wrong)}; "
+        "use algorithm='auto' (which picks it where it applies and pays), 'slices' or 'gather'"
     )
 
 
-def _tiles(geom: Geometry) -> tuple[int, int]:
-    """Tile rows and columns: one tile per 2x2 block of outputs (a last odd row or column padded)."""
-    return -(-geom.out_h // 2), -(-geom.out_w // 2)
+def _blocks(geom: Geometry) -> tuple[int, int]:
+    """Block rows and columns: a block of 2d x 2d outputs is one 2x2-output tile per phase (dilation d)."""
+    (dh, dw) = geom.dilation
+    return -(-geom.out_h // (2 * dh)), -(-geom.out_w // (2 * dw))
+
+
+def _tiles_per_sample(geom: Geometry) -> int:
+    by, bx = _blocks(geom)
+    return by * bx * geom.dilation[0] * geom.dilation[1]
 
 
 def _sample_scratch(geom: Geometry, itemsize: int) -> int:
     """Scratch of one sample in bytes, backward pass (the larger): the padded input and its gradient,
     and the 16-position transformed input, its gradient and the output gradient's, with one
     temporary of each size beside them."""
-    ty, tx = _tiles(geom)
-    padded = geom.in_channels * (2 * ty + 2) * (2 * tx + 2)
-    transformed = 16 * ty * tx * (geom.in_channels + geom.out_channels)
+    by, bx = _blocks(geom)
+    (dh, dw) = geom.dilation
+    padded = geom.in_channels * 2 * dh * (by + 1) * 2 * dw * (bx + 1)
+    transformed = 16 * _tiles_per_sample(geom) * (geom.in_channels + geom.out_channels)
     return itemsize * 2 * (padded + 2 * transformed)
 
 
@@ -132,8 +138,7 @@ def _chunks(backend: Backend, geom: Geometry, batch: int, itemsize: int, limit: 
     On NumPy chunks of the L2 cache's size were the fastest of 256 KiB to 16 MiB (docs/benchmarks.md,
     "Winograd"): the transforms' passes over the chunk then stay in the cache.
     """
-    ty, tx = _tiles(geom)
-    transformed = itemsize * 16 * ty * tx * geom.in_channels
+    transformed = itemsize * 16 * _tiles_per_sample(geom) * geom.in_channels
     cached = batch if backend.cache_bytes is None else backend.cache_bytes // max(transformed, 1)
     size = max(1, min(batch, cached, limit // _sample_scratch(geom, itemsize)))
     count = -(-batch // size)
@@ -141,66 +146,86 @@ def _chunks(backend: Backend, geom: Geometry, batch: int, itemsize: int, limit: 
     return [(start, min(start + size, batch)) for start in range(0, batch, size)] or [(0, 0)]
 
 
-def _padded_channels_last(xp: Any, x: Any, geom: Geometry) -> Any:
-    """(n, 2*TY+2, 2*TX+2, C): x channels-last, with the layer's padding and the tiles' extra row/column.
+def _zero_extend(xp: Any, a: Any, before: tuple[int, int], rows: int, cols: int) -> Any:
+    """Channels-last `a` (n, h, w, c) inside zeros of (n, rows, cols, c), after `before` (top, left) zero rows and columns.
 
-    Channels last, every tile row and column below is a strided view whose innermost run is the C
-    contiguous channels: measured 2x faster transforms than channel-major rows of TX strided values.
+    The standard has no `pad`; concatenating zero blocks works on every library, JAX included.
     """
-    ty, tx = _tiles(geom)
+    n, h, w, c = a.shape
+    top, left = before
+    dev = device_of(a)
+    if top or rows - top - h:
+        a = xp.concat([xp.zeros((n, top, w, c), dtype=a.dtype, device=dev), a,
+                       xp.zeros((n, rows - top - h, w, c), dtype=a.dtype, device=dev)], axis=1)
+    if left or cols - left - w:
+        a = xp.concat([xp.zeros((n, rows, left, c), dtype=a.dtype, device=dev), a,
+                       xp.zeros((n, rows, cols - left - w, c), dtype=a.dtype, device=dev)], axis=2)
+    return a
+
+
+def _channels_last(xp: Any, a: Any, shape: tuple[int, ...]) -> Any:
+    """`a` (a channels-last view of an NCHW array, or a copy) reshaped to `shape`, channels contiguous.
+
+    Where no padding was added, `a` is still the transposed view, and a reshape could keep its
+    strides (channels 4 KB apart): the flat reshape makes the one contiguous copy (measured 2x faster
+    transforms on the seed's layer, which has no padding).
+    """
+    return xp.reshape(xp.reshape(a, (-1,)), shape)
+
+
+def _tile_rows(geom: Geometry, k: int) -> tuple[slice, slice]:
+    """Tile row `k` (0..3) of every block row and phase: (block-row slice, row-in-block slice)."""
+    (by, _), (dh, _) = _blocks(geom), geom.dilation
+    return slice(k // 2, k // 2 + by), slice(dh * (k % 2), dh * (k % 2) + dh)
+
+
+def _tile_cols(geom: Geometry, k: int) -> tuple[slice, slice]:
+    (_, bx), (_, dw) = _blocks(geom), geom.dilation
+    return slice(k // 2, k // 2 + bx), slice(dw * (k % 2), dw * (k % 2) + dw)
+
+
+def _padded_blocks(xp: Any, x: Any, geom: Geometry) -> Any:
+    """x (n, C, H, W) channels-last with the layer's padding and zeros to whole blocks plus one:
+    (n, BY + 1, 2dh, BX + 1, 2dw, C), tile rows and columns reaching into the next block."""
+    (by, bx), (dh, dw) = _blocks(geom), geom.dilation
     top, _, left, _ = geom.padding
-    n, c, h, w = x.shape
-    x = xp.permute_dims(x, (0, 2, 3, 1))
-    dev = device_of(x)
-    # The standard has no `pad`; concatenating zero blocks works on every library, JAX included.
-    bottom, right = 2 * ty + 2 - top - h, 2 * tx + 2 - left - w
-    x = xp.concat([xp.zeros((n, top, w, c), dtype=x.dtype, device=dev), x,
-                   xp.zeros((n, bottom, w, c), dtype=x.dtype, device=dev)], axis=1)
-    height = x.shape[1]
-    return xp.concat([xp.zeros((n, height, left, c), dtype=x.dtype, device=dev), x,
-                      xp.zeros((n, height, right, c), dtype=x.dtype, device=dev)], axis=2)
+    padded = _zero_extend(xp, xp.permute_dims(x, (0, 2, 3, 1)), (top, left), 2 * dh * (by + 1), 2 * dw * (bx + 1))
+    return _channels_last(xp, padded, (x.shape[0], by + 1, 2 * dh, bx + 1, 2 * dw, geom.in_channels))
 
 
-def _by_group(xp: Any, stacked: Any, geom: Geometry, channels: int) -> Any:
-    """(16, n, TY, TX, channels) -> (16, groups, n*TY*TX, channels/groups): tiles as the rows of a product."""
-    rows = stacked.shape[1] * stacked.shape[2] * stacked.shape[3]
-    if geom.groups == 1:
-        return xp.reshape(stacked, (16, 1, rows, channels))
-    grouped = xp.reshape(stacked, (16, rows, geom.groups, channels // geom.groups))
-    return xp.permute_dims(grouped, (0, 2, 1, 3))
+def _by_group(xp: Any, stacked: Any, geom: Geometry) -> Any:
+    """(16, n, BY, dh, BX, dw, channels) -> (16, groups, tiles, channels/groups): tiles as the rows of a product."""
+    channels = stacked.shape[-1]
+    tiles = stacked.shape[1] * _tiles_per_sample(geom)
+    grouped = xp.reshape(stacked, (16, tiles, geom.groups, channels // geom.groups))
+    return xp.permute_dims(grouped, (0, 2, 1, 3))  # a view; with one group, one reshape
 
 
-def _from_groups(xp: Any, products: Any, n: int, geom: Geometry) -> Any:
-    """(16, groups, n*TY*TX, channels/groups) -> (16, n, TY, TX, channels): the inverse of :func:`_by_group`."""
-    ty, tx = _tiles(geom)
+def _from_groups(xp: Any, products: Any, n: int, geom: Geometry) -> Tile:
+    """(16, groups, tiles, channels/groups) -> a 4x4 tile of (n, BY, dh, BX, dw, channels): the inverse of :func:`_by_group`."""
+    (by, bx), (dh, dw) = _blocks(geom), geom.dilation
     channels = products.shape[1] * products.shape[3]
-    if geom.groups > 1:
-        products = xp.permute_dims(products, (0, 2, 1, 3))
-    return xp.reshape(products, (16, n, ty, tx, channels))
+    products = xp.reshape(xp.permute_dims(products, (0, 2, 1, 3)), (16, n, by, dh, bx, dw, channels))
+    return [[products[4 * i + j, ...] for j in range(4)] for i in range(4)]
 
 
 def _transformed_input(xp: Any, x: Any, geom: Geometry) -> Any:
-    """V = B^T d B of every tile and channel: (16, groups, n*TY*TX, C/groups)."""
-    ty, tx = _tiles(geom)
-    padded = _padded_channels_last(xp, x, geom)
-    # Tile row a of every tile is the padded input's row 2*ty + a: a strided view, no copy.
-    rows = _input_transform(*(padded[:, a : a + 2 * ty - 1 : 2, ...] for a in range(4)))
-    tile = [[row[:, :, b : b + 2 * tx - 1 : 2, :] for b in range(4)] for row in rows]
-    return _by_group(xp, xp.stack(_flatten(_on_columns(_input_transform, tile))), geom, geom.in_channels)
+    """V = B^T d B of every tile and channel: (16, groups, tiles, C/groups)."""
+    blocks = _padded_blocks(xp, x, geom)
+    rows = _input_transform(*(blocks[:, r, s, ...] for r, s in map(lambda k: _tile_rows(geom, k), range(4))))
+    tile = [[row[:, :, :, r, s, :] for r, s in map(lambda k: _tile_cols(geom, k), range(4))] for row in rows]
+    return _by_group(xp, xp.stack(_flatten(_on_columns(_input_transform, tile))), geom)
 
 
 def _transformed_grad_out(xp: Any, grad_out: Any, geom: Geometry) -> Any:
-    """dM = A dy A^T of every 2x2 block of the output gradient: (16, groups, n*TY*TX, O/groups)."""
-    ty, tx = _tiles(geom)
+    """dM = A dy A^T of every tile of the output gradient: (16, groups, tiles, O/groups)."""
+    (by, bx), (dh, dw) = _blocks(geom), geom.dilation
     n, o = grad_out.shape[0], geom.out_channels
-    grad = xp.permute_dims(grad_out, (0, 2, 3, 1))
-    dev = device_of(grad)
-    if 2 * ty != geom.out_h:  # an odd last row: its tiles' second output row is padding
-        grad = xp.concat([grad, xp.zeros((n, 1, geom.out_w, o), dtype=grad.dtype, device=dev)], axis=1)
-    if 2 * tx != geom.out_w:
-        grad = xp.concat([grad, xp.zeros((n, 2 * ty, 1, o), dtype=grad.dtype, device=dev)], axis=2)
-    tile = [[grad[:, p::2, q::2, :] for q in range(2)] for p in range(2)]
-    return _by_group(xp, xp.stack(_flatten(_both(_output_transform_adjoint, tile))), geom, o)
+    # Outputs beyond the layer's (a block's last rows and columns) get a zero gradient.
+    grad = _zero_extend(xp, xp.permute_dims(grad_out, (0, 2, 3, 1)), (0, 0), 2 * dh * by, 2 * dw * bx)
+    grad = _channels_last(xp, grad, (n, by, 2, dh, bx, 2, dw, o))  # output row 2d*t + d*p + a: tile row p of phase a
+    tile = [[grad[:, :, p, :, :, q, :, :] for q in range(2)] for p in range(2)]
+    return _by_group(xp, xp.stack(_flatten(_both(_output_transform_adjoint, tile))), geom)
 
 
 def _transformed_kernel(xp: Any, weight: Any, geom: Geometry) -> Any:
@@ -213,15 +238,30 @@ def _transformed_kernel(xp: Any, weight: Any, geom: Geometry) -> Any:
 def _kernel_grad(xp: Any, grad_kernel: Any, weight: Any, geom: Geometry) -> Any:
     """dg = G^T dU G, from (16, groups, C/groups, O/groups) back to the weight's (O, C/groups, 3, 3)."""
     grad_kernel = xp.reshape(xp.matrix_transpose(grad_kernel), (16, geom.out_channels, geom.channels_per_group))
-    tile = _both(_kernel_transform_adjoint, _unflatten(grad_kernel, 4))
-    return xp.reshape(xp.stack(_flatten(tile), axis=-1), weight.shape)
+    tile = [[grad_kernel[4 * i + j, ...] for j in range(4)] for i in range(4)]
+    return xp.reshape(xp.stack(_flatten(_both(_kernel_transform_adjoint, tile)), axis=-1), weight.shape)
 
 
-def _interleave(xp: Any, tile: Tile) -> Any:
-    """A 2x2 tile of (n, TY, TX, O) arrays -> (n, 2*TY, 2*TX, O): element (p, q) to row 2*ty+p, column 2*tx+q."""
-    n, ty, tx, o = tile[0][0].shape
-    rows = [xp.reshape(xp.stack(row, axis=3), (n, ty, 2 * tx, o)) for row in tile]
-    return xp.reshape(xp.stack(rows, axis=2), (n, 2 * ty, 2 * tx, o))
+def _output(xp: Any, tile: Tile, geom: Geometry) -> Any:
+    """A 2x2 tile of (n, BY, dh, BX, dw, O) outputs -> the layer's output (n, O, OH, OW)."""
+    n, by, dh, bx, dw, o = tile[0][0].shape
+    rows = [xp.stack(row, axis=4) for row in tile]  # (n, BY, dh, BX, 2, dw, O): column 2d*t + d*q + b
+    y = xp.reshape(xp.stack(rows, axis=2), (n, 2 * dh * by, 2 * dw * bx, o))
+    return xp.permute_dims(y[:, : geom.out_h, : geom.out_w, :], (0, 3, 1, 2))
+
+
+def _input_grad(backend: Backend, xp: Any, tile: Tile, geom: Geometry) -> Any:
+    """The input tiles' gradients (4x4 of (n, BY, dh, BX, dw, C)) added where tiles overlap: (n, C, H, W)."""
+    (by, bx), (dh, dw) = _blocks(geom), geom.dilation
+    n, c = tile[0][0].shape[0], geom.in_channels
+    grad = xp.zeros((n, by + 1, 2 * dh, bx + 1, 2 * dw, c), dtype=tile[0][0].dtype, device=device_of(tile[0][0]))
+    for k in range(4):
+        for m in range(4):
+            grad = backend.slice_add(grad, (slice(None), *_tile_rows(geom, k), *_tile_cols(geom, m), slice(None)),
+                                     tile[k][m])
+    grad = xp.reshape(grad, (n, 2 * dh * (by + 1), 2 * dw * (bx + 1), c))
+    top, _, left, _ = geom.padding
+    return xp.permute_dims(grad[:, top : top + geom.height, left : left + geom.width, :], (0, 3, 1, 2))
 
 
 class Winograd:
@@ -243,9 +283,7 @@ class Winograd:
         pieces = []
         for start, stop in _chunks(backend, geom, x.shape[0], bytes_per_item(x), limit):
             products = xp.matmul(_transformed_input(xp, x[start:stop, ...], geom), kernel)
-            tile = _both(_output_transform, _unflatten(_from_groups(xp, products, stop - start, geom), 4))
-            y = _interleave(xp, tile)[:, : geom.out_h, : geom.out_w, :]
-            pieces.append(xp.permute_dims(y, (0, 3, 1, 2)))
+            pieces.append(_output(xp, _both(_output_transform, _from_groups(xp, products, stop - start, geom)), geom))
         y = pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)
         if bias is not None:
             y = y + xp.reshape(bias, (1, geom.out_channels, 1, 1))
@@ -255,25 +293,15 @@ class Winograd:
     def backward(backend: Backend, grad_out: Any, x: Any, weight: Any, geom: Geometry, limit: int,
                  deterministic: bool) -> tuple[Any, Any, Any]:
         xp = array_namespace(grad_out, x, weight)
-        ty, tx = _tiles(geom)
-        top, _, left, _ = geom.padding
         kernel_t = xp.matrix_transpose(_transformed_kernel(xp, weight, geom))
         grad_kernel = None
         pieces = []
         for start, stop in _chunks(backend, geom, x.shape[0], bytes_per_item(x), limit):
-            n = stop - start
             grad_m = _transformed_grad_out(xp, grad_out[start:stop, ...], geom)
             part = xp.matmul(xp.matrix_transpose(_transformed_input(xp, x[start:stop, ...], geom)), grad_m)
             # Summed in place over the chunks where the backend allows it (a new array on JAX).
             grad_kernel = part if grad_kernel is None else backend.slice_add(grad_kernel, (...,), part)
-            grad_v = _from_groups(xp, xp.matmul(grad_m, kernel_t), n, geom)
-            tile = _both(_input_transform_adjoint, _unflatten(grad_v, 4))
-            grad_padded = xp.zeros((n, 2 * ty + 2, 2 * tx + 2, geom.in_channels), dtype=x.dtype, device=device_of(x))
-            for a in range(4):  # tiles overlap by two rows and columns: their gradients add up
-                for b in range(4):
-                    key = (slice(None), slice(a, a + 2 * ty - 1, 2), slice(b, b + 2 * tx - 1, 2), slice(None))
-                    grad_padded = backend.slice_add(grad_padded, key, tile[a][b])
-            interior = grad_padded[:, top : top + geom.height, left : left + geom.width, :]
-            pieces.append(xp.permute_dims(interior, (0, 3, 1, 2)))
+            grad_v = _from_groups(xp, xp.matmul(grad_m, kernel_t), stop - start, geom)
+            pieces.append(_input_grad(backend, xp, _both(_input_transform_adjoint, grad_v), geom))
         grad_x = pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)
         return grad_x, _kernel_grad(xp, grad_kernel, weight, geom), xp.sum(grad_out, axis=(0, 2, 3))
