@@ -23,7 +23,7 @@ from .precision import gpu_precision
 from .isolation import ISOLATION, group_name, time_all, time_group
 from .report import GROUPS, LEGEND, STATISTICS, markdown, summary, summary_lines, table_header, table_row
 from .shapes import PRESETS, SHAPE_FORMAT, Shape, parse_shapes
-from .timing import WARMUP, EventTimer, _on_gpu, backend_timer, default_warmup
+from .timing import WARMUP, WARMUP_REASON, EventTimer, _on_gpu, backend_timer, default_warmup, device_kind
 
 
 def write_plot(results: list[dict[str, Any]], path: str, title: str, stat: str = "median") -> None:
@@ -86,8 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=_int_arg(1), default=5,
                         help=f"timed calls per measurement, summarised by --stat (seed: at most {SEED_REPEAT}); default 5")
     parser.add_argument("--warmup", type=_int_arg(0), default=None,
-                        help=f"untimed calls of each measured thing first (seed: 1); default {WARMUP['cpu']}, "
-                             f"{WARMUP['gpu']} on a GPU backend (kernel compilation, cuDNN autotuning)")
+                        help=f"untimed calls of each measured thing first (seed: 1); default {WARMUP['cpu']} "
+                             f"({WARMUP_REASON['cpu']}), {WARMUP['gpu']} on a GPU backend ({WARMUP_REASON['gpu']})")
     parser.add_argument("--stat", default="median", choices=tuple(STATISTICS),
                         help="summary of the repeats: median (default), or min, the least disturbed on a busy machine")
     parser.add_argument("--algorithm", default="auto",
@@ -150,8 +150,9 @@ def _print_header(args: argparse.Namespace, backend: Backend, info: dict[str, An
 def _method_note(args: argparse.Namespace, backend: Backend, warmup: int) -> str:
     where = "a process of its own" if args.isolation == "process" else "this process"
     names = ", ".join(group_name(group, backend) for group in GROUPS)
+    why = WARMUP_REASON[device_kind(backend)] if args.warmup is None else "--warmup"
     return (f"method: each implementation ({names}) timed over all shapes in {where}, one after another; "
-            f"per call {warmup} warm-up{'s' if warmup != 1 else ''} then {args.repeat} timed calls in a row, "
+            f"per call {warmup} warm-up{'s' if warmup != 1 else ''} ({why}) then {args.repeat} timed calls in a row, "
             f"their {args.stat} (the seed: {min(args.repeat, SEED_REPEAT)} after 1); no two libraries' calls "
             "interleave")
 
