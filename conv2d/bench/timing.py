@@ -143,7 +143,8 @@ def _on_gpu(backend: Backend) -> bool:
 # than a training loop's later ones: glibc's malloc hands out large blocks with mmap until frees of
 # such blocks raise its threshold, so the first calls page-fault fresh memory (measured on numpy,
 # float32, the preset's 5x5 layer, forward ms per call in one process: 86, 22, 24, 21, then 9 from
-# the fifth call on; one warm-up put the median at 18 ms). On a GPU the first calls compile CuPy's
+# the fifth call on, and 14, 16, then 9 from the third in the bench's own timing process; one
+# warm-up put the median at 18 ms). On a GPU the first calls compile CuPy's
 # kernels, and PyTorch's first calls of a shape try every cuDNN algorithm (cudnn.benchmark).
 WARMUP = {"cpu": 4, "gpu": 3}
 
