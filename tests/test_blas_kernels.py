@@ -92,6 +92,13 @@ def test_refusals_of_a_coretype():
     assert "avx512vl" in blas_kernels.coretype_refusal("sapphirerapids", AVX512_CPU - {"avx512vl"}, [_openblas("X")])
     assert blas_kernels.coretype_refusal("SkylakeX", AVX512_CPU, [_openblas("Haswell")]) is None
     assert blas_kernels.coretype_refusal("Haswell", AVX2_CPU, [_openblas("Haswell")]) is None
+    old_cpu = frozenset({"sse2", "sse4_2", "avx"})
+    assert "lack avx2, fma" in blas_kernels.coretype_refusal("haswell", old_cpu, [_openblas("Sandybridge")])
+    assert blas_kernels.coretype_refusal("Sandybridge", old_cpu, [_openblas("Sandybridge")]) is None
+    assert "lack avx512_bf16" in blas_kernels.coretype_refusal("Cooperlake", AVX512_CPU - {"avx512_bf16"},
+                                                              [_openblas("SkylakeX")])
+    assert blas_kernels.coretype_refusal("Cooperlake", AVX512_CPU, [_openblas("SkylakeX")]) is None
+    assert blas_kernels.coretype_refusal("Katmai", old_cpu, [_openblas("Haswell")]) is None  # no known needs
     assert blas_kernels.coretype_refusal("SkylakeX", None, [_openblas("Haswell")]) is None  # flags unknown
     assert "threadpoolctl" in blas_kernels.coretype_refusal("Nehalem", AVX2_CPU, None)
     assert "no OpenBLAS" in blas_kernels.coretype_refusal("Nehalem", AVX2_CPU, [MKL])

@@ -25,6 +25,11 @@ AVX512_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
 # OpenBLAS's x86-64 kernel families that use AVX-512 (lower case: OpenBLAS compares names case-insensitively).
 AVX512_FAMILIES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
 
+# The CPU flags each family's kernels need (a necessary condition; OpenBLAS itself does not check a
+# forced family): without them the first matrix product dies of SIGILL.
+_NEEDS = {"skylakex": AVX512_FLAGS, "cooperlake": (*AVX512_FLAGS, "avx512_bf16"), "sapphirerapids": AVX512_FLAGS,
+          "haswell": ("avx2", "fma"), "zen": ("avx2", "fma"), "sandybridge": ("avx",), "nehalem": ("sse4_2",)}
+
 # The widest vector instructions of the other common families, for the hint's wording.
 _WIDTH = {"haswell": "AVX2", "zen": "AVX2", "sandybridge": "AVX", "bulldozer": "AVX", "piledriver": "AVX",
           "steamroller": "AVX", "excavator": "AVX", "nehalem": "SSE4.2", "barcelona": "SSE4a",
@@ -107,16 +112,19 @@ def narrow_kernels_hint(flags: frozenset[str] | None, pools: Any, environ: Mappi
 def coretype_refusal(name: str, flags: frozenset[str] | None, pools: Any) -> str | None:
     """Why ``--openblas-coretype NAME`` cannot run here, or None.
 
-    An AVX-512 family on a CPU whose flags lack AVX-512 would die of SIGILL in the first matrix
-    product; without an OpenBLAS (or without threadpoolctl) nothing could confirm the choice.
+    A family whose instructions the CPU's flags lack (an AVX-512 family on a CPU without AVX-512)
+    would die of SIGILL in the first matrix product; flags unknown (not Linux) are not held against
+    it. Without an OpenBLAS (or without threadpoolctl) nothing could confirm the choice.
     """
     if not name.strip():
         return "--openblas-coretype needs a kernel family name, e.g. SkylakeX, Haswell or Nehalem"
-    if name.lower() in AVX512_FAMILIES and flags is not None and not set(AVX512_FLAGS) <= flags:
-        missing = ", ".join(flag for flag in AVX512_FLAGS if flag not in flags)
-        return (f"--openblas-coretype {name}: OpenBLAS's {name} kernels use AVX-512, and this CPU's flags lack "
-                f"{missing}; they would stop the bench with an illegal instruction (SIGILL). Choose a family the CPU "
-                "runs (Haswell needs avx2, Sandybridge avx, Nehalem sse4_2), or leave the choice to OpenBLAS")
+    missing = [flag for flag in _NEEDS.get(name.lower(), ()) if flags is not None and flag not in flags]
+    if missing:
+        uses = "AVX-512" if name.lower() in AVX512_FAMILIES else ", ".join(_NEEDS[name.lower()])
+        return (f"--openblas-coretype {name}: OpenBLAS's {name} kernels use {uses}, and this CPU's flags lack "
+                f"{', '.join(missing)}; they would stop the bench with an illegal instruction (SIGILL). Choose a "
+                "family the CPU runs (Haswell needs avx2 and fma, Sandybridge avx, Nehalem sse4_2), or leave the "
+                "choice to OpenBLAS")
     if pools is None:
         return ("--openblas-coretype needs threadpoolctl to confirm which kernels OpenBLAS runs: "
                 "pip install 'conv2d[bench]'")
