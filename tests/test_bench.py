@@ -38,6 +38,7 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ours/PyTorch" in printed and "add.at/ours" in printed and "fwd/bare" in printed
     assert "method: each implementation" in printed and "in a process of its own" in printed
+    assert "4 warm-ups (the steady state of a training loop; the first calls page-fault fresh memory)" in printed
     assert "PyTorch CPU" in printed and "the original NumPy layer (np.add.at)" in printed
     assert TINY in printed and TINY_GROUPED in printed
     assert "seed: the seed has no groups and no dilation" in printed
@@ -47,8 +48,8 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
     settings = report["settings"]
     assert settings["backend"] == "numpy"
     assert settings["dtype"] == "float32"
-    # The CPU path: one warm-up, the wall clock, no GPU settings, no deterministic comparison unless asked.
-    assert (settings["warmup"], settings["timer"], settings["gpu_precision"]) == (1, "perf_counter", {})
+    # The CPU path: four warm-ups, the wall clock, no GPU settings, no deterministic comparison unless asked.
+    assert (settings["warmup"], settings["timer"], settings["gpu_precision"]) == (4, "perf_counter", {})
     assert settings["on_gpu"] is False and settings["deterministic"] is False
     # Each implementation was timed in a child process, which reported its library's threads.
     assert settings["isolation"] == "process"
@@ -98,7 +99,7 @@ def test_cli_deterministic_column(tmp_path, capsys):
                  "--isolation", "none",
                  "--json", str(path)]) == 0
     printed = capsys.readouterr().out
-    assert "det/dflt" in printed and "after 0 warm-ups (no seed)" in printed
+    assert "det/dflt" in printed and "after 0 warm-ups (no seed)" in printed and "0 warm-ups (--warmup)" in printed
     assert "in this process, one after another" in printed
     assert "seed: not asked for (--no-seed)" in printed
     report = _strict_json(path)
@@ -355,10 +356,11 @@ def test_measure_times_ours_and_the_floor_by_the_backends_timer_and_torch_by_tor
     assert len(used["torch"]) == (2 if HAS_TORCH else 0)
 
 
-def test_cpu_backends_keep_the_wall_clock_and_one_warmup():
+def test_cpu_backends_keep_the_wall_clock_and_four_warmups():
     numpy_backend = conv2d.get_backend("numpy")
     assert not isinstance(bench.backend_timer(numpy_backend), bench.EventTimer)
-    assert bench.default_warmup(numpy_backend) == 1 and bench.WARMUP["gpu"] > 1
+    # Four: the forward of the preset's 5x5 layer settled at its fifth call (first calls page-fault).
+    assert bench.default_warmup(numpy_backend) == 4 and bench.WARMUP["gpu"] == 3
     with bench.gpu_precision(numpy_backend) as settings:
         assert settings == {}
 

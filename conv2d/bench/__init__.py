@@ -1,7 +1,7 @@
 """``python -m conv2d bench``: time conv2d against PyTorch, the bare matrix products and the seed.
 
-For each shape, on the same data, it measures (median of ``--repeat`` timed calls after a warm-up
-call, three on a GPU); each implementation is timed over all shapes in a block of its own, by default
+For each shape, on the same data, it measures (median of ``--repeat`` timed calls after four warm-up
+calls, three on a GPU); each implementation is timed over all shapes in a block of its own, by default
 in a Python process of its own, so that no library's thread pool disturbs another's
 (:mod:`~conv2d.bench.isolation`):
 
@@ -29,7 +29,8 @@ The package, one concern a module: :mod:`~conv2d.bench.shapes` (the shapes and p
 :mod:`~conv2d.bench.calls` (the data and the calls timed: ours, the floor, torch, the seed),
 :mod:`~conv2d.bench.memory` (peak memory), :mod:`~conv2d.bench.isolation` (one implementation at a
 time, each in its own process), :mod:`~conv2d.bench.report` (one shape's numbers, the
-table, the targets, the summary), :mod:`~conv2d.bench.machine` (machine details, load average) and
+table, the targets, the summary), :mod:`~conv2d.bench.machine` (machine details, load average),
+:mod:`~conv2d.bench.blas_kernels` (OpenBLAS's kernel family, ``--openblas-coretype``) and
 :mod:`~conv2d.bench.cli` (the options, :func:`run`, the plot). Their public names are re-exported here.
 """
 

@@ -16,6 +16,7 @@ import numpy as np
 from .. import __version__
 from .._functional import conv2d
 from ..backends import Backend, BackendUnavailableError, get_backend
+from . import blas_kernels
 from .calls import SEED_REPEAT
 from .machine import _blas_line, _load_average, _other_load, machine_info
 from .memory import SMALL_LIMIT
@@ -23,7 +24,7 @@ from .precision import gpu_precision
 from .isolation import ISOLATION, group_name, time_all, time_group
 from .report import GROUPS, LEGEND, STATISTICS, markdown, summary, summary_lines, table_header, table_row
 from .shapes import PRESETS, SHAPE_FORMAT, Shape, parse_shapes
-from .timing import WARMUP, EventTimer, _on_gpu, backend_timer, default_warmup
+from .timing import WARMUP, WARMUP_REASON, EventTimer, _on_gpu, backend_timer, default_warmup, device_kind
 
 
 def write_plot(results: list[dict[str, Any]], path: str, title: str, stat: str = "median") -> None:
@@ -86,8 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=_int_arg(1), default=5,
                         help=f"timed calls per measurement, summarised by --stat (seed: at most {SEED_REPEAT}); default 5")
     parser.add_argument("--warmup", type=_int_arg(0), default=None,
-                        help=f"untimed calls of each measured thing first (seed: 1); default {WARMUP['cpu']}, "
-                             f"{WARMUP['gpu']} on a GPU backend (kernel compilation, cuDNN autotuning)")
+                        help=f"untimed calls of each measured thing first (seed: 1); default {WARMUP['cpu']} "
+                             f"({WARMUP_REASON['cpu']}), {WARMUP['gpu']} on a GPU backend ({WARMUP_REASON['gpu']})")
     parser.add_argument("--stat", default="median", choices=tuple(STATISTICS),
                         help="summary of the repeats: median (default), or min, the least disturbed on a busy machine")
     parser.add_argument("--algorithm", default="auto",
@@ -102,6 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="process (default): time each implementation (ours, the bare matrix product, PyTorch, "
                              "the original NumPy layer) in a Python process of its own, one after another, so that "
                              "no library's thread pool disturbs another's; none: one after another in this process")
+    parser.add_argument("--openblas-coretype", metavar="NAME", default=None,
+                        help="OpenBLAS's kernel family (OPENBLAS_CORETYPE=NAME, e.g. SkylakeX for its AVX-512 "
+                             "kernels) in each timing process, confirmed there; needs --isolation process, since "
+                             "OpenBLAS reads it only when NumPy loads it (or set OPENBLAS_CORETYPE in the shell)")
     # Internal: what a child process of --isolation process times (one of report.GROUPS).
     parser.add_argument("--only", choices=GROUPS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", metavar="PATH", help="write every number and the machine's details here")
@@ -132,8 +137,22 @@ def _gpu_line(info: dict[str, Any], precision: dict[str, Any]) -> str:
             f"{precision.get('torch.backends.cudnn.benchmark')}")
 
 
+def _coretype_error(args: argparse.Namespace) -> str | None:
+    """Why --openblas-coretype cannot be honoured (or, in a timing process, is not), or None."""
+    name = args.openblas_coretype
+    if name is None:
+        return None
+    if args.only is not None:  # a timing process: its OpenBLAS is loaded by now; did it take the name?
+        return blas_kernels.coretype_mismatch(name, blas_kernels.threadpool_info())
+    if args.isolation == "none":
+        return (f"--openblas-coretype {name} needs --isolation process (the default): OpenBLAS reads "
+                f"{blas_kernels.ENV_VAR} once, when NumPy loads it, and this process has loaded it already. "
+                f"Drop --isolation none, or set {blas_kernels.ENV_VAR}={name} in the shell before Python starts")
+    return blas_kernels.coretype_refusal(name, blas_kernels.cpu_flags(), blas_kernels.threadpool_info())
+
+
 def _print_header(args: argparse.Namespace, backend: Backend, info: dict[str, Any], warmup: int,
-                  precision: dict[str, Any]) -> None:
+                  precision: dict[str, Any], hint: str | None) -> None:
     det = "; also deterministic=True" if args.deterministic else ""
     seed = f"seed: {min(args.repeat, SEED_REPEAT)} after 1, float64" if args.seed else "no seed"
     print(f"conv2d {__version__} bench: backend {backend.spec}, {args.dtype}, algorithm {args.algorithm}{det}; "
@@ -142,6 +161,11 @@ def _print_header(args: argparse.Namespace, backend: Backend, info: dict[str, An
           f"{_blas_line(info)}")
     if _on_gpu(backend):
         print(_gpu_line(info, precision))
+    coretype = blas_kernels.coretype_line(args.openblas_coretype)
+    if coretype:
+        print(coretype)
+    if hint:
+        print(f"note: {hint}")
     if args.deterministic and os.environ.get("CONV2D_DETERMINISTIC"):
         print(f"note: the default follows CONV2D_DETERMINISTIC={os.environ['CONV2D_DETERMINISTIC']!r}, "
               "so det/dflt may compare deterministic with itself")
@@ -150,10 +174,19 @@ def _print_header(args: argparse.Namespace, backend: Backend, info: dict[str, An
 def _method_note(args: argparse.Namespace, backend: Backend, warmup: int) -> str:
     where = "a process of its own" if args.isolation == "process" else "this process"
     names = ", ".join(group_name(group, backend) for group in GROUPS)
+    why = WARMUP_REASON[device_kind(backend)] if args.warmup is None else "--warmup"
     return (f"method: each implementation ({names}) timed over all shapes in {where}, one after another; "
-            f"per call {warmup} warm-up{'s' if warmup != 1 else ''} then {args.repeat} timed calls in a row, "
+            f"per call {warmup} warm-up{'s' if warmup != 1 else ''} ({why}) then {args.repeat} timed calls in a row, "
             f"their {args.stat} (the seed: {min(args.repeat, SEED_REPEAT)} after 1); no two libraries' calls "
             "interleave")
+
+
+def _coretype_setting(args: argparse.Namespace) -> dict[str, str | None]:
+    """OPENBLAS_CORETYPE of the timing processes, and who set it, for the JSON."""
+    if args.openblas_coretype:
+        return {"name": args.openblas_coretype, "set_by": "--openblas-coretype"}
+    name = os.environ.get(blas_kernels.ENV_VAR) or None
+    return {"name": name, "set_by": "environment" if name else None}
 
 
 def _shown_argv() -> list[str]:
@@ -203,12 +236,18 @@ def run(args: argparse.Namespace) -> int:
         if args.only is not None and not args.json:
             print("error: --only (internal: a child of --isolation process) needs --json PATH", file=sys.stderr)
             return 2
+        refusal = _coretype_error(args)
+        if refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 1 if args.only is not None else 2
         if args.only is not None:  # a child of --isolation process: time one implementation, write its samples
             payload = time_group(args, backend, shapes, extra, warmup, args.only)
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(payload, f)
             return 0
-        _print_header(args, backend, machine_info(backend), warmup, precision)
+        # From this process's OpenBLAS, loaded with the environment's OPENBLAS_CORETYPE or none.
+        hint = blas_kernels.current_hint(args.openblas_coretype)
+        _print_header(args, backend, machine_info(backend), warmup, precision, hint)
         print(_method_note(args, backend, warmup), flush=True)
         try:
             results, threads = time_all(args, backend, shapes, extra, warmup, GROUPS)
@@ -240,12 +279,14 @@ def run(args: argparse.Namespace) -> int:
                          "timer": "cuda_events" if isinstance(backend_timer(backend), EventTimer) else "perf_counter",
                          "gpu_precision": precision, "deterministic": args.deterministic, "seed": args.seed,
                          "small_limit_bytes": SMALL_LIMIT,
-                         "isolation": args.isolation, "threads": threads},
+                         "isolation": args.isolation, "threads": threads,
+                         "openblas_coretype": _coretype_setting(args)},
             "machine": info,
             "results": results,
             "summary": summ,
             "total_seconds": elapsed,
             "load_average_1min": load,
+            "notes": [hint] if hint else [],
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1, default=str)
@@ -256,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{load['after'] or 0:.1f} after; conv2d {__version__}, backend {backend.spec}, {args.dtype}, "
                   f"algorithm {args.algorithm}.",
                   f"Threads: " + "; ".join(f"{group_name(group, backend)}: {note}" for group, note in threads.items()) + ".",
+                  *(f"{line}." for line in (blas_kernels.coretype_line(args.openblas_coretype), hint) if line),
                   _method_note(args, backend, warmup) + "."]
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(markdown(results, summ, header))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import time
 from typing import Any
 
 from ..backends import Backend
+from .blas_kernels import ENV_VAR
 from .calls import Case
 from .machine import _blas_line
 from .report import GROUP_NAMES, assemble, measure
@@ -88,7 +90,19 @@ def child_command(args: argparse.Namespace, shapes: list[Shape], group: str, pat
         command.append("--deterministic")
     if not args.seed:
         command.append("--no-seed")
+    if args.openblas_coretype:  # the child confirms that its OpenBLAS took the name
+        command += ["--openblas-coretype", args.openblas_coretype]
     return command
+
+
+def _exit_text(code: int) -> str:
+    """"exit 3", or the signal that ended the process (SIGILL: kernels the CPU lacks; SIGKILL: out of memory)."""
+    if code >= 0:
+        return f"exit {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
 
 
 def time_in_process(args: argparse.Namespace, shapes: list[Shape], group: str) -> dict[str, Any]:
@@ -97,12 +111,15 @@ def time_in_process(args: argparse.Namespace, shapes: list[Shape], group: str) -
     env = dict(os.environ)
     # The child must import this very conv2d, wherever it was imported from.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    if args.openblas_coretype:
+        # Read by OpenBLAS when NumPy loads it; harmless in the children that time other libraries.
+        env[ENV_VAR] = args.openblas_coretype
     with tempfile.TemporaryDirectory(prefix="conv2d-bench-") as tmp:
         path = os.path.join(tmp, f"{group}.json")
         done = subprocess.run(child_command(args, shapes, group, path), env=env, capture_output=True, text=True,
                               check=False)
         if done.returncode != 0 or not os.path.exists(path):
-            raise RuntimeError(f"timing {group} in its own process failed (exit {done.returncode}):\n"
+            raise RuntimeError(f"timing {group} in its own process failed ({_exit_text(done.returncode)}):\n"
                                f"{done.stdout}{done.stderr}")
         with open(path, encoding="utf-8") as f:
             return json.load(f)

@@ -18,8 +18,11 @@ _DISTRIBUTIONS = ("numpy", "array-api-compat", "torch", "jax", "jaxlib", "cupy-c
 
 # The environment variables that change what is measured, recorded where set.
 _ENV_VARS = ("CONV2D_BACKEND", "CONV2D_MAX_WORKSPACE", "CONV2D_DETERMINISTIC", "OMP_NUM_THREADS",
-             "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUPY_TF32", "NVIDIA_TF32_OVERRIDE",
-             "CUBLAS_WORKSPACE_CONFIG")
+             "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUPY_TF32",
+             "NVIDIA_TF32_OVERRIDE", "CUBLAS_WORKSPACE_CONFIG")
+# And every variable of these families: OpenBLAS's settings (OPENBLAS_CORETYPE picks its kernels),
+# glibc's malloc tunables (MALLOC_MMAP_THRESHOLD_ changes how the first calls page-fault).
+_ENV_PREFIXES = ("OPENBLAS_", "MALLOC_", "GLIBC_TUNABLES")
 
 
 def _cpu_model() -> str | None:
@@ -51,7 +54,8 @@ def machine_info(backend: Backend) -> dict[str, Any]:
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "versions": versions,
         "backend": backend.spec,
-        "env": {key: os.environ[key] for key in _ENV_VARS if key in os.environ},
+        "env": {key: value for key, value in sorted(os.environ.items())
+                if key in _ENV_VARS or key.startswith(_ENV_PREFIXES)},
     }
     try:
         import threadpoolctl
@@ -91,9 +95,14 @@ def _other_load(load: dict[str, float | None], cores: int | None) -> float | Non
 
 
 def _blas_line(info: dict[str, Any]) -> str:
+    """"BLAS: openblas 0.3.31 (Haswell kernels, 2 threads)": the library, its kernel family where it says one."""
     pools = info.get("threadpools")
     if not isinstance(pools, list):
         return "BLAS: unknown (no threadpoolctl)"
-    blas = [f"{p.get('internal_api')} {p.get('version')} ({p.get('num_threads')} threads)"
-            for p in pools if p.get("user_api") == "blas"]
+    blas = []
+    for p in pools:
+        if p.get("user_api") == "blas":
+            # OpenBLAS's kernel family is its own guess from the CPU's model number (see blas_kernels).
+            kernels = f"{p['architecture']} kernels, " if p.get("architecture") else ""
+            blas.append(f"{p.get('internal_api')} {p.get('version')} ({kernels}{p.get('num_threads')} threads)")
     return "BLAS: " + (", ".join(blas) or "none found")

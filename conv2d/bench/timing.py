@@ -138,11 +138,26 @@ def _on_gpu(backend: Backend) -> bool:
     return backend.name == "jax" and getattr(backend.device, "platform", "cpu") in ("gpu", "cuda", "rocm")
 
 
-# More warm-up calls on a GPU: the first calls compile CuPy's kernels, and PyTorch's first calls of a
-# shape try every cuDNN algorithm (cudnn.benchmark) and keep the fastest.
-WARMUP = {"cpu": 1, "gpu": 3}
+# Untimed calls before the timed ones, per kind of device; every implementation (ours, the floor,
+# PyTorch) gets the same number, the seed one. On the CPU the first calls of a shape run slower
+# than a training loop's later ones: glibc's malloc hands out large blocks with mmap until frees of
+# such blocks raise its threshold, so the first calls page-fault fresh memory (measured on numpy,
+# float32, the preset's 5x5 layer, forward ms per call in one process: 86, 22, 24, 21, then 9 from
+# the fifth call on, and 14, 16, then 9 from the third in the bench's own timing process; one
+# warm-up put the median at 18 ms). On a GPU the first calls compile CuPy's
+# kernels, and PyTorch's first calls of a shape try every cuDNN algorithm (cudnn.benchmark).
+WARMUP = {"cpu": 4, "gpu": 3}
+
+# Why that many, for the method note.
+WARMUP_REASON = {"cpu": "the steady state of a training loop; the first calls page-fault fresh memory",
+                 "gpu": "kernel compilation and cuDNN autotuning"}
 
 
 def default_warmup(backend: Backend) -> int:
     """Untimed calls before the timed ones on `backend`: :data:`WARMUP` of its kind of device."""
-    return WARMUP["gpu" if _on_gpu(backend) else "cpu"]
+    return WARMUP[device_kind(backend)]
+
+
+def device_kind(backend: Backend) -> str:
+    """"gpu" or "cpu": the key of :data:`WARMUP` and :data:`WARMUP_REASON` for `backend`."""
+    return "gpu" if _on_gpu(backend) else "cpu"
