@@ -62,16 +62,22 @@ def choose_algorithm(name: str, backend: Backend, deterministic: bool = False, g
 DIRECT_MAX_CHANNELS_PER_GROUP = 4
 
 
-# Channels and filters per group from which ``winograd`` beats im2col on NumPy (3x3, stride 1): measured
-# forward+backward, float32, N=32, channels = filters: 16 at 32x32 a tie (12.2 against 12.9 ms single-
-# threaded CPU time), 32 at 16x16 5.7 against 9.4, 64 at 16x16 14.4 against 26.4, 128 at 8x8 11.1
-# against 24.1 ms (docs/benchmarks.md, "Winograd").
+# Where ``winograd`` beats im2col (``slices``) on NumPy, 3x3 stride-1 layers: forward+backward, float32, wall
+# clock with 2 BLAS threads, medians of 10 (docs/benchmarks.md, "Winograd"). It wins wherever both the
+# channels and the filters per group are at least 64 (N,C,H,O 32,64,16,64: 12.3 against 20.1 ms; 32,128,8,128:
+# 8.7 against 15.9; 8,64,56,64: 33.4 against 47.3; 16,128,32,128: 71.4 against 89.4; 32,256,16,256: 147 against
+# 200), and with 32 channels on outputs of at most 16x16 (32,32,16,32: 5.4 against 7.1). With 32 channels on
+# 32x32 outputs it only ties (the seed's 64,32,32,64 unpadded: 52.7 against 52.4; float64 122 against 95, a
+# loss), and with 16 it ties (32,16,16,16: 4.5 against 4.7): there the simpler im2col stays.
 WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_WIDE_CHANNELS = 64
+WINOGRAD_SMALL_OUTPUT = 16 * 16
 
 
 def _winograd_pays(backend: Backend, geom: Geometry) -> bool:
-    return (backend.name == "numpy" and winograd_applies(geom)
-            and min(geom.channels_per_group, geom.filters_per_group) >= WINOGRAD_MIN_CHANNELS)
+    narrowest = min(geom.channels_per_group, geom.filters_per_group)
+    return (backend.name == "numpy" and winograd_applies(geom) and narrowest >= WINOGRAD_MIN_CHANNELS
+            and (narrowest >= WINOGRAD_WIDE_CHANNELS or geom.out_h * geom.out_w <= WINOGRAD_SMALL_OUTPUT))
 
 
 def auto_algorithm(backend: Backend, deterministic: bool = False, geom: Geometry | None = None) -> str:
@@ -85,9 +91,11 @@ def auto_algorithm(backend: Backend, deterministic: bool = False, geom: Geometry
     3. ``direct`` for grouped layers with at most :data:`DIRECT_MAX_CHANNELS_PER_GROUP` channels
        per group (depthwise and near it), where im2col's patch matrix is mostly overhead;
        not on JAX, where its many small operations cost more than im2col's few;
-    4. ``winograd`` on NumPy for 3x3 layers with stride 1 and dilation 1 and at least
-       :data:`WINOGRAD_MIN_CHANNELS` channels and filters per group, where its 16 products of
-       4x4-transformed tiles beat im2col's one product of 9x-sized patches;
+    4. ``winograd`` on NumPy for 3x3 layers with stride 1 (any dilation) with at least
+       :data:`WINOGRAD_WIDE_CHANNELS` channels and filters per group, or at least
+       :data:`WINOGRAD_MIN_CHANNELS` on outputs of at most :data:`WINOGRAD_SMALL_OUTPUT` positions:
+       where its 16 products of 4x4-transformed tiles were measured faster than im2col's one
+       product of 9x-sized patches;
     5. else ``slices`` (measured faster than ``gather`` on most shapes, deterministic, no index array).
 
     Without `geom` (pooling layers borrow the patch builder) rules 1, 3 and 4 do not apply.

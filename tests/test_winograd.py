@@ -154,13 +154,17 @@ def _geom(c, o, k=3, stride=1, dilation=1, groups=1, hw=8):
 
 
 def test_auto_rule():
-    """auto picks winograd on NumPy for 3x3 stride-1 layers (dilated too) of at least WINOGRAD_MIN_CHANNELS
-    channels and filters per group; not for narrower, strided or other kernels, nor on other backends."""
+    """auto picks winograd on NumPy for 3x3 stride-1 layers (dilated too) of at least WINOGRAD_WIDE_CHANNELS
+    channels and filters per group, or WINOGRAD_MIN_CHANNELS on small outputs; not for narrower, strided or
+    other kernels, nor on other backends."""
     numpy = conv2d.get_backend("numpy")
-    least = _conv.WINOGRAD_MIN_CHANNELS
-    assert _conv.auto_algorithm(numpy, geom=_geom(least, least)) == "winograd"
-    assert _conv.auto_algorithm(numpy, True, _geom(2 * least, 2 * least, groups=2)) == "winograd"
-    assert _conv.auto_algorithm(numpy, geom=_geom(least, least, dilation=2)) == "winograd"
+    least, wide = _conv.WINOGRAD_MIN_CHANNELS, _conv.WINOGRAD_WIDE_CHANNELS
+    small = int(_conv.WINOGRAD_SMALL_OUTPUT ** 0.5)  # a square output of that many positions
+    assert _conv.auto_algorithm(numpy, geom=_geom(least, least, hw=small)) == "winograd"
+    assert _conv.auto_algorithm(numpy, geom=_geom(least, wide, hw=small + 1)) == "slices"  # narrow, larger output
+    assert _conv.auto_algorithm(numpy, geom=_geom(wide, wide, hw=4 * small)) == "winograd"  # wide, any output
+    assert _conv.auto_algorithm(numpy, True, _geom(2 * wide, 2 * wide, groups=2, hw=4 * small)) == "winograd"
+    assert _conv.auto_algorithm(numpy, geom=_geom(least, least, dilation=2, hw=small)) == "winograd"
     for geom in (_geom(least // 2, least), _geom(least, least // 2), _geom(least, least, stride=2),
                  _geom(least, least, k=5), _geom(2 * least, 2 * least, groups=4)):
         assert _conv.auto_algorithm(numpy, geom=geom) == "slices", geom
