@@ -34,8 +34,12 @@ def _strict_json(path) -> dict:
 
 def test_cli_runs_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert main(["bench", "--shapes", TINY, TINY_GROUPED, "--repeat", "1", "--json", str(path)]) == 0
+    assert main(["bench", "--shapes", TINY, TINY_GROUPED, "--repeat", "1", "--rounds", "2", "--json", str(path)]) == 0
     printed = capsys.readouterr().out
+    # Two rounds: every implementation timed twice, each time in a fresh process, the samples pooled.
+    assert "in 2 rounds (the order reversed every other round" in printed
+    assert "PyTorch CPU (round 2)" in printed or not HAS_TORCH
+    assert "bare matrix product (round 1)" in printed and "bare matrix product (round 2)" in printed
     assert "ours/PyTorch" in printed and "add.at/ours" in printed and "fwd/bare" in printed
     assert "method: each implementation" in printed and "in a process of its own" in printed
     assert "4 warm-ups (the steady state of a training loop; the first calls page-fault fresh memory)" in printed
@@ -52,7 +56,7 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
     assert (settings["warmup"], settings["timer"], settings["gpu_precision"]) == (4, "perf_counter", {})
     assert settings["on_gpu"] is False and settings["deterministic"] is False
     # Each implementation was timed in a child process, which reported its library's threads.
-    assert settings["isolation"] == "process"
+    assert settings["isolation"] == "process" and settings["rounds"] == 2
     assert "BLAS" in settings["threads"]["ours"] and "BLAS" in settings["threads"]["seed"]
     if HAS_TORCH:
         assert "CPU threads" in settings["threads"]["torch"]
@@ -70,7 +74,7 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
         expected |= {"torch_fwd", "torch_fwdbwd"}
     assert expected <= set(plain["ms"])
     assert all(value > 0 for value in plain["ms"].values())
-    assert len(plain["samples_ms"]["ours_fwd"]) == 1
+    assert len(plain["samples_ms"]["ours_fwd"]) == 2 and len(plain["samples_ms"]["floor_fwd"]) == 2  # one a round
     assert all(plain["ms"][name] == value for name, value in plain["median_ms"].items())  # the default --stat
     assert plain["min_ms"]["ours_fwd"] == min(plain["samples_ms"]["ours_fwd"])
     ratios = plain["ratios"]

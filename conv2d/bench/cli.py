@@ -103,6 +103,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="process (default): time each implementation (ours, the bare matrix product, PyTorch, "
                              "the original NumPy layer) in a Python process of its own, one after another, so that "
                              "no library's thread pool disturbs another's; none: one after another in this process")
+    parser.add_argument("--rounds", type=_int_arg(1), default=3,
+                        help="how many times every implementation is timed, in turns (ours, ..., PyTorch, then "
+                             "again in the reverse order), each time in a fresh process with --isolation process; "
+                             "the samples of all rounds are summarised together, so that a slow spell of a shared "
+                             "machine falls on every implementation alike; default 3")
     parser.add_argument("--openblas-coretype", metavar="NAME", default=None,
                         help="OpenBLAS's kernel family (OPENBLAS_CORETYPE=NAME, e.g. SkylakeX for its AVX-512 "
                              "kernels) in each timing process, confirmed there; needs --isolation process, since "
@@ -175,10 +180,12 @@ def _method_note(args: argparse.Namespace, backend: Backend, warmup: int) -> str
     where = "a process of its own" if args.isolation == "process" else "this process"
     names = ", ".join(group_name(group, backend) for group in GROUPS)
     why = WARMUP_REASON[device_kind(backend)] if args.warmup is None else "--warmup"
-    return (f"method: each implementation ({names}) timed over all shapes in {where}, one after another; "
+    rounds = (f", in {args.rounds} rounds (the order reversed every other round, a fresh process each time)"
+              if args.rounds > 1 else "")
+    pooled = f"the {args.stat} of all rounds' calls" if args.rounds > 1 else f"their {args.stat}"
+    return (f"method: each implementation ({names}) timed over all shapes in {where}, one after another{rounds}; "
             f"per call {warmup} warm-up{'s' if warmup != 1 else ''} ({why}) then {args.repeat} timed calls in a row, "
-            f"their {args.stat} (the seed: {min(args.repeat, SEED_REPEAT)} after 1); no two libraries' calls "
-            "interleave")
+            f"{pooled} (the seed: {min(args.repeat, SEED_REPEAT)} after 1); no two libraries' calls interleave")
 
 
 def _coretype_setting(args: argparse.Namespace) -> dict[str, str | None]:
@@ -279,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
                          "timer": "cuda_events" if isinstance(backend_timer(backend), EventTimer) else "perf_counter",
                          "gpu_precision": precision, "deterministic": args.deterministic, "seed": args.seed,
                          "small_limit_bytes": SMALL_LIMIT,
-                         "isolation": args.isolation, "threads": threads,
+                         "isolation": args.isolation, "rounds": args.rounds, "threads": threads,
                          "openblas_coretype": _coretype_setting(args)},
             "machine": info,
             "results": results,

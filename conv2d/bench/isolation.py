@@ -125,26 +125,38 @@ def time_in_process(args: argparse.Namespace, shapes: list[Shape], group: str) -
             return json.load(f)
 
 
+def _time_once(args: argparse.Namespace, backend: Backend, shapes: list[Shape], extra: dict[str, Any], warmup: int,
+               group: str) -> dict[str, Any] | None:
+    """One implementation over every shape, once (None: the seed, not asked for), with its seconds."""
+    if group == "seed" and not args.seed:
+        return None
+    started = time.perf_counter()
+    if args.isolation == "process":
+        payload = time_in_process(args, shapes, group)
+    else:
+        payload = time_group(args, backend, shapes, extra, warmup, group)
+    return {**payload, "seconds": time.perf_counter() - started}
+
+
 def time_all(args: argparse.Namespace, backend: Backend, shapes: list[Shape], extra: dict[str, Any], warmup: int,
              groups: tuple[str, ...]) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Every shape's result, the implementations timed one after another; and each one's threads.
 
-    Prints one line per implementation as it finishes.
+    With ``args.rounds`` > 1 every implementation is timed that many times, in turns, the order
+    reversed every other round, and each one's samples of all rounds are pooled. Prints one line
+    per implementation and round as it finishes.
     """
     timed = []
-    for group in groups:
-        started = time.perf_counter()
-        if group == "seed" and not args.seed:
-            timed.append({"group": group, "threads": "not timed", "shapes": [
+    for round_index in range(args.rounds):
+        order = groups if round_index % 2 == 0 else tuple(reversed(groups))
+        for group in order:
+            payload = _time_once(args, backend, shapes, extra, warmup, group)
+            if payload is not None:
+                print(f"  {group_name(group, backend)}{f' (round {round_index + 1})' if args.rounds > 1 else ''}: "
+                      f"{len(shapes)} shape{'s' if len(shapes) != 1 else ''} in {payload.pop('seconds'):.0f} s; "
+                      f"{payload['threads']}", flush=True)
+            timed.append(payload or {"group": group, "threads": "not timed", "shapes": [
                 {"samples": {}, "skipped": {"seed": "not asked for (--no-seed)"}, "peak_bytes": None} for _ in shapes]})
-            continue
-        if args.isolation == "process":
-            payload = time_in_process(args, shapes, group)
-        else:
-            payload = time_group(args, backend, shapes, extra, warmup, group)
-        timed.append(payload)
-        print(f"  {group_name(group, backend)}: {len(shapes)} shape{'s' if len(shapes) != 1 else ''} in "
-              f"{time.perf_counter() - started:.0f} s; {payload['threads']}", flush=True)
     results = []
     for index, shape in enumerate(shapes):
         samples: dict[str, list[float]] = {}
@@ -152,7 +164,8 @@ def time_all(args: argparse.Namespace, backend: Backend, shapes: list[Shape], ex
         peaks = None
         for payload in timed:
             part = payload["shapes"][index]
-            samples.update(part["samples"])
+            for name, values in part["samples"].items():
+                samples.setdefault(name, []).extend(values)
             skipped.update(part["skipped"])
             peaks = part["peak_bytes"] if part["peak_bytes"] is not None else peaks
         results.append(assemble(shape, args.dtype, samples, skipped, peaks, args.stat))
