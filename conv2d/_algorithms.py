@@ -28,6 +28,7 @@ from array_api_compat import device as device_of
 
 from ._direct import Direct
 from ._geometry import Geometry
+from ._pointwise import Pointwise
 from ._winograd import Winograd
 from ._plan import gather_readers, index_dtype, input_rows, row_length, row_plan
 from .backends import Backend
@@ -242,4 +243,4 @@ class Native:
         return backend.native.backward(grad_out, x, weight, geom, deterministic)
 
 
-ALGORITHMS = {algorithm.name: algorithm for algorithm in (Gather, Slices, Kernels, Native, Direct, Winograd)}
+ALGORITHMS = {algorithm.name: algorithm for algorithm in (Gather, Slices, Kernels, Native, Direct, Winograd, Pointwise)}

@@ -268,6 +268,7 @@ class Winograd:
     """F(2x2, 3x3) on the array API: forward and both gradients, over chunks of the batch."""
 
     name = "winograd"
+    check = staticmethod(check_winograd)
 
     @staticmethod
     def fits(geom: Geometry, itemsize: int, limit: int) -> bool:

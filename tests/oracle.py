@@ -15,13 +15,15 @@ PORTABLE_ALGORITHMS = ("gather", "slices", "direct")
 
 def missing_algorithm(algorithm: str, backend, geom=None) -> str | None:
     """The start of conv2d's error where `backend` lacks `algorithm` ("kernels": CuPy; "native": torch, JAX),
-    or where `algorithm` does not compute the layer `geom` ("winograd": 3x3, stride 1), else None."""
+    or where `algorithm` does not compute the layer `geom` ("winograd": 3x3, stride 1; "pointwise": 1x1), else None."""
     if algorithm == "kernels" and backend.kernels is None:
         return "algorithm 'kernels'"
     if algorithm == "native" and backend.native is None:
         return "algorithm 'native'"
     if algorithm == "winograd" and geom is not None and not ((geom.kernel_h, geom.kernel_w) == (3, 3) and geom.stride == (1, 1)):
         return "algorithm 'winograd' computes 3x3 convolutions with stride 1"
+    if algorithm == "pointwise" and geom is not None and (geom.kernel_h, geom.kernel_w) != (1, 1):
+        return "algorithm 'pointwise' computes 1x1 convolutions"
     return None
 
 
