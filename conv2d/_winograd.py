@@ -41,6 +41,7 @@ from .backends import Backend
 
 Tile = list  # rows of a tile, each a list of arrays (one per column of the tile)
 
+
 # The one-dimensional transforms of F(2, 3), each applied to the rows and then to the columns of a tile.
 def _input_transform(d0: Any, d1: Any, d2: Any, d3: Any) -> list[Any]:  # B^T d
     return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
@@ -66,8 +67,6 @@ def _output_transform(m0: Any, m1: Any, m2: Any, m3: Any) -> list[Any]:  # A^T m
 
 def _output_transform_adjoint(y0: Any, y1: Any) -> list[Any]:  # A y
     return [y0, y0 + y1, y0 - y1, -y1]
-
-
 
 
 def _on_rows(transform: Callable[..., list[Any]], tile: Tile) -> Tile:
@@ -242,9 +241,11 @@ def _kernel_grad(xp: Any, grad_kernel: Any, weight: Any, geom: Geometry) -> Any:
     return xp.reshape(xp.stack(_flatten(_both(_kernel_transform_adjoint, tile)), axis=-1), weight.shape)
 
 
-def _output(xp: Any, tile: Tile, geom: Geometry) -> Any:
-    """A 2x2 tile of (n, BY, dh, BX, dw, O) outputs -> the layer's output (n, O, OH, OW)."""
+def _output(xp: Any, tile: Tile, bias: Any | None, geom: Geometry) -> Any:
+    """A 2x2 tile of (n, BY, dh, BX, dw, O) outputs, plus the bias -> the layer's output (n, O, OH, OW)."""
     n, by, dh, bx, dw, o = tile[0][0].shape
+    if bias is not None:  # added to the chunk while it is in the cache, channels last
+        tile = [[value + bias for value in row] for row in tile]
     rows = [xp.stack(row, axis=4) for row in tile]  # (n, BY, dh, BX, 2, dw, O): column 2d*t + d*q + b
     y = xp.reshape(xp.stack(rows, axis=2), (n, 2 * dh * by, 2 * dw * bx, o))
     return xp.permute_dims(y[:, : geom.out_h, : geom.out_w, :], (0, 3, 1, 2))
@@ -284,11 +285,9 @@ class Winograd:
         pieces = []
         for start, stop in _chunks(backend, geom, x.shape[0], bytes_per_item(x), limit):
             products = xp.matmul(_transformed_input(xp, x[start:stop, ...], geom), kernel)
-            pieces.append(_output(xp, _both(_output_transform, _from_groups(xp, products, stop - start, geom)), geom))
-        y = pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)
-        if bias is not None:
-            y = y + xp.reshape(bias, (1, geom.out_channels, 1, 1))
-        return y
+            tile = _both(_output_transform, _from_groups(xp, products, stop - start, geom))
+            pieces.append(_output(xp, tile, bias, geom))
+        return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)
 
     @staticmethod
     def backward(backend: Backend, grad_out: Any, x: Any, weight: Any, geom: Geometry, limit: int,

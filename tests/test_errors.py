@@ -93,12 +93,12 @@ GEOMETRY_CASES = [
     ("dilated kernel larger than padded input", dict(dilation=(5, 1), padding=1), ValueError,
      r"kernel spans 11x3 .*padded input is only 10x10 \(x is 8x8, padding 1\)"),
     # algorithm: a name is a ValueError listing the names; anything but a string is the wrong type
-    ("algorithm unknown", dict(algorithm="fast"), ValueError, r"algorithm must be 'auto' or one of 'gather', 'slices', 'kernels', 'native', 'direct', got 'fast'"),
-    ("algorithm case", dict(algorithm="Gather"), ValueError, r"algorithm must be .*'gather', 'slices', 'kernels', 'native', 'direct', got 'Gather'"),
-    ("algorithm empty string", dict(algorithm=""), ValueError, r"algorithm must be .*'gather', 'slices', 'kernels', 'native', 'direct', got ''"),
-    ("algorithm None", dict(algorithm=None), TypeError, r"algorithm must be .*'gather', 'slices', 'kernels', 'native', 'direct', got None"),
-    ("algorithm int", dict(algorithm=1), TypeError, r"algorithm must be .*'gather', 'slices', 'kernels', 'native', 'direct', got 1\b"),
-    ("algorithm list", dict(algorithm=["gather"]), TypeError, r"algorithm must be .*'gather', 'slices', 'kernels', 'native', 'direct', got \['gather'\]"),
+    ("algorithm unknown", dict(algorithm="fast"), ValueError, r"algorithm must be 'auto' or one of 'gather', 'slices', 'kernels', 'native', 'direct', 'winograd', 'pointwise', got 'fast'"),
+    ("algorithm case", dict(algorithm="Gather"), ValueError, r"algorithm must be .*'gather', 'slices', 'kernels', 'native', 'direct', 'winograd', 'pointwise', got 'Gather'"),
+    ("algorithm empty string", dict(algorithm=""), ValueError, r"algorithm must be .*'gather', 'slices', 'kernels', 'native', 'direct', 'winograd', 'pointwise', got ''"),
+    ("algorithm None", dict(algorithm=None), TypeError, r"algorithm must be .*'gather', 'slices', 'kernels', 'native', 'direct', 'winograd', 'pointwise', got None"),
+    ("algorithm int", dict(algorithm=1), TypeError, r"algorithm must be .*'gather', 'slices', 'kernels', 'native', 'direct', 'winograd', 'pointwise', got 1\b"),
+    ("algorithm list", dict(algorithm=["gather"]), TypeError, r"algorithm must be .*'gather', 'slices', 'kernels', 'native', 'direct', 'winograd', 'pointwise', got \['gather'\]"),
 ]
 
 _NO_GROUPS = [c for c in GEOMETRY_CASES if "groups" not in c[1]]
