@@ -179,7 +179,10 @@ def forward(
 
     With `keep_patches`, `patches` is every chunk's patch matrix (with the chunks), to hand back to
     :func:`backward` so that it does not rebuild them; kept only where the whole batch's patches
-    fit the workspace limit at once (else None, as without `keep_patches`).
+    fit the workspace limit at once, and not on a backend whose chunks are sized to its CPU cache
+    (``Backend.cache_bytes``, NumPy): there rebuilding each chunk's patches in the cache measured
+    faster than keeping them all in memory (layer forward+backward, float32: the seed's layer 67.5 ->
+    53.9 ms, the 5x5 layer 45.8 -> 31.1 ms; docs/benchmarks.md). Else None, as without `keep_patches`.
     """
     xp = array_namespace(x, weight)
     algo = _whole_call_or_patches(choose_algorithm(algorithm, backend, deterministic, geom), x, geom, limit)
@@ -188,7 +191,8 @@ def forward(
     chunks = _chunks(backend, x, geom, limit)
     n = x.shape[0]
     itemsize = bytes_per_item(x)
-    kept = [] if keep_patches and scratch_bytes(geom, n, geom.out_h, itemsize) <= limit else None
+    kept = ([] if keep_patches and backend.cache_bytes is None and scratch_bytes(geom, n, geom.out_h, itemsize) <= limit
+            else None)
     w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.patch_size))
     y = None
     for chunk in chunks:

@@ -68,7 +68,7 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
     plain, grouped = report["results"]
     assert plain["shape"]["spec"] == "2,3,8,8,4,3,3,1,1,1,1"
     assert (plain["shape"]["out_h"], plain["shape"]["out_w"]) == (8, 8)
-    expected = {"ours_fwd", "ours_bwd", "ours_fwdbwd", "floor_fwd", "floor_grad_w", "floor_grad_cols",
+    expected = {"ours_fwd", "ours_bwd", "ours_fwdbwd", "ours_layer_fwdbwd", "floor_fwd", "floor_grad_w", "floor_grad_cols",
                 "floor_fwdbwd", "seed_fwd", "seed_fwdbwd"}
     if HAS_TORCH:
         expected |= {"torch_fwd", "torch_fwdbwd"}
@@ -78,7 +78,8 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
     assert all(plain["ms"][name] == value for name, value in plain["median_ms"].items())  # the default --stat
     assert plain["min_ms"]["ours_fwd"] == min(plain["samples_ms"]["ours_fwd"])
     ratios = plain["ratios"]
-    assert ratios["seed_over_ours"] == pytest.approx(plain["ms"]["seed_fwdbwd"] / plain["ms"]["ours_fwdbwd"])
+    # The seed's layer is compared with ours as a layer (its patches kept from forward to backward, as the seed's).
+    assert ratios["seed_over_ours"] == pytest.approx(plain["ms"]["seed_fwdbwd"] / plain["ms"]["ours_layer_fwdbwd"])
     assert ratios["fwd_over_floor"] == pytest.approx(plain["ms"]["ours_fwd"] / plain["ms"]["floor_fwd"])
     if HAS_TORCH:
         assert ratios["ours_over_torch"] == pytest.approx(plain["ms"]["ours_fwdbwd"] / plain["ms"]["torch_fwdbwd"])
@@ -356,7 +357,9 @@ def test_measure_times_ours_and_the_floor_by_the_backends_timer_and_torch_by_tor
     case = bench.Case.make(conv2d.get_backend("numpy"), bench.parse_shape(TINY), "float32")
     result = bench.measure(case, repeat=2, warmup=0)
     assert all(result["samples_ms"][name] == [1.0, 1.0] for name in result["samples_ms"])
-    assert len(used["backend"]) == 6  # ours_fwd, ours_bwd, ours_fwdbwd, floor_fwd, floor_grad_w, floor_grad_cols
+    # ours_fwd, ours_bwd, ours_fwdbwd, ours_layer_fwdbwd (TINY is a layer the seed computes), floor_fwd,
+    # floor_grad_w, floor_grad_cols
+    assert len(used["backend"]) == 7
     assert len(used["torch"]) == (2 if HAS_TORCH else 0)
 
 

@@ -78,7 +78,26 @@ def ours_calls(case: Case, deterministic: bool = False) -> dict[str, Callable[[]
     }
     if deterministic:
         calls["ours_fwdbwd_det"] = forward_backward(**kw, deterministic=True)
+    if seed_skip_reason(case.shape) is None:
+        calls["ours_layer_fwdbwd"] = _layer_forward_backward(case)
     return calls
+
+
+def _layer_forward_backward(case: Case) -> Callable[[], Any]:
+    """Forward then backward of a ``ConvolutionLayer`` without activation on the case's data: what the
+    seed's layer does, its patch matrix kept from the forward pass for the backward pass (the
+    functional pair builds it twice). The seed's goal is read from this one."""
+    from ..layer import ConvolutionLayer
+
+    s, a = case.shape, case.arrays
+    layer = ConvolutionLayer((s.c, s.h, s.w), (s.kh, s.kw), s.o, s.stride, padding=s.pad, dilation=s.dilation,
+                             activation=None, dtype=case.dtype, backend=case.backend, **case.extra)
+    layer.set_parameters({"weights": a["weight"], "biases": a["bias"]})
+
+    def call() -> Any:
+        return layer.forwardpass(a["x"]), layer.backward(a["x"], a["grad_out"])
+
+    return call
 
 
 def floor_calls(case: Case) -> dict[str, Callable[[], Any]]:
