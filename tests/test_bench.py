@@ -470,3 +470,36 @@ def test_noise_warning_discounts_this_run():
     assert bench.machine._other_load({"before": 0.2, "after": 3.5}, 2) == pytest.approx(0.2)
     assert bench.machine._other_load({"before": 1.5, "after": 3.2}, 2) == pytest.approx(1.2)
     assert bench.machine._other_load({"before": None, "after": 2.0}, 2) is None
+
+
+@pytest.mark.parametrize("mode", ["steady", "default"])
+def test_every_timing_process_gets_the_allocator_thresholds(monkeypatch, capsys, tmp_path, mode):
+    """--malloc steady (the default) starts each timing process at glibc's top thresholds; the
+    caller's own MALLOC_* settings win; --malloc default adds nothing. Header and JSON say which."""
+    import subprocess
+
+    seen = []
+    real_run = subprocess.run
+
+    def run(command, *args, **kwargs):
+        if "env" in kwargs:  # a timing process (lscpu and the like get none)
+            seen.append(kwargs["env"])
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(bench.isolation.subprocess, "run", run)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345678")  # the caller's own: kept as it is
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--shapes", TINY, "--repeat", "1", "--warmup", "0", "--rounds", "1", "--no-seed", "--json", str(path)]
+    assert main(argv + ([] if mode == "steady" else ["--malloc", "default"])) == 0
+    printed = capsys.readouterr().out
+    assert len(seen) == 3  # ours, the bare matrix product, PyTorch (no seed)
+    for env in seen:
+        assert env["MALLOC_TRIM_THRESHOLD_"] == "12345678"
+        assert env.get("MALLOC_MMAP_THRESHOLD_") == ("33554432" if mode == "steady" else None)
+    settings = _strict_json(path)["settings"]
+    assert settings["malloc"]["mode"] == mode
+    expected = ("allocator: glibc's steady-state thresholds in every timing process (MALLOC_MMAP_THRESHOLD_=33554432, "
+                "MALLOC_TRIM_THRESHOLD_=12345678" if mode == "steady" else
+                "allocator: glibc's start-up thresholds (--malloc default); MALLOC_TRIM_THRESHOLD_=12345678 from the environment")
+    assert expected in printed and settings["malloc"]["line"].startswith(expected)

@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from .._algorithms import ALGORITHMS
 from .._functional import conv2d, conv2d_backward
+from .._geometry import make_geometry
 from ..backends import Backend
 from .shapes import Shape
 from .timing import _on_gpu
@@ -54,14 +56,23 @@ class Case:
 # The measured things: each returns the calls to time (or the reason there are none)
 
 
-def ours_calls(case: Case, deterministic: bool = False) -> dict[str, Callable[[], Any]]:
-    """conv2d forward, backward (all three gradients) and forward then backward.
+def ours_calls(case: Case, deterministic: bool = False) -> dict[str, Callable[[], Any]] | str:
+    """conv2d forward, backward (all three gradients) and forward then backward; or why not (an
+    ``--algorithm`` that does not compute this layer).
 
     With `deterministic`, also forward then backward with
     ``deterministic=True``, "ours_fwdbwd_det", to read the price of reproducible sums beside the
     default (which follows ``CONV2D_DETERMINISTIC``).
     """
     a = case.arrays
+    algorithm = ALGORITHMS.get(case.extra.get("algorithm", "auto"))
+    if hasattr(algorithm, "check"):  # an algorithm for some layers only ("winograd", "pointwise")
+        s = case.shape
+        try:
+            algorithm.check(make_geometry((s.n, s.c, s.h, s.w), (s.o, s.c // s.groups, s.kh, s.kw), None,
+                                          **s.conv_kwargs))
+        except ValueError as error:
+            return str(error).split(";")[0]
 
     def forward_backward(**kw: Any) -> Callable[[], Any]:
         def call() -> Any:

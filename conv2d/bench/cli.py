@@ -11,12 +11,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from .. import __version__
-from .._functional import conv2d
+from .._conv import choose_algorithm
+from .._functional import check_algorithm
 from ..backends import Backend, BackendUnavailableError, get_backend
-from . import blas_kernels
+from . import allocator, blas_kernels
 from .calls import SEED_REPEAT
 from .machine import _blas_line, _load_average, _other_load, machine_info
 from .memory import SMALL_LIMIT
@@ -108,6 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "again in the reverse order), each time in a fresh process with --isolation process; "
                              "the samples of all rounds are summarised together, so that a slow spell of a shared "
                              "machine falls on every implementation alike; default 3")
+    parser.add_argument("--malloc", default="steady", choices=allocator.MODES,
+                        help="steady (default): glibc malloc's thresholds in every timing process where a long "
+                             "training run ends (MALLOC_MMAP_THRESHOLD_=32 MiB, MALLOC_TRIM_THRESHOLD_=64 MiB), so "
+                             "that no figure depends on what ran before in the process; default: its start-up "
+                             "thresholds, which page-fault large arrays afresh on early calls")
     parser.add_argument("--openblas-coretype", metavar="NAME", default=None,
                         help="OpenBLAS's kernel family (OPENBLAS_CORETYPE=NAME, e.g. SkylakeX for its AVX-512 "
                              "kernels) in each timing process, confirmed there; needs --isolation process, since "
@@ -124,11 +128,10 @@ def _algorithm_extra(algorithm: str, backend: Backend, dtype: str) -> dict[str, 
     """conv2d keyword arguments for --algorithm ("auto", the default, adds none)."""
     if algorithm == "auto":
         return {}
-    # A one-pixel call on the backend checks the name now, with conv2d's own message listing the
-    # choices, rather than after the first shape's data is made; on the backend, because an
-    # algorithm may exist for one library only (CuPy's "kernels").
-    pixel = backend.asarray(np.ones((1, 1, 1, 1)), dtype=dtype)
-    conv2d(pixel, pixel, algorithm=algorithm)
+    # Checked now, with conv2d's own messages (the choices; a library that lacks it, like CuPy's
+    # "kernels"), rather than after the first shape's data is made. Algorithms for some layers only
+    # ("winograd", "pointwise") skip the others, shape by shape (calls.ours_calls).
+    choose_algorithm(check_algorithm(algorithm), backend)
     return {"algorithm": algorithm}
 
 
@@ -169,6 +172,7 @@ def _print_header(args: argparse.Namespace, backend: Backend, info: dict[str, An
     coretype = blas_kernels.coretype_line(args.openblas_coretype)
     if coretype:
         print(coretype)
+    print(allocator.allocator_line(args.malloc, args.isolation))
     if hint:
         print(f"note: {hint}")
     if args.deterministic and os.environ.get("CONV2D_DETERMINISTIC"):
@@ -287,7 +291,8 @@ def run(args: argparse.Namespace) -> int:
                          "gpu_precision": precision, "deterministic": args.deterministic, "seed": args.seed,
                          "small_limit_bytes": SMALL_LIMIT,
                          "isolation": args.isolation, "rounds": args.rounds, "threads": threads,
-                         "openblas_coretype": _coretype_setting(args)},
+                         "openblas_coretype": _coretype_setting(args),
+                         "malloc": {"mode": args.malloc, "line": allocator.allocator_line(args.malloc, args.isolation)}},
             "machine": info,
             "results": results,
             "summary": summ,
@@ -304,7 +309,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{load['after'] or 0:.1f} after; conv2d {__version__}, backend {backend.spec}, {args.dtype}, "
                   f"algorithm {args.algorithm}.",
                   f"Threads: " + "; ".join(f"{group_name(group, backend)}: {note}" for group, note in threads.items()) + ".",
-                  *(f"{line}." for line in (blas_kernels.coretype_line(args.openblas_coretype), hint) if line),
+                  *(f"{line}." for line in (blas_kernels.coretype_line(args.openblas_coretype),
+                                            allocator.allocator_line(args.malloc, args.isolation), hint) if line),
                   _method_note(args, backend, warmup) + "."]
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(markdown(results, summ, header))

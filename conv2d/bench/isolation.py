@@ -23,6 +23,7 @@ from typing import Any
 
 from ..backends import Backend
 from .blas_kernels import ENV_VAR
+from .allocator import child_env
 from .calls import Case
 from .machine import _blas_line
 from .report import GROUP_NAMES, assemble, measure
@@ -114,6 +115,7 @@ def time_in_process(args: argparse.Namespace, shapes: list[Shape], group: str) -
     if args.openblas_coretype:
         # Read by OpenBLAS when NumPy loads it; harmless in the children that time other libraries.
         env[ENV_VAR] = args.openblas_coretype
+    env.update(child_env(args.malloc))  # read by glibc's malloc at start-up, in every child alike
     with tempfile.TemporaryDirectory(prefix="conv2d-bench-") as tmp:
         path = os.path.join(tmp, f"{group}.json")
         done = subprocess.run(child_command(args, shapes, group, path), env=env, capture_output=True, text=True,

@@ -120,7 +120,7 @@ def measure(case: Case, repeat: int, stat: str = "median", warmup: int | None = 
         else:
             samples.update(timed)
     peaks: dict[str, int | None] | None = None
-    if "ours" in groups:
+    if "ours" in groups and "ours" not in skipped:
         measured = peak_memory(case)
         if isinstance(measured, str):
             skipped["memory"] = measured
