@@ -28,9 +28,9 @@ from array_api_compat import device as device_of
 
 from ._direct import Direct
 from ._geometry import Geometry
+from ._plan import gather_readers, index_dtype, input_rows, row_length, row_plan
 from ._pointwise import Pointwise
 from ._winograd import Winograd
-from ._plan import gather_readers, index_dtype, input_rows, row_length, row_plan
 from .backends import Backend
 from .backends._cuda_source import kernel_args
 
@@ -243,4 +243,5 @@ class Native:
         return backend.native.backward(grad_out, x, weight, geom, deterministic)
 
 
-ALGORITHMS = {algorithm.name: algorithm for algorithm in (Gather, Slices, Kernels, Native, Direct, Winograd, Pointwise)}
+ALGORITHMS = {algorithm.name: algorithm
+              for algorithm in (Gather, Slices, Kernels, Native, Direct, Winograd, Pointwise)}

@@ -139,10 +139,11 @@ class ConvolutionLayer(Parameterized):
     Notes
     -----
     The layer owns what it keeps between `forwardpass` and `backwardpass`: the activation's
-    derivative (computed in `forwardpass`), and the patch matrix or a copy of `X` (on NumPy, and
-    wherever the batch was split, a copy of `X`: NumPy rebuilds each chunk's patches in the CPU
-    cache, measured faster than keeping them all), never a view of the caller's arrays. So the returned output and `X` may be
-    changed in place afterwards (``out -= target``) without changing the gradients.
+    derivative (computed in `forwardpass`), and the patch matrix or a copy of `X` (a copy of `X`
+    on NumPy, which rebuilds each chunk's patches in the CPU cache, measured faster than keeping
+    them all, and wherever the batch was split), never a view of the caller's arrays. So the
+    returned output and `X` may be changed in place afterwards (``out -= target``) without
+    changing the gradients.
 
     ``weights`` (numfilters, depth, rows, cols) and ``biases`` (numfilters,) may be replaced by
     arrays of the layer's backend, device and dtype; anything else is refused at the next

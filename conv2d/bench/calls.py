@@ -96,8 +96,8 @@ def ours_calls(case: Case, deterministic: bool = False) -> dict[str, Callable[[]
 
 def _layer_forward_backward(case: Case) -> Callable[[], Any]:
     """Forward then backward of a ``ConvolutionLayer`` without activation on the case's data: what the
-    seed's layer does, its patch matrix kept from the forward pass for the backward pass (the
-    functional pair builds it twice). The seed's goal is read from this one."""
+    seed's layer does, keeping what it needs from the forward pass for the backward pass (where that
+    is faster than rebuilding it, ``_conv.forward``). The seed's goal is read from this one."""
     from ..layer import ConvolutionLayer
 
     s, a = case.shape, case.arrays

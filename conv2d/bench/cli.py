@@ -124,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PATH", help="write a bar chart (PNG) here; needs matplotlib")
 
 
-def _algorithm_extra(algorithm: str, backend: Backend, dtype: str) -> dict[str, Any]:
+def _algorithm_extra(algorithm: str, backend: Backend) -> dict[str, Any]:
     """conv2d keyword arguments for --algorithm ("auto", the default, adds none)."""
     if algorithm == "auto":
         return {}
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
 
     with gpu_precision(backend) as precision:
         try:
-            extra = _algorithm_extra(args.algorithm, backend, args.dtype)
+            extra = _algorithm_extra(args.algorithm, backend)
         except (ValueError, TypeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -181,8 +181,8 @@ _COLUMNS = (  # header, width, how to get the text from a result
 # What the columns mean, printed under the table.
 LEGEND = ("PyTorch f+b: torch.nn.functional.conv2d and its autograd backward; ours/PyTorch, fwd/bare, "
           "f+b/bare: ratios of times (bare: the bare matrix products of the same sizes, the im2col floor); "
-          "add.at/ours: the original NumPy layer (np.add.at, float64) over ours as a layer (ConvolutionLayer, its "
-          "patches kept from forward to backward as the seed keeps them)")
+          "add.at/ours: the original NumPy layer (np.add.at, float64) over ours as a layer (ConvolutionLayer "
+          "forward then backward; both layers keep what they need from the forward pass)")
 
 
 def _num(value: float | None, digits: int = 1) -> str:
