@@ -27,7 +27,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from ._geometry import Geometry
-from ._workspace import bytes_per_item
+from ._workspace import WholeSamples, bytes_per_item
 from .backends import Backend
 
 # Bytes of input (padded, one chunk of samples) the passes over the taps should find in the cache.
@@ -87,7 +87,7 @@ def _sum_axis(xp: Any, a: Any, axis: int) -> Any:
     return xp.sum(a, axis=axis)
 
 
-class Direct:
+class Direct(WholeSamples):
     """Shifted multiply-adds, no patch matrix; chunks of the batch sized to the cache.
 
     Each tap is one broadcast product over (samples, groups, filters, channels of the group) and
@@ -96,12 +96,7 @@ class Direct:
     """
 
     name = "direct"
-
-    @staticmethod
-    def fits(geom: Geometry, itemsize: int, limit: int) -> bool:
-        """Whether one sample's scratch fits `limit`; where not, ``_conv`` runs ``slices``, which
-        can split a sample's output rows."""
-        return _sample_scratch(geom, itemsize) <= limit
+    sample_scratch = staticmethod(_sample_scratch)
 
     @staticmethod
     def forward(backend: Backend, x: Any, weight: Any, bias: Any | None, geom: Geometry, limit: int,

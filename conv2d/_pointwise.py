@@ -22,7 +22,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from ._geometry import Geometry
-from ._workspace import bytes_per_item
+from ._workspace import WholeSamples, bytes_per_item
 from .backends import Backend
 
 
@@ -87,17 +87,13 @@ def _input_grad(backend: Backend, xp: Any, grad_read: Any, geom: Geometry) -> An
     return grad[..., top : top + geom.height, left : left + geom.width]
 
 
-class Pointwise:
+class Pointwise(WholeSamples):
     """1x1 convolutions as batched matrix products on the NCHW arrays themselves."""
 
     name = "pointwise"
     check = staticmethod(check_pointwise)
 
-    @staticmethod
-    def fits(geom: Geometry, itemsize: int, limit: int) -> bool:
-        """Whether one sample's scratch fits `limit`; where not, ``_conv`` runs ``slices``, which
-        can split a sample's output rows."""
-        return _sample_scratch(geom, itemsize) <= limit
+    sample_scratch = staticmethod(_sample_scratch)
 
     @staticmethod
     def forward(backend: Backend, x: Any, weight: Any, bias: Any | None, geom: Geometry, limit: int,

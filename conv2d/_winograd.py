@@ -36,7 +36,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from ._geometry import Geometry
-from ._workspace import bytes_per_item
+from ._workspace import WholeSamples, bytes_per_item
 from .backends import Backend
 
 Tile = list  # rows of a tile, each a list of arrays (one per column of the tile)
@@ -265,17 +265,13 @@ def _input_grad(backend: Backend, xp: Any, tile: Tile, geom: Geometry) -> Any:
     return xp.permute_dims(grad[:, top : top + geom.height, left : left + geom.width, :], (0, 3, 1, 2))
 
 
-class Winograd:
+class Winograd(WholeSamples):
     """F(2x2, 3x3) on the array API: forward and both gradients, over chunks of the batch."""
 
     name = "winograd"
     check = staticmethod(check_winograd)
 
-    @staticmethod
-    def fits(geom: Geometry, itemsize: int, limit: int) -> bool:
-        """Whether one sample's scratch fits `limit`; where not, ``_conv`` runs ``slices``, which
-        can split a sample's output rows."""
-        return _sample_scratch(geom, itemsize) <= limit
+    sample_scratch = staticmethod(_sample_scratch)
 
     @staticmethod
     def forward(backend: Backend, x: Any, weight: Any, bias: Any | None, geom: Geometry, limit: int,

@@ -12,7 +12,7 @@ import numbers
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from array_api_compat import array_namespace
 
@@ -135,3 +135,15 @@ def plan_chunks(geom: Geometry, batch: int, itemsize: int, limit: int) -> list[C
     return [
         Chunk(s, s + 1, r, min(r + rows, geom.out_h)) for s in range(batch) for r in range(0, geom.out_h, rows)
     ]
+
+
+class WholeSamples:
+    """For algorithms that take whole samples (``direct``, ``winograd``, ``pointwise``): `fits` when
+    one sample's scratch, by the class's ``sample_scratch(geom, itemsize)``, is within the limit;
+    where not, ``_conv`` runs ``slices``, which can split a sample's output rows."""
+
+    sample_scratch: Callable[[Geometry, int], int]
+
+    @classmethod
+    def fits(cls, geom: Geometry, itemsize: int, limit: int) -> bool:
+        return cls.sample_scratch(geom, itemsize) <= limit

@@ -27,6 +27,20 @@ def missing_algorithm(algorithm: str, backend, geom=None) -> str | None:
     return None
 
 
+def layer_data(layer: dict, seed: int, dtype: str, kernel: tuple[int, int]) -> list:
+    """Random x, weight, bias and output gradient for `layer` (n, c, o, h, w and conv2d's `kwargs`),
+    rounded to `dtype` and back to float64, so that the float64 reference sees exactly what is computed on."""
+    from conv2d._geometry import make_geometry
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((layer["n"], layer["c"], layer["h"], layer["w"]))
+    w = rng.standard_normal((layer["o"], layer["c"] // layer["kwargs"].get("groups", 1), *kernel))
+    b = rng.standard_normal(layer["o"])
+    geom = make_geometry(x.shape, w.shape, b.shape, **layer["kwargs"])
+    g = rng.standard_normal((layer["n"], layer["o"], geom.out_h, geom.out_w))
+    return [a.astype(dtype).astype(np.float64) for a in (x, w, b, g)]
+
+
 TOLERANCE = {"float16": dict(rtol=5e-3, atol=5e-3), "float32": dict(rtol=2e-4, atol=2e-5), "float64": dict(rtol=1e-9, atol=1e-11)}
 
 

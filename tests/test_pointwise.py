@@ -10,7 +10,7 @@ from conv2d import _conv
 from conv2d._geometry import make_geometry
 from conv2d._pointwise import Pointwise, _sample_scratch
 
-from .oracle import assert_close, torch_conv
+from .oracle import assert_close, layer_data, torch_conv
 
 pytest.importorskip("torch")
 
@@ -35,13 +35,7 @@ def _ids(layer: dict) -> str:
 
 
 def _data(layer: dict, seed: int, dtype: str):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((layer["n"], layer["c"], layer["h"], layer["w"]))
-    w = rng.standard_normal((layer["o"], layer["c"] // layer["kwargs"]["groups"], 1, 1))
-    b = rng.standard_normal(layer["o"])
-    geom = make_geometry(x.shape, w.shape, b.shape, **layer["kwargs"])
-    g = rng.standard_normal((layer["n"], layer["o"], geom.out_h, geom.out_w))
-    return [a.astype(dtype).astype(np.float64) for a in (x, w, b, g)]
+    return layer_data(layer, seed, dtype, (1, 1))
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
