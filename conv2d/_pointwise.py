@@ -118,7 +118,8 @@ class Pointwise(WholeSamples):
         pieces = []
         for start, stop in _chunks(geom, x.shape[0], bytes_per_item(x), limit):
             n = stop - start
-            grad_y = xp.reshape(grad_out[start:stop, ...], (n, geom.groups, geom.filters_per_group, geom.out_h * geom.out_w))
+            positions = geom.out_h * geom.out_w
+            grad_y = xp.reshape(grad_out[start:stop, ...], (n, geom.groups, geom.filters_per_group, positions))
             read = _input_read(backend, xp, x[start:stop, ...], geom)
             part = xp.sum(xp.matmul(grad_y, xp.matrix_transpose(read)), axis=0)  # (groups, O/groups, C/groups)
             # Summed in place over the chunks where the backend allows it (a new array on JAX).

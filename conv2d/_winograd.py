@@ -146,7 +146,8 @@ def _chunks(backend: Backend, geom: Geometry, batch: int, itemsize: int, limit: 
 
 
 def _zero_extend(xp: Any, a: Any, before: tuple[int, int], rows: int, cols: int) -> Any:
-    """Channels-last `a` (n, h, w, c) inside zeros of (n, rows, cols, c), after `before` (top, left) zero rows and columns.
+    """Channels-last `a` (n, h, w, c) inside zeros of (n, rows, cols, c), after `before` (top, left)
+    zero rows and columns.
 
     The standard has no `pad`; concatenating zero blocks works on every library, JAX included.
     """
@@ -201,7 +202,8 @@ def _by_group(xp: Any, stacked: Any, geom: Geometry) -> Any:
 
 
 def _from_groups(xp: Any, products: Any, n: int, geom: Geometry) -> Tile:
-    """(16, groups, tiles, channels/groups) -> a 4x4 tile of (n, BY, dh, BX, dw, channels): the inverse of :func:`_by_group`."""
+    """(16, groups, tiles, channels/groups) -> a 4x4 tile of (n, BY, dh, BX, dw, channels): the
+    inverse of :func:`_by_group`."""
     (by, bx), (dh, dw) = _blocks(geom), geom.dilation
     channels = products.shape[1] * products.shape[3]
     products = xp.reshape(xp.permute_dims(products, (0, 2, 1, 3)), (16, n, by, dh, bx, dw, channels))
@@ -211,8 +213,8 @@ def _from_groups(xp: Any, products: Any, n: int, geom: Geometry) -> Tile:
 def _transformed_input(xp: Any, x: Any, geom: Geometry) -> Any:
     """V = B^T d B of every tile and channel: (16, groups, tiles, C/groups)."""
     blocks = _padded_blocks(xp, x, geom)
-    rows = _input_transform(*(blocks[:, r, s, ...] for r, s in map(lambda k: _tile_rows(geom, k), range(4))))
-    tile = [[row[:, :, :, r, s, :] for r, s in map(lambda k: _tile_cols(geom, k), range(4))] for row in rows]
+    rows = _input_transform(*(blocks[:, r, s, ...] for r, s in (_tile_rows(geom, k) for k in range(4))))
+    tile = [[row[:, :, :, r, s, :] for r, s in (_tile_cols(geom, k) for k in range(4))] for row in rows]
     return _by_group(xp, xp.stack(_flatten(_on_columns(_input_transform, tile))), geom)
 
 

@@ -31,7 +31,8 @@ LAYERS = [_random_layer(seed) for seed in range(10)]
 
 def _ids(layer: dict) -> str:
     kw = layer["kwargs"]
-    return f"n{layer['n']}c{layer['c']}o{layer['o']}h{layer['h']}w{layer['w']}-s={kw['stride']}-pad={kw['padding']}-g={kw['groups']}"
+    size = f"n{layer['n']}c{layer['c']}o{layer['o']}h{layer['h']}w{layer['w']}"
+    return f"{size}-s={kw['stride']}-pad={kw['padding']}-g={kw['groups']}"
 
 
 def _data(layer: dict, seed: int, dtype: str):
@@ -91,7 +92,8 @@ def test_auto_runs_pointwise_on_numpy_1x1_layers(monkeypatch):
     geom = make_geometry((2, 8, 5, 5), (4, 8, 1, 1), None, stride=2)
     assert _conv.auto_algorithm(conv2d.get_backend("numpy"), geom=geom) == "pointwise"
     assert _conv.auto_algorithm(conv2d.get_backend("array_api_strict"), geom=geom) == "slices"
-    assert _conv.auto_algorithm(conv2d.get_backend("numpy"), geom=make_geometry((2, 8, 5, 5), (4, 8, 3, 1), None)) != "pointwise"
+    not_1x1 = make_geometry((2, 8, 5, 5), (4, 8, 3, 1), None)
+    assert _conv.auto_algorithm(conv2d.get_backend("numpy"), geom=not_1x1) != "pointwise"
     ran = []
     forward = Pointwise.forward
     monkeypatch.setattr(Pointwise, "forward", staticmethod(lambda *a: ran.append(1) or forward(*a)))

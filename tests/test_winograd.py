@@ -33,7 +33,8 @@ LAYERS = [_random_layer(seed) for seed in range(15)]
 
 def _ids(layer: dict) -> str:
     kw = layer["kwargs"]
-    return f"n{layer['n']}c{layer['c']}o{layer['o']}h{layer['h']}w{layer['w']}-pad={kw['padding']}-d={kw['dilation']}-g={kw['groups']}"
+    size = f"n{layer['n']}c{layer['c']}o{layer['o']}h{layer['h']}w{layer['w']}"
+    return f"{size}-pad={kw['padding']}-d={kw['dilation']}-g={kw['groups']}"
 
 
 def _data(layer: dict, seed: int, dtype: str):
