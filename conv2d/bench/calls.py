@@ -56,13 +56,16 @@ class Case:
 # The measured things: each returns the calls to time (or the reason there are none)
 
 
-def ours_calls(case: Case, deterministic: bool = False) -> dict[str, Callable[[], Any]] | str:
+def ours_calls(case: Case, deterministic: bool = False,
+               as_layer: bool = True) -> dict[str, Callable[[], Any]] | str:
     """conv2d forward, backward (all three gradients) and forward then backward; or why not (an
     ``--algorithm`` that does not compute this layer).
 
     With `deterministic`, also forward then backward with
     ``deterministic=True``, "ours_fwdbwd_det", to read the price of reproducible sums beside the
-    default (which follows ``CONV2D_DETERMINISTIC``).
+    default (which follows ``CONV2D_DETERMINISTIC``). With `as_layer` (the seed is timed too), and
+    where the seed can run the layer, also the layer class's forward then backward,
+    "ours_layer_fwdbwd", which the seed is compared with.
     """
     a = case.arrays
     algorithm = ALGORITHMS.get(case.extra.get("algorithm", "auto"))
@@ -89,7 +92,7 @@ def ours_calls(case: Case, deterministic: bool = False) -> dict[str, Callable[[]
     }
     if deterministic:
         calls["ours_fwdbwd_det"] = forward_backward(**kw, deterministic=True)
-    if seed_skip_reason(case.shape) is None:
+    if as_layer and seed_skip_reason(case.shape) is None:
         calls["ours_layer_fwdbwd"] = _layer_forward_backward(case)
     return calls
 

@@ -65,7 +65,8 @@ GROUP_NAMES = {"ours": "conv2d (ours)", "floor": "bare matrix product", "torch":
                "seed": "the original NumPy layer (np.add.at)"}
 
 
-def time_group(case: Case, group: str, repeat: int, warmup: int, deterministic: bool = False) -> dict[str, list[float]] | str:
+def time_group(case: Case, group: str, repeat: int, warmup: int, deterministic: bool = False,
+               with_seed: bool = True) -> dict[str, list[float]] | str:
     """Seconds of every call of one implementation on one shape, or why it was not timed.
 
     The implementation's calls run one after another, each after its own warm-up
@@ -75,7 +76,8 @@ def time_group(case: Case, group: str, repeat: int, warmup: int, deterministic: 
         seed = seed_calls(case)
         # NumPy on the CPU, and slow: one warm-up call whatever the device, and fewer repeats.
         return seed if isinstance(seed, str) else time_calls(seed, min(repeat, SEED_REPEAT))
-    calls = {"ours": lambda: ours_calls(case, deterministic), "floor": lambda: floor_calls(case),
+    calls = {"ours": lambda: ours_calls(case, deterministic, as_layer=with_seed),
+             "floor": lambda: floor_calls(case),
              "torch": lambda: torch_calls(case)}[group]()
     if isinstance(calls, str):
         return calls
@@ -114,7 +116,7 @@ def measure(case: Case, repeat: int, stat: str = "median", warmup: int | None = 
         if group == "seed" and not with_seed:
             skipped["seed"] = "not asked for (--no-seed)"
             continue
-        timed = time_group(case, group, repeat, warmup, deterministic)
+        timed = time_group(case, group, repeat, warmup, deterministic, with_seed)
         if isinstance(timed, str):
             skipped[group] = timed
         else:
