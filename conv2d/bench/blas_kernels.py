@@ -1,10 +1,11 @@
 """Which kernels OpenBLAS runs, whether the CPU has wider ones, and ``--openblas-coretype``.
 
 OpenBLAS (NumPy's BLAS) picks its kernel family once, when it is loaded, from the CPU's model
-number. A CPU newer than its table can get an older family: NumPy's OpenBLAS 0.3.31 runs its
-Haswell (AVX2) kernels on an AMD Zen 5 that has AVX-512, at about half the float32 GEMM speed of
-its SkylakeX (AVX-512) kernels, while PyTorch's MKL/oneDNN uses AVX-512 there. The environment
-variable ``OPENBLAS_CORETYPE`` chooses the family, but only before OpenBLAS is loaded: a library
+number, unless the environment variable ``OPENBLAS_CORETYPE`` names one. A CPU newer than its table
+can get an older family (OpenMathLib/OpenBLAS#6029, Zen 5), and an environment can force one: this
+project's machines set ``OPENBLAS_CORETYPE=Haswell`` on an AMD Zen 5 with AVX-512, so OpenBLAS runs
+its AVX2 kernels at about half the float32 GEMM speed of its SkylakeX (AVX-512) ones, while
+PyTorch's MKL/oneDNN uses AVX-512 there. The variable works only before OpenBLAS is loaded: a library
 cannot fix it at run time, so the bench reports it (:func:`narrow_kernels_hint`) and can set it
 for the processes it starts (``--openblas-coretype``, checked by :func:`coretype_refusal` and
 :func:`coretype_mismatch`). Everything here takes its inputs as arguments, so that the tests can
