@@ -27,15 +27,16 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from ._geometry import Geometry
-from ._workspace import WholeSamples, bytes_per_item
+from ._workspace import WholeSamples, bytes_per_item, sample_ranges
 from .backends import Backend
 
 # Bytes of input (padded, one chunk of samples) the passes over the taps should find in the cache.
 CACHE_BYTES = 512 * 2**10
 
 
-def _pad(xp: Any, x: Any, geom: Geometry) -> Any:
-    """x with its zero padding (the standard has no `pad`: zero blocks are concatenated)."""
+def zero_padded(xp: Any, x: Any, geom: Geometry) -> Any:
+    """x (n, c, h, w) with the layer's zero padding. The standard has no `pad`; concatenating zero
+    blocks works on every library, JAX included."""
     top, bottom, left, right = geom.padding
     n, c, h, w = x.shape
     dev = device_of(x)
@@ -71,7 +72,7 @@ def _chunks(geom: Geometry, batch: int, itemsize: int, limit: int) -> list[tuple
     top, bottom, left, right = geom.padding
     padded_bytes = itemsize * geom.in_channels * (geom.height + top + bottom) * (geom.width + left + right)
     size = max(1, min(batch, CACHE_BYTES // padded_bytes, limit // _sample_scratch(geom, itemsize)))
-    return [(start, min(start + size, batch)) for start in range(0, batch, size)] or [(0, 0)]
+    return sample_ranges(batch, size)
 
 
 def _grouped_weight(xp: Any, weight: Any, geom: Geometry) -> Any:
@@ -107,7 +108,7 @@ class Direct(WholeSamples):
         w = _grouped_weight(xp, weight, geom)
         pieces = []
         for start, stop in _chunks(geom, n, bytes_per_item(x), limit):
-            padded = _pad(xp, x[start:stop, ...], geom)
+            padded = zero_padded(xp, x[start:stop, ...], geom)
             padded = xp.reshape(padded, (stop - start, g, 1, c, *padded.shape[2:]))
             y = None
             for i, j, (rows, cols) in _taps(geom):
@@ -132,7 +133,7 @@ class Direct(WholeSamples):
         pieces = []
         for start, stop in _chunks(geom, n, bytes_per_item(x), limit):
             k = stop - start
-            padded = _pad(xp, x[start:stop, ...], geom)
+            padded = zero_padded(xp, x[start:stop, ...], geom)
             padded = xp.reshape(padded, (k, g, 1, c, *padded.shape[2:]))
             grad_y = xp.reshape(grad_out[start:stop, ...], (k, g, m, 1, geom.out_h, geom.out_w))
             grad_padded = xp.zeros((k, g, c, *padded.shape[4:]), dtype=x.dtype, device=device_of(x))

@@ -21,8 +21,9 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
+from ._direct import zero_padded
 from ._geometry import Geometry
-from ._workspace import WholeSamples, bytes_per_item
+from ._workspace import WholeSamples, bytes_per_item, sample_ranges
 from .backends import Backend
 
 
@@ -50,7 +51,7 @@ def _sample_scratch(geom: Geometry, itemsize: int) -> int:
 
 def _chunks(geom: Geometry, batch: int, itemsize: int, limit: int) -> list[tuple[int, int]]:
     size = max(1, min(batch, limit // _sample_scratch(geom, itemsize)))
-    return [(start, min(start + size, batch)) for start in range(0, batch, size)] or [(0, 0)]
+    return sample_ranges(batch, size)
 
 
 def _reads(geom: Geometry) -> tuple[slice, slice]:
@@ -64,13 +65,11 @@ def _padded_shape(geom: Geometry, n: int) -> tuple[int, int, int, int]:
     return n, geom.in_channels, geom.height + top + bottom, geom.width + left + right
 
 
-def _input_read(backend: Backend, xp: Any, x: Any, geom: Geometry) -> Any:
+def _input_read(xp: Any, x: Any, geom: Geometry) -> Any:
     """(n, groups, C/groups, OH*OW): what the kernel reads of `x`, as matrices (no copy for stride 1, no padding)."""
     n = x.shape[0]
     if geom.padded:
-        top, _, left, _ = geom.padding
-        padded = xp.zeros(_padded_shape(geom, n), dtype=x.dtype, device=device_of(x))
-        x = backend.slice_add(padded, (..., slice(top, top + geom.height), slice(left, left + geom.width)), x)
+        x = zero_padded(xp, x, geom)
     if geom.stride != (1, 1) or geom.padded:
         x = x[(..., *_reads(geom))]
     return xp.reshape(x, (n, geom.groups, geom.channels_per_group, geom.out_h * geom.out_w))
@@ -102,7 +101,7 @@ class Pointwise(WholeSamples):
         w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.channels_per_group))
         pieces = []
         for start, stop in _chunks(geom, x.shape[0], bytes_per_item(x), limit):
-            y = xp.matmul(w, _input_read(backend, xp, x[start:stop, ...], geom))
+            y = xp.matmul(w, _input_read(xp, x[start:stop, ...], geom))
             y = xp.reshape(y, (stop - start, geom.out_channels, geom.out_h, geom.out_w))
             if bias is not None:  # on the chunk, while it is in the cache
                 y = backend.slice_add(y, (...,), xp.reshape(bias, (1, geom.out_channels, 1, 1)))
@@ -120,7 +119,7 @@ class Pointwise(WholeSamples):
             n = stop - start
             positions = geom.out_h * geom.out_w
             grad_y = xp.reshape(grad_out[start:stop, ...], (n, geom.groups, geom.filters_per_group, positions))
-            read = _input_read(backend, xp, x[start:stop, ...], geom)
+            read = _input_read(xp, x[start:stop, ...], geom)
             part = xp.sum(xp.matmul(grad_y, xp.matrix_transpose(read)), axis=0)  # (groups, O/groups, C/groups)
             # Summed in place over the chunks where the backend allows it (a new array on JAX).
             grad_weight = part if grad_weight is None else backend.slice_add(grad_weight, (...,), part)

@@ -36,7 +36,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 from ._geometry import Geometry
-from ._workspace import WholeSamples, bytes_per_item
+from ._workspace import WholeSamples, bytes_per_item, sample_ranges
 from .backends import Backend
 
 Tile = list  # rows of a tile, each a list of arrays (one per column of the tile)
@@ -142,7 +142,7 @@ def _chunks(backend: Backend, geom: Geometry, batch: int, itemsize: int, limit: 
     size = max(1, min(batch, cached, limit // _sample_scratch(geom, itemsize)))
     count = -(-batch // size)
     size = -(-batch // max(count, 1))  # evened out: no small remainder chunk
-    return [(start, min(start + size, batch)) for start in range(0, batch, size)] or [(0, 0)]
+    return sample_ranges(batch, size)
 
 
 def _zero_extend(xp: Any, a: Any, before: tuple[int, int], rows: int, cols: int) -> Any:

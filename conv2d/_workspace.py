@@ -137,6 +137,12 @@ def plan_chunks(geom: Geometry, batch: int, itemsize: int, limit: int) -> list[C
     ]
 
 
+def sample_ranges(batch: int, size: int) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) ranges of at most `size` samples that cover the batch; one empty
+    range for an empty batch (so that a call still runs once and returns empty results)."""
+    return [(start, min(start + size, batch)) for start in range(0, batch, size)] or [(0, 0)]
+
+
 class WholeSamples:
     """For algorithms that take whole samples (``direct``, ``winograd``, ``pointwise``): `fits` when
     one sample's scratch, by the class's ``sample_scratch(geom, itemsize)``, is within the limit;
