@@ -572,6 +572,11 @@ class DataParallel:
             raise ValueError(f"X must have a batch axis and sample axes, got shape {X.shape}")
         if y.shape != (X.shape[0],):
             raise ValueError(f"y must have shape ({X.shape[0]},), one label per row of X, got {y.shape}")
+        # The epoch's loss and accuracy are means over the rows, and its ms per step over the steps.
+        if X.shape[0] == 0:
+            raise ValueError(f"X has no rows (shape {X.shape}): fit needs at least one sample")
+        if validation_data is not None:
+            validation_data = _validation_data(validation_data)
         replicas = self._start_replicas()
         optimizer_payload = dumps(optimizer)
         _results([replica.start(optimizer_payload, X, y) for replica in replicas])
@@ -626,6 +631,18 @@ class DataParallel:
             state, _ = pickle.loads(self._replicas[0].state().result(timeout=_WAIT))
             net.load_state_dict(state)
         return net
+
+
+def _validation_data(data: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) of fit's `validation_data` on the host, checked before any training: its scores are means over its rows."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(f"validation_data must be a pair (X, y), got {type(data).__name__}")
+    X, y = _host(data[0]), _host(data[1])
+    if X.ndim < 2 or X.shape[0] == 0:
+        raise ValueError(f"validation_data's X must have at least one row and sample axes, got shape {X.shape}")
+    if y.shape != (X.shape[0],):
+        raise ValueError(f"validation_data's y must have shape ({X.shape[0]},), one label per row of its X, got {y.shape}")
+    return X, y
 
 
 def _host(array: Any) -> np.ndarray:

@@ -26,10 +26,23 @@ def _sigmoid(xp: Any, z: Any) -> Any:
     return xp.where(z >= 0, 1 / (1 + e), e / (1 + e))
 
 
-# name -> (activation of the pre-activation, its derivative written in terms of the activation)
+def _relu(xp: Any, z: Any) -> Any:
+    # Zero where z <= 0, z elsewhere: a NaN (never <= 0) stays NaN, as torch.relu keeps it. The
+    # comparison `z > 0` would turn it into a 0 and hide a diverged run behind finite losses.
+    return xp.where(z <= 0, xp.zeros_like(z), z)
+
+
+def _relu_slope(xp: Any, a: Any) -> Any:
+    # 0 where the output is <= 0, else 1 (NaN included), as PyTorch's threshold_backward passes the
+    # gradient through everywhere but where the output is <= 0.
+    return xp.astype(xp.logical_not(a <= 0), a.dtype)
+
+
+# name -> (activation of the pre-activation, its derivative written in terms of the activation).
+# NaN and infinities go through as they do in PyTorch (forward and backward): a NaN stays visible.
 ACTIVATIONS: dict[str | None, tuple[Callable[[Any, Any], Any], Callable[[Any, Any], Any]]] = {
     "sigmoid": (_sigmoid, lambda xp, a: a * (1 - a)),
-    "relu": (lambda xp, z: xp.where(z > 0, z, xp.zeros_like(z)), lambda xp, a: xp.astype(a > 0, a.dtype)),
+    "relu": (_relu, _relu_slope),
     "tanh": (lambda xp, z: xp.tanh(z), lambda xp, a: 1 - a * a),
     None: (lambda xp, z: z, lambda xp, a: xp.ones_like(a)),
 }

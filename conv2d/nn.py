@@ -122,7 +122,8 @@ class MaxPoolLayer(_Pool):
     Notes
     -----
     The gradient of each window goes to its maximum; where a window holds the maximum twice it
-    goes to the first one (in row-major order), as ``argmax`` picks it.
+    goes to the first one (in row-major order), as ``argmax`` picks it. A window holding NaN has
+    the maximum NaN and its gradient goes to its last NaN, as in PyTorch.
 
     Examples
     --------
@@ -140,6 +141,13 @@ class MaxPoolLayer(_Pool):
         X, windows = self._windows(X)
         xp = self.backend.xp
         where = xp.argmax(windows, axis=1, keepdims=True)  # (depth, 1, n*positions)
+        # A window holding NaN has the maximum NaN (xp.max propagates it, as max_pool2d does), and
+        # PyTorch sends its gradient to the window's last NaN (its kernels take any NaN as a new
+        # maximum); argmax would pick the first.
+        taps = self.pool_row * self.pool_col
+        tap = xp.reshape(xp.arange(taps, dtype=where.dtype, device=device_of(where)), (1, taps, 1))
+        last_nan = xp.max(xp.where(xp.isnan(windows), tap, xp.full_like(tap, -1)), axis=1, keepdims=True)
+        where = xp.where(last_nan >= 0, last_nan, where)
         self._saved = (X.shape[0], X.dtype, where)
         return _to_nchw(xp, xp.max(windows, axis=1), X.shape[0], self._geom)
 

@@ -21,18 +21,33 @@ Examples
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
-from array_api_compat import array_namespace
+import numpy as np
+from array_api_compat import array_namespace, is_array_api_obj
 
 __all__ = ["Adam", "SGD"]
 
 
-def _non_negative(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)  # a Python float keeps the parameters' dtype on every library
+def _non_negative(name: str, value: Any) -> float:
+    """`value` as a Python float, which keeps the parameters' dtype on every library.
+
+    Any real scalar will do: a Python or NumPy number, or a 0-d array of a real dtype (a torch
+    scalar tensor, ``np.array(0.1)``). A bool is refused: ``lr=True`` is a slip, not a rate of 1.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number such as 0.1, got the bool {value!r}")
+    if not isinstance(value, numbers.Real):
+        if not (is_array_api_obj(value) and tuple(value.shape) == ()):
+            raise TypeError(f"{name} must be a real number such as 0.1, got {type(value).__name__} {value!r:.60}")
+        if not array_namespace(value).isdtype(value.dtype, ("real floating", "integral")):
+            raise TypeError(f"{name} must be a real number such as 0.1, got a 0-d array of dtype {value.dtype}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {number!r}")
+    return number
 
 
 def _checked_grads(layer: Any, grads: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -100,9 +115,10 @@ class SGD(_Optimizer):
     Parameters
     ----------
     lr : float
-        Learning rate.
+        Learning rate. This and the other numbers may be any real scalar (Python, NumPy, or a 0-d
+        array of a real dtype), finite and >= 0; a bool or a non-real value is a TypeError.
     momentum : float, default 0.0
-        Momentum factor; the first step's buffer is the gradient itself, as in PyTorch.
+        Momentum factor; the first step's buffer is a copy of the gradient, as in PyTorch.
     weight_decay : float, default 0.0
         L2 penalty added to each gradient (``grad + weight_decay * param``).
 
@@ -119,7 +135,9 @@ class SGD(_Optimizer):
     def _update(self, xp: Any, name: str, param: Any, grad: Any) -> Any:
         if self.momentum:
             buffer = self.state.get(name, {}).get("momentum_buffer")
-            buffer = grad if buffer is None else self.momentum * buffer + grad
+            # The first buffer is a copy of the gradient, as torch.optim.SGD clones it: the caller's
+            # array stays the caller's (zeroed in place to accumulate the next batch, say).
+            buffer = xp.asarray(grad, copy=True) if buffer is None else self.momentum * buffer + grad
             self.state[name] = {"momentum_buffer": buffer}
             grad = buffer
         return param - self.lr * grad

@@ -381,6 +381,12 @@ def test_fit_with_batches_smaller_than_the_cluster(cluster_client):
         (dict(batch_size=0), ValueError, "batch_size must be a positive int"),
         (dict(optimizer=0.1), TypeError, "optimizer must be a conv2d.optim optimizer"),
         (dict(y=np.zeros(3, np.int32)), ValueError, "y must have shape"),
+        (dict(X=np.zeros((0, 1, 8, 8)), y=np.zeros(0, np.int64)), ValueError, r"X has no rows \(shape \(0, 1, 8, 8\)\)"),
+        (dict(validation_data=(np.zeros((0, 1, 8, 8)), np.zeros(0, np.int64))), ValueError,
+         "validation_data's X must have at least one row"),
+        (dict(validation_data=(np.zeros((2, 1, 8, 8)), np.zeros(3, np.int64))), ValueError,
+         r"validation_data's y must have shape \(2,\)"),
+        (dict(validation_data=np.zeros((2, 1, 8, 8))), TypeError, "validation_data must be a pair"),
     ],
 )
 def test_fit_rejects_bad_arguments(cluster_client, kwargs, error, message):
