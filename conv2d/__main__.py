@@ -26,22 +26,69 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
+# Every value of algorithm= besides "auto", with where it applies: `info` prints these (tests/test_docs.py
+# fails when an algorithm of conv2d.ALGORITHMS is missing here).
+_ALGORITHM_NOTES = {
+    "gather": "im2col by an indexed gather, scatter-add back",
+    "slices": "im2col by kH*kW strided slices, slice additions back",
+    "kernels": "im2col/col2im device kernels, CuPy only",
+    "native": "the library's own convolution, torch and JAX only",
+    "direct": "kH*kW shifted multiply-adds, no patch matrix",
+    "winograd": "Winograd F(2x2, 3x3), 3x3 kernels with stride 1",
+    "pointwise": "batched products on NCHW, 1x1 kernels",
+}
+
+# auto's rule, the first entry that applies wins (conv2d._conv.auto_algorithm has the reasons).
+_AUTO_RULE = (
+    ("native", ("torch; JAX but for 1x1 kernels and layers of at most 4 channels per group "
+                "(not on a JAX GPU in deterministic mode)")),
+    ("kernels", "CuPy"),
+    ("direct", "grouped layers of at most 4 channels per group (not on JAX)"),
+    ("pointwise", "NumPy, 1x1 kernels"),
+    ("winograd", ("NumPy, finite inputs, 3x3 stride-1 layers of at least 64 channels and filters per group "
+                  "(32 on outputs of at most 16x16)")),
+    ("slices", "everything else"),
+)
+
+# Typical layers for which `info` shows auto's choice on the active backend: (label, input, weight, options).
+_EXAMPLE_LAYERS = (
+    ("3x3, 16 channels", (1, 16, 8, 8), (16, 16, 3, 3), {"padding": 1}),
+    ("3x3, 64 channels", (1, 64, 16, 16), (64, 64, 3, 3), {"padding": 1}),
+    ("1x1", (1, 64, 16, 16), (64, 64, 1, 1), {}),
+    ("depthwise 3x3", (1, 16, 8, 8), (16, 1, 3, 3), {"padding": 1, "groups": 16}),
+)
+
+
 def info() -> int:
-    """Print versions, which backends are usable here (or why not), the active one and the mode."""
+    """Print versions, which backends are usable here (or why not), the active one, what ``auto``
+    runs there, every algorithm, and the deterministic mode."""
     print(f"conv2d {__version__}, Python {platform.python_version()} on {platform.platform()}")
     for distribution in _DISTRIBUTIONS:
         print(f"  {distribution:18s} {_version(distribution)}")
     print("backends:")
     for name, usable in available_backends().items():
         print(f"  {name:18s} {'usable' if usable is True else usable}")
+    print("algorithms (algorithm=):")
+    for name, note in _ALGORITHM_NOTES.items():
+        print(f"  {name:18s} {note}")
+    print("algorithm 'auto' runs the first of these that applies:")
+    for name, where in _AUTO_RULE:
+        print(f"  {name:18s} {where}")
     source = f"{ENV_VAR}={os.environ[ENV_VAR]!r}" if os.environ.get(ENV_VAR) else "default"
     try:
         backend = get_backend()
-        dense = make_geometry((1, 16, 8, 8), (16, 16, 3, 3), None, padding=1)
-        depthwise = make_geometry((1, 16, 8, 8), (16, 1, 3, 3), None, padding=1, groups=16)
-        print(f"active backend: {backend.spec} (from {source}); algorithm 'auto' there: "
-              f"{auto_algorithm(backend, geom=dense)} (depthwise layers: {auto_algorithm(backend, geom=depthwise)})")
-        print(f"deterministic mode: {'on' if resolve_deterministic(None) else 'off'} "
+        try:
+            deterministic, mode_error = resolve_deterministic(None), None
+        except ValueError as exc:  # still say what auto runs (in the default mode), then the error
+            deterministic, mode_error = False, exc
+        picks = []
+        for label, x_shape, w_shape, options in _EXAMPLE_LAYERS:
+            geom = make_geometry(x_shape, w_shape, None, **options)
+            picks.append(f"{label}: {auto_algorithm(backend, deterministic, geom=geom)}")
+        print(f"active backend: {backend.spec} (from {source}); algorithm 'auto' there: {'; '.join(picks)}")
+        if mode_error is not None:
+            raise mode_error
+        print(f"deterministic mode: {'on' if deterministic else 'off'} "
               f"({DETERMINISTIC_ENV_VAR}={os.environ.get(DETERMINISTIC_ENV_VAR, '')!r})")
     except (ValueError, BackendUnavailableError) as exc:
         print(f"error: {exc}")

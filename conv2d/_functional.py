@@ -116,16 +116,27 @@ def conv2d(
         putting the odd extra row or column after, as PyTorch does.
     groups : int, default 1
         Split channels into this many independent convolutions (``groups=C`` is depthwise).
-    algorithm : {"auto", "gather", "slices", "kernels", "native", "direct"}, default "auto"
-        How the convolution is computed. im2col: ``"gather"`` (one indexed gather, scatter-add
-        back), ``"slices"`` (kH*kW strided slices, slice additions back) or ``"kernels"`` (CuPy
-        only: an im2col and a col2im device kernel). ``"native"`` (torch and JAX only): the
-        library's own convolution (``torch.nn.functional.conv2d``, ``jax.lax.conv_general_dilated``)
-        and its gradients. ``"direct"``: kH*kW shifted multiply-adds, no patch matrix, for
-        depthwise and few-channels-per-group layers. All give the same result to rounding;
-        ``"auto"`` picks by backend and layer shape (``native`` on torch and, but for 1x1 and
-        few-channel layers, JAX; ``kernels`` on
-        CuPy, ``direct`` for groups of at most 4 channels, else ``slices``).
+    algorithm : {"auto", "gather", "slices", "kernels", "native", "direct", "winograd", "pointwise"}, default "auto"
+        How the convolution is computed; every choice gives the same result to float rounding
+        (:data:`conv2d.ALGORITHMS` lists all but ``"auto"``). im2col, a patch matrix times the
+        filters: ``"gather"`` (one indexed gather, the backend's scatter-add back),
+        ``"slices"`` (kH*kW strided slices, slice additions back) or ``"kernels"`` (CuPy only:
+        an im2col and a col2im device kernel). Without a patch matrix: ``"native"`` (torch and
+        JAX only: the library's own convolution, ``torch.nn.functional.conv2d`` or
+        ``jax.lax.conv_general_dilated``, and its gradients); ``"direct"`` (kH*kW shifted
+        multiply-adds, for depthwise and few-channels-per-group layers); ``"winograd"`` (3x3
+        kernels with stride 1: Winograd's F(2x2, 3x3), 16 products of transformed tiles; a
+        non-finite input can make more outputs NaN than a direct convolution would, and
+        ``"auto"`` does not pick it for non-finite inputs);
+        ``"pointwise"`` (1x1 kernels: one batched product per sample on the NCHW arrays). One
+        that does not apply to the layer or backend raises ``ValueError``. ``"auto"`` takes the
+        first that applies of: ``native`` on torch, and on JAX but for 1x1 kernels and layers of
+        at most 4 channels per group (not on a JAX GPU in deterministic mode); ``kernels`` on
+        CuPy; ``direct`` for grouped layers of at most 4 channels per group (not on JAX);
+        ``pointwise`` on NumPy for 1x1 kernels; ``winograd`` on NumPy for 3x3 stride-1 layers
+        with at least 64 channels and filters per group, or 32 on outputs of at most 16x16;
+        else ``slices``. A ``direct``, ``winograd`` or ``pointwise`` call whose one sample does
+        not fit `max_workspace_bytes` runs ``slices`` instead.
     max_workspace_bytes : int, optional
         Scratch memory limit; the batch (and if needed the output rows) is split to stay under it.
         Default: ``CONV2D_MAX_WORKSPACE`` (e.g. ``"512MB"``), else 1 GiB.
@@ -205,10 +216,12 @@ def conv2d_backward(
     deterministic : bool, optional
         If True, `grad_x` is summed in a fixed order, so repeated calls give bitwise-identical
         gradients: ``algorithm="gather"`` then sums by a gather instead of the backend's atomic
-        scatter-add (CuPy, torch on CUDA, JAX on a GPU). ``"slices"``, ``"kernels"`` and
-        ``"direct"`` are deterministic in both modes, as are the weight and bias gradients;
+        scatter-add (CuPy, torch on CUDA, JAX on a GPU). ``"slices"``, ``"kernels"``,
+        ``"direct"``, ``"winograd"`` and ``"pointwise"`` are deterministic in both modes, as are
+        the weight and bias gradients;
         ``"native"`` is on the CPU, runs cuDNN's deterministic algorithms on CUDA, and raises
-        ``ValueError`` on a JAX GPU, where ``"auto"`` then runs ``"slices"``. Default: ``CONV2D_DETERMINISTIC`` (``1`` on, ``0`` or unset off).
+        ``ValueError`` on a JAX GPU, where ``"auto"`` then runs ``"slices"``. Default:
+        ``CONV2D_DETERMINISTIC`` (``1`` on, ``0`` or unset off).
 
     Returns
     -------

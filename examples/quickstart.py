@@ -1,4 +1,9 @@
-"""Teach a convolution layer to imitate a hidden one: the same script on CPU or GPU.
+"""
+Fit a convolution layer to a hidden one
+=======================================
+
+A :class:`conv2d.ConvolutionLayer` learns the filters of a hidden "teacher" convolution from its
+outputs, by plain SGD on the mean squared error. The same script runs on the CPU or a GPU::
 
     python examples/quickstart.py                          # NumPy
     CONV2D_BACKEND=cupy python examples/quickstart.py      # CuPy on the first GPU

@@ -154,4 +154,5 @@ def test_info_reports_the_mode(value, line, code):
     done = subprocess.run([sys.executable, "-m", "conv2d", "info"], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == code, done.stdout + done.stderr
     assert line in done.stdout
-    assert "active backend: numpy (from CONV2D_BACKEND='numpy'); algorithm 'auto' there: slices (depthwise layers: direct)" in done.stdout
+    assert ("active backend: numpy (from CONV2D_BACKEND='numpy'); algorithm 'auto' there: 3x3, 16 channels: slices; "
+            "3x3, 64 channels: winograd; 1x1: pointwise; depthwise 3x3: direct") in done.stdout

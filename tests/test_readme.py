@@ -23,8 +23,9 @@ def test_readme_block_runs(number, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a block that saves a network writes here, not into the checkout
     namespace: dict = {"__name__": "__main__"}  # as a pasted script runs, main guard included
     exec(compile(BLOCKS[number], f"README.md python block {number}", "exec"), namespace)
-    # Every block leaves arrays (NumPy's or JAX's), all finite: no NaN from a misused example.
-    arrays = [np.asarray(value) for value in namespace.values() if is_array_api_obj(value)]
+    # Every block leaves arrays (NumPy's, JAX's or PyTorch's), all finite: no NaN from a misused example.
+    arrays = [np.asarray(value.detach() if hasattr(value, "detach") else value)  # a tensor that requires grad
+              for value in namespace.values() if is_array_api_obj(value)]
     assert arrays and all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f")
 
 
@@ -36,3 +37,15 @@ def test_readme_block_results_are_what_the_comments_say():
     second: dict = {"__name__": "readme_network"}
     exec(compile(BLOCKS[1], "README.md python block 1", "exec"), second)
     assert second["logits"].shape == (32, 10) and 0 < float(second["loss"]) < 10
+
+
+def test_readme_torch_block_computes_the_weight_gradient():
+    """The PyTorch block's autograd reaches the weights through conv2d.conv2d."""
+    torch = pytest.importorskip("torch")
+    block = next(block for block in BLOCKS if "import torch" in block)
+    namespace: dict = {"__name__": "readme_torch"}
+    exec(compile(block, "README.md torch block", "exec"), namespace)
+    w = namespace["w"]
+    expected = torch.autograd.grad(
+        torch.nn.functional.conv2d(namespace["x"], w, padding=1).square().sum(), w)[0]
+    assert w.grad is not None and torch.allclose(w.grad, expected, rtol=1e-4, atol=1e-3)
