@@ -236,6 +236,16 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "'nonsense'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("spec", ["cupy", "nonsense"])
+def test_cli_bad_backend_is_named_as_the_option(spec, capsys):
+    """`bench --backend cupy` without CuPy names --backend, where the value came from, not get_backend()."""
+    if spec == "cupy" and conv2d.available_backends()["cupy"] is True:
+        pytest.skip("CuPy is usable here")
+    assert main(["bench", "--backend", spec, "--shapes", TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"'{spec}' (from --backend)" in err and "get_backend" not in err, err
+
+
 def test_presets_cover_the_layers_the_issue_names():
     cpu = bench.PRESETS["cpu"]
     assert bench.SEED_SHAPE in cpu and bench.SEED_SHAPE in bench.PRESETS["gpu"]

@@ -15,6 +15,7 @@ from .. import __version__
 from .._conv import choose_algorithm
 from .._functional import check_algorithm
 from ..backends import Backend, BackendUnavailableError, get_backend
+from ..backends import _resolve as resolve_backend
 from . import allocator, blas_kernels
 from .calls import SEED_REPEAT
 from .machine import _blas_line, _load_average, _other_load, machine_info
@@ -220,8 +221,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``python -m conv2d bench``: print the table, write the JSON and plot if asked; exit code."""
     started = time.perf_counter()
     load_before = _load_average()
-    try:
-        backend = get_backend(args.backend)
+    try:  # a bad --backend is named as such in the message, not as a get_backend() argument
+        backend = resolve_backend(args.backend, "--backend") if args.backend else get_backend()
         backend.dtype(args.dtype)  # fails now, with the reason, rather than at the first shape
     except (ValueError, TypeError, BackendUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
