@@ -34,6 +34,12 @@ ARGUMENTS = {
 }
 
 
+# File keys that are not the constructor's names: ConvolutionLayer's first argument was renamed from
+# in_channels to input_shape; files keep "in_channels" (every saved folder has it, and earlier
+# versions of conv2d read new files), mapped here, so that loading warns of nothing.
+RENAMED = {"ConvolutionLayer": {"in_channels": "input_shape"}}
+
+
 def _layer_classes() -> dict[str, Any]:
     from . import nn
     from .layer import ConvolutionLayer
@@ -89,6 +95,9 @@ def _build(spec: Any, backend: Backend | str | None, where: str) -> Any:
         if not isinstance(layers, list):
             raise ValueError(f"{where}: a Sequential needs a 'layers' list, got {spec!r}")
         return classes[name]([_build(layer, backend, f"{where}.layers[{i}]") for i, layer in enumerate(layers)])
+    for key, argument in RENAMED.get(name, {}).items():
+        if key in args:
+            args[argument] = args.pop(key)
     if name != "FlattenLayer":
         args["backend"] = backend
     try:
