@@ -117,10 +117,8 @@ def load(path: str | os.PathLike[str], backend: Backend | str | None = None) -> 
         The folder holding ``architecture.json`` and ``state.npz``.
     backend : str or Backend, optional
         Where the network will live; default: the active backend. The backend it was trained on
-        does not matter (a network trained on a GPU loads on the CPU). The parameters load bit for
-        bit, but outputs are bit-identical only on the same backend: across backends each library
-        rounds its sums differently (float32 torch -> NumPy: up to 2.7e-5), so compare with
-        ``np.allclose``.
+        does not matter (a network trained on a GPU loads on the CPU). Parameters load bit for bit, but outputs
+        are bit-identical only on the same backend (float32, torch to NumPy: up to 2.7e-5; compare with np.allclose).
 
     Returns
     -------
