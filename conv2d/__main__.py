@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.metadata
 import os
@@ -106,14 +107,30 @@ _COMMANDS = {
 }
 
 
+def _unrecognized(sub: argparse.ArgumentParser, extra: list[str]) -> str:
+    """The subcommand's error for arguments it does not take, with the closest option to a misspelt one."""
+    options = [option for action in sub._actions for option in action.option_strings]
+    guesses = {word: close[0] for word in extra if word.startswith("-")
+               for close in [difflib.get_close_matches(word.split("=")[0], options, 1)] if close}
+    hint = ", ".join(f"{guess} for {word}" if len(guesses) > 1 else guess for word, guess in guesses.items())
+    return f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {hint}?)" if hint else "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conv2d", description=__doc__)
+    # allow_abbrev=False everywhere: argparse would otherwise take --epoch for --epochs, silently, and
+    # a prefix that names an option today could name another once an option is added.
+    parser = argparse.ArgumentParser(prog="python -m conv2d", description=__doc__, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
+    subs = {}
     for name, (module_name, help_text) in _COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        subs[name] = sub = commands.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if module_name is not None:
             importlib.import_module(module_name, __package__).add_arguments(sub)
-    args = parser.parse_args(argv)
+    # The subcommand, not the top-level parser, reports what it does not take, with its own usage
+    # (parse_args would print `python -m conv2d [-h] {info,bench,...}` for a typo in `demo --ephocs`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        subs[args.command].error(_unrecognized(subs[args.command], extra))
     module_name = _COMMANDS[args.command][0]
     if module_name is None:
         return info()

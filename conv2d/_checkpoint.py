@@ -57,6 +57,12 @@ ARGUMENTS = {
 }
 
 
+# File keys that are not the constructor's names: ConvolutionLayer's first argument was renamed from
+# in_channels to input_shape; files keep "in_channels" (every saved folder has it, and earlier
+# versions of conv2d read new files), mapped here, so that loading warns of nothing.
+RENAMED = {"ConvolutionLayer": {"in_channels": "input_shape"}}
+
+
 def _layer_classes() -> dict[str, Any]:
     from . import nn
     from .layer import ConvolutionLayer
@@ -243,6 +249,9 @@ def _build(spec: Any, backend: Backend | str | None, where: str) -> Any:
     if name == "Sequential":
         return classes[name]([_build(layer, backend, f"{where}.layers[{i}]") for i, layer in enumerate(spec["layers"])])
     args = {key: tuple(value) if isinstance(value, list) else value for key, value in spec.items() if key != "type"}
+    for key, argument in RENAMED.get(name, {}).items():
+        if key in args:
+            args[argument] = args.pop(key)
     if name != "FlattenLayer":
         args["backend"] = backend
     try:
@@ -289,7 +298,8 @@ def load(path: str | os.PathLike[str], backend: Backend | str | None = None, *,
         The folder holding ``architecture.json`` and ``state.npz``.
     backend : str or Backend, optional
         Where the network will live; default: the active backend. The backend it was trained on
-        does not matter (a network trained on a GPU loads on the CPU).
+        does not matter (a network trained on a GPU loads on the CPU). Parameters load bit for bit, but outputs
+        are bit-identical only on the same backend (float32, torch to NumPy: up to 2.7e-5; compare with np.allclose).
     max_bytes : int, default 2 GiB
         The most parameter bytes the architecture may claim. Loading costs a few times this in
         memory at its peak (the arrays read, and the layers' own initial weights, drawn in float64).

@@ -310,16 +310,21 @@ def _error(message: str) -> int:
     return 2
 
 
-def _unwritable(out: Path) -> str | None:
-    """Why the plots could not be written to `out`, or None: checked before training, not after it."""
-    if out.exists() and not out.is_dir():
-        return f"--out {out} is a file, not a folder; choose a folder for the plots, or --no-plots"
+def _unwritable(folder: Path, option: str = "--out", remedy: str = "or --no-plots") -> str | None:
+    """Why files could not be written to `folder` (of `option`), or None: checked before training, not after it.
+
+    The folder is created (as :func:`plot` and :func:`conv2d.nn.save` would) and a file made and
+    removed in it, the one test that holds whatever the cause (a file on the path, permissions, a
+    read-only or virtual file system, root's rights).
+    """
+    if folder.exists() and not folder.is_dir():
+        return f"{option} {folder} is a file, not a folder; choose a folder (it is created if needed), {remedy}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        return f"--out {out} cannot be written ({exc.strerror or exc}); choose another folder, or --no-plots"
+        return f"{option} {folder} cannot be written ({exc.strerror or exc}); choose another folder, {remedy}"
     return None
 
 
@@ -332,8 +337,6 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"--lr must be positive, got {args.lr}")
     if args.threads < 0:
         return _error(f"--threads must be 0 (the libraries' defaults) or a number of threads, got {args.threads}")
-    if args.save is not None and args.save.exists() and not args.save.is_dir():
-        return _error(f"--save {args.save} is a file; give a folder (it is created if needed)")
     try:  # a bad --backend is named as such in the message, not as a get_backend() argument
         backend = resolve_backend(args.backend, "--backend") if args.backend else get_backend()
     except (ValueError, BackendUnavailableError) as exc:
@@ -349,6 +352,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         return _error(f"the demo needs {exc.name}: python -m pip install 'conv2d[demo]'")
     problem = None if args.no_plots else _unwritable(args.out)
+    if problem is None and args.save is not None:  # the trained network must not be lost at the end
+        problem = _unwritable(args.save, "--save", "or leave --save out")
     if problem:
         return _error(problem)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -116,6 +117,29 @@ def sgd_update(layer: Any, lr: Any, grads: dict[str, Any]) -> None:
         setattr(layer, name, getattr(layer, name) - lr * grad)
 
 
+def _input_shape(input_shape: Any, in_channels: Any, filter_size: Any, numfilters: Any) -> tuple[int, ...]:
+    """ConvolutionLayer's first argument, checked, also from its former keyword ``in_channels`` (deprecated).
+
+    The three leading arguments default to None only so that ``in_channels=`` can stand for the
+    first: each is still required.
+    """
+    name = "input_shape"
+    if in_channels is not None:
+        if input_shape is not None:
+            raise TypeError("ConvolutionLayer got both input_shape and in_channels, its former name; give input_shape only")
+        # stacklevel 3: the warning points at the caller's ConvolutionLayer(...), not at this module.
+        warnings.warn("ConvolutionLayer(in_channels=...) is deprecated: the argument is the input shape "
+                      "(depth, rows, cols), now called input_shape; write input_shape=... or pass it first",
+                      DeprecationWarning, stacklevel=3)
+        input_shape, name = in_channels, "in_channels"
+    missing = [arg for arg, value in (("input_shape", input_shape), ("filter_size", filter_size),
+                                      ("numfilters", numfilters)) if value is None]
+    if missing:
+        raise TypeError(f"ConvolutionLayer() missing required argument{'s' if len(missing) > 1 else ''}: "
+                        f"{', '.join(map(repr, missing))}")
+    return positive_ints(name, input_shape, "(depth, rows, cols)")
+
+
 class ConvolutionLayer(Parameterized):
     """A 2-D convolution layer followed by an activation, trained by plain SGD.
 
@@ -127,8 +151,9 @@ class ConvolutionLayer(Parameterized):
 
     Parameters
     ----------
-    in_channels : (int, int, int)
-        (depth, rows, cols) of one input sample.
+    input_shape : (int, int, int)
+        (depth, rows, cols) of one input sample. Formerly called ``in_channels``, a name that
+        read as a channel count: that keyword still works, with a DeprecationWarning.
     filter_size : (int, int)
         (rows, cols) of each filter.
     numfilters : int
@@ -180,9 +205,9 @@ class ConvolutionLayer(Parameterized):
 
     def __init__(
         self,
-        in_channels: Sequence[int],
-        filter_size: Sequence[int],
-        numfilters: int,
+        input_shape: Sequence[int] | None = None,
+        filter_size: Sequence[int] | None = None,
+        numfilters: int | None = None,
         stride: IntPair = 1,
         *,
         padding: Padding = 0,
@@ -194,10 +219,11 @@ class ConvolutionLayer(Parameterized):
         algorithm: str = "auto",
         max_workspace_bytes: int | None = None,
         deterministic: bool | None = None,
+        in_channels: Sequence[int] | None = None,
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-        in_channels = positive_ints("in_channels", in_channels, "(depth, rows, cols)")
+        input_shape = _input_shape(input_shape, in_channels, filter_size, numfilters)
         filter_size = positive_ints("filter_size", filter_size, "(rows, cols)")
         numfilters = positive_int("numfilters", numfilters)
         if dtype not in ("float16", "float32", "float64"):
@@ -209,13 +235,13 @@ class ConvolutionLayer(Parameterized):
         choose_algorithm(self.algorithm, self.backend)  # 'kernels' on a backend without them fails here
         resolve_deterministic(deterministic)
         self.deterministic = deterministic
-        self.in_depth, self.in_row, self.in_col = in_channels
+        self.in_depth, self.in_row, self.in_col = input_shape
         self.filter_row, self.filter_col = filter_size
         self.out_depth = numfilters
         self.stride = stride
         weight_shape = (numfilters, self.in_depth, self.filter_row, self.filter_col)
         self._geom = make_geometry(
-            (1, *in_channels), weight_shape, None, stride=stride, padding=padding, dilation=dilation, groups=1
+            (1, *input_shape), weight_shape, None, stride=stride, padding=padding, dilation=dilation, groups=1
         )
         self.out_row, self.out_col = self._geom.out_h, self._geom.out_w
         self.activation = activation

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
+from array_api_compat import is_array_api_obj
 
 from ._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
 from ._conv import choose_algorithm
@@ -367,6 +368,42 @@ class DenseLayer(Parameterized):
         return grad_x
 
 
+def _class_indices(backend: Backend, labels: Any, n: int, classes: int) -> Any:
+    """`labels` checked and as int32 class indices on the logits' backend, whatever integer dtype they had.
+
+    Concrete values are checked on the host, in NumPy, where every integer width compares: torch has
+    no comparisons of uint16..uint64, and JAX without 64-bit types refuses int64 (NumPy's default,
+    ``rng.integers``' too). In range, they fit int32 on every backend.
+    """
+    xp = backend.xp
+    index = "int32" if classes <= 2**31 else "int64"
+    if backend.owns(labels) and backend.traced(labels):  # inside jax.jit: no values to check
+        _check_labels(labels.dtype, xp.isdtype(labels.dtype, "integral"), tuple(labels.shape), n)
+        return xp.astype(labels, backend.dtype(index))
+    if backend.owns(labels):
+        host = backend.to_numpy(labels)
+    elif is_array_api_obj(labels):
+        host = backend_of(labels, "labels").to_numpy(labels)
+    else:
+        host = np.asarray(labels)
+    _check_labels(host.dtype, np.issubdtype(host.dtype, np.integer), host.shape, n)
+    # An out-of-range label would match no class and silently add nothing to the loss.
+    if n and not (int(host.min()) >= 0 and int(host.max()) < classes):
+        raise ValueError(f"labels must be class indices in [0, {classes}) for logits with {classes} columns, "
+                         f"got values from {int(host.min())} to {int(host.max())}")
+    if backend.owns(labels):
+        return xp.astype(labels, backend.dtype(index))  # on the device already: no copy back
+    return backend.asarray(host.astype(index))
+
+
+def _check_labels(dtype: Any, integral: bool, shape: tuple[int, ...], n: int) -> None:
+    if not integral:
+        raise TypeError(f"labels has dtype {dtype}; it needs class indices: an integer dtype (int8..int64 or "
+                        "uint8..uint64), e.g. labels.astype(int) or argmax of one-hot rows")
+    if shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), one class index per row of logits, got {shape}")
+
+
 def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
     """Mean softmax cross-entropy of a batch and its gradient with respect to the logits.
 
@@ -375,8 +412,9 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
     logits : array, shape (n, classes)
         Real floating scores of any supported library.
     labels : array or sequence of int, shape (n,)
-        Class indices in [0, classes); moved to the logits' library and device if needed. Checked
-        unless traced (inside ``jax.jit`` their values are unknown: check them before).
+        Class indices in [0, classes), of any integer dtype (int8..int64, uint8..uint64, such as
+        NumPy's ``rng.integers``); moved to the logits' library and device if needed. Checked unless
+        traced (inside ``jax.jit`` their values are unknown: check them before).
 
     Returns
     -------
@@ -399,16 +437,8 @@ def softmax_cross_entropy(logits: Any, labels: Any) -> tuple[Any, Any]:
         raise TypeError(f"logits has dtype {logits.dtype}; it needs a real floating dtype")
     if logits.ndim != 2:
         raise ValueError(f"logits must be 2-D (n, classes), got shape {tuple(logits.shape)}")
-    labels = backend.asarray(labels)
     n, classes = logits.shape
-    if not xp.isdtype(labels.dtype, "integral"):
-        raise TypeError(f"labels has dtype {labels.dtype}; it needs class indices (an integer dtype)")
-    if tuple(labels.shape) != (n,):
-        raise ValueError(f"labels must have shape ({n},), one class index per row of logits, got {tuple(labels.shape)}")
-    # An out-of-range label would match no class and silently add nothing to the loss. Traced labels
-    # (inside jax.jit) have no values to check: check them before the jitted call.
-    if n and not backend.traced(labels) and not bool(xp.all((labels >= 0) & (labels < classes))):
-        raise ValueError(f"labels must be class indices in [0, {classes}) for logits with {classes} columns")
+    labels = _class_indices(backend, labels, n, classes)
     # Subtracting each row's maximum keeps exp from overflowing and changes nothing else. A logit
     # more than the largest float below the maximum has probability 0 either way: raising it to
     # that bound first keeps the subtraction itself from overflowing (float32 [3e38, -3e38]).

@@ -74,7 +74,10 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
         expected |= {"torch_fwd", "torch_fwdbwd"}
     assert expected <= set(plain["ms"])
     assert all(value > 0 for value in plain["ms"].values())
-    assert len(plain["samples_ms"]["ours_fwd"]) == 2 and len(plain["samples_ms"]["floor_fwd"]) == 2  # one a round
+    # One a round; an implementation re-timed for an implausible figure has its one new sample instead.
+    for group in ("ours", "floor"):
+        assert len(plain["samples_ms"][f"{group}_fwd"]) == (1 if group in plain["retimed"] else 2)
+    assert isinstance(plain["implausible"], dict) and isinstance(plain["retimed"], list)
     assert all(plain["ms"][name] == value for name, value in plain["median_ms"].items())  # the default --stat
     assert plain["min_ms"]["ours_fwd"] == min(plain["samples_ms"]["ours_fwd"])
     ratios = plain["ratios"]
@@ -234,6 +237,16 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "'nonsense'" in capsys.readouterr().err
     assert main(["bench", "--algorithm", "nonsense", "--shapes", TINY]) == 2
     assert "'nonsense'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["cupy", "nonsense"])
+def test_cli_bad_backend_is_named_as_the_option(spec, capsys):
+    """`bench --backend cupy` without CuPy names --backend, where the value came from, not get_backend()."""
+    if spec == "cupy" and conv2d.available_backends()["cupy"] is True:
+        pytest.skip("CuPy is usable here")
+    assert main(["bench", "--backend", spec, "--shapes", TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"'{spec}' (from --backend)" in err and "get_backend" not in err, err
 
 
 def test_presets_cover_the_layers_the_issue_names():
@@ -483,7 +496,7 @@ def test_every_timing_process_gets_the_allocator_thresholds(monkeypatch, capsys,
 
     def run(command, *args, **kwargs):
         if "env" in kwargs:  # a timing process (lscpu and the like get none)
-            seen.append(kwargs["env"])
+            seen.append((command[command.index("--only") + 1], kwargs["env"]))
         return real_run(command, *args, **kwargs)
 
     monkeypatch.setattr(bench.isolation.subprocess, "run", run)
@@ -493,8 +506,10 @@ def test_every_timing_process_gets_the_allocator_thresholds(monkeypatch, capsys,
     argv = ["bench", "--shapes", TINY, "--repeat", "1", "--warmup", "0", "--rounds", "1", "--no-seed", "--json", str(path)]
     assert main(argv + ([] if mode == "steady" else ["--malloc", "default"])) == 0
     printed = capsys.readouterr().out
-    assert len(seen) == 3  # ours, the bare matrix product, PyTorch (no seed)
-    for env in seen:
+    # ours, the bare matrix product, PyTorch (no seed); one of them again if it gave an implausible figure
+    # (likely without warm-up calls).
+    assert [group for group, _ in seen[:3]] == ["ours", "floor", "torch"] and len(seen) <= 6
+    for _, env in seen:
         assert env["MALLOC_TRIM_THRESHOLD_"] == "12345678"
         assert env.get("MALLOC_MMAP_THRESHOLD_") == ("33554432" if mode == "steady" else None)
     settings = _strict_json(path)["settings"]
@@ -503,3 +518,110 @@ def test_every_timing_process_gets_the_allocator_thresholds(monkeypatch, capsys,
                 "MALLOC_TRIM_THRESHOLD_=12345678" if mode == "steady" else
                 "allocator: glibc's start-up thresholds (--malloc default); MALLOC_TRIM_THRESHOLD_=12345678 from the environment")
     assert expected in printed and settings["malloc"]["line"].startswith(expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Implausible figures: the rule on synthetic samples, the marks, one re-time (no timing here)
+
+STEADY = [1.0, 1.02, 0.98, 1.01, 0.99]
+
+
+def test_a_forward_slower_than_forward_and_backward_is_implausible():
+    """The first `--shapes seed --rounds 1`: forward 506.9 ms beside forward+backward 90.0 ms, printed without a word."""
+    samples = {"ours_fwd": [506.9, 480.0, 530.2], "ours_bwd": [60.0, 61.0, 59.0], "ours_fwdbwd": [90.0, 91.0, 89.5],
+               "floor_fwd": [19.7, 19.8, 19.6]}
+    found = bench.plausibility.implausible(samples)
+    assert set(found) == {"ours_fwd", "ours_fwdbwd"}  # which of the two is wrong cannot be told
+    assert found["ours_fwd"] == "ours_fwd 507 ms is slower than ours_fwdbwd 90 ms, which makes the same calls and more"
+    # The same comparison for the other parts and wholes, by the bench's --stat.
+    for part, whole in (("ours_bwd", "ours_fwdbwd"), ("torch_fwd", "torch_fwdbwd"), ("seed_fwd", "seed_fwdbwd")):
+        assert set(bench.plausibility.implausible({part: [3.0, 1.0, 3.0], whole: [2.0, 2.0, 2.0]})) == {part, whole}
+        assert bench.plausibility.implausible({part: [3.0, 1.0, 3.0], whole: [2.0, 2.0, 2.0]}, min) == {}
+    # Plausible: a part faster than its whole, or as fast; a measurement without its pair.
+    assert bench.plausibility.implausible({"ours_fwd": [30.0] * 3, "ours_fwdbwd": [90.0] * 3, "ours_bwd": [90.0] * 3,
+                                           "torch_fwd": [5.0], "seed_fwdbwd": [1.0]}) == {}
+
+
+@pytest.mark.parametrize(
+    ("values", "ratio"),
+    [(STEADY, 0.02), ([10.0, 10.2, 10.5, 11.0, 30.0], 0.8 / 10.5),  # one outlier: the median is unmoved
+     ([10.0, 10.0, 30.0, 30.0], 1.0), ([1.0, 1.0, 1.0, 1.0, 50.0, 60.0, 70.0], 54.0),
+     ([1.0, 100.0, 1000.0], None), ([0.0] * 4, None)],  # too few samples to tell; no time at all
+)
+def test_spread_is_the_interquartile_range_over_the_median(values, ratio):
+    assert bench.plausibility.spread(values) == (None if ratio is None else pytest.approx(ratio))
+    flagged = bench.plausibility.implausible({"floor_fwd": values})
+    assert ("floor_fwd" in flagged) == (ratio is not None and ratio > bench.plausibility.SPREAD_LIMIT)
+    # The same spread over calls of microseconds is the jitter of a Python call, not a disturbed measurement.
+    assert bench.plausibility.implausible({"floor_fwd": [t / 1e4 for t in values]}) == {}
+    if flagged:
+        assert flagged["floor_fwd"].startswith(f"floor_fwd's samples spread too widely: their interquartile range is "
+                                               f"{ratio:.2f}x their median")
+
+
+def _seconds(ms: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {name: [t / 1e3 for t in values] for name, values in ms.items()}
+
+
+SEED_RUN = {"ours_fwd": [506.9] * 5, "ours_bwd": [60.0] * 5, "ours_fwdbwd": [90.0] * 5, "ours_layer_fwdbwd": [88.0] * 5,
+            "floor_fwd": [19.7] * 5, "floor_grad_w": [20.0] * 5, "floor_grad_cols": [21.0] * 5,
+            "torch_fwd": [8.0] * 5, "torch_fwdbwd": [25.0] * 5, "seed_fwd": [100.0] * 3, "seed_fwdbwd": [300.0] * 3}
+
+
+def test_implausible_figures_are_marked_in_the_table_and_json_fields():
+    result = bench.assemble(bench.SEED_SHAPE, "float32", _seconds(SEED_RUN), {}, None, "median")
+    assert set(result["implausible"]) == {"ours_fwd", "ours_fwdbwd"} and result["retimed"] == []
+    json.dumps(result)  # plain JSON
+    width = len(bench.SEED_SHAPE.label)  # a label with spaces: the cells are what follows it
+    cells = bench.table_row(result, width)[width:].split()
+    assert len(bench.table_row(result, width)) == len(bench.table_header(width).splitlines()[0])
+    # fwd, f+b, ours/PyTorch, fwd/bare, f+b/bare read a flagged figure; bwd, PyTorch f+b, add.at/ours do not.
+    assert cells[:9] == ["506.9!", "60.0", "90.0!", "25.0", "3.60!", "25.73!", "1.48!", "-", "3.41"]
+    lines = bench.report.implausible_lines([result])
+    assert len(lines) == 2 and "ours_fwdbwd" in lines[1]  # one line a flagged measurement
+    line = lines[0]
+    assert line.startswith(f"'!' {bench.SEED_SHAPE.label}: ours_fwd 507 ms is slower than ours_fwdbwd 90 ms")
+    assert line.endswith("the figures read from it are unreliable (the machine was busy?): rerun, with more --rounds "
+                         "or --stat min") and "re-time" not in line
+    clean = bench.assemble(bench.SEED_SHAPE, "float32", _seconds({**SEED_RUN, "ours_fwd": [26.6] * 5}), {}, None, "median")
+    assert clean["implausible"] == {} and "!" not in bench.table_row(clean, 30)
+    assert bench.report.implausible_lines([clean]) == []
+    markdown = bench.report.markdown([result], bench.summary([result], "float32"), ["header"])
+    assert "| 506.9! | 60.0 | 90.0! |" in markdown and f"- '!' {bench.SEED_SHAPE.label}: ours_fwd 507 ms" in markdown
+
+
+@pytest.mark.parametrize("again", ["plausible", "still implausible"])
+def test_implausible_figures_are_timed_again_once(monkeypatch, capsys, again):
+    """The implementation with an implausible figure is timed once more on that shape only; its new samples
+    replace its old ones; what is still implausible stays marked, "even after one re-time"."""
+    import argparse
+
+    shapes = [bench.SEED_SHAPE, bench.parse_shape(TINY)]
+    results = [bench.assemble(shapes[0], "float32", _seconds(SEED_RUN), {}, None, "median"),
+               bench.assemble(shapes[1], "float32", _seconds({**SEED_RUN, "ours_fwd": [30.0] * 5}), {}, None, "median")]
+    calls = []
+    retimed_fwd = [26.6] * 5 if again == "plausible" else [400.0] * 5
+
+    def time_once(args, backend, shapes_timed, extra, warmup, group):
+        calls.append((group, [shape.spec for shape in shapes_timed]))
+        new = {"ours_fwd": retimed_fwd, "ours_bwd": [61.0] * 5, "ours_fwdbwd": [91.0] * 5, "ours_layer_fwdbwd": [89.0] * 5}
+        return {"group": group, "threads": "-", "shapes": [{"samples": _seconds(new), "skipped": {}, "peak_bytes": None}]}
+
+    monkeypatch.setattr(bench.isolation, "_time_once", time_once)
+    args = argparse.Namespace(dtype="float32", stat="median")
+    checked = bench.isolation.recheck(args, conv2d.get_backend("numpy"), shapes, {}, 4, results)
+    assert calls == [("ours", [bench.SEED_SHAPE.spec])]  # only ours, only the flagged shape
+    assert "conv2d (ours): implausible figures (ours_fwd, ours_fwdbwd) on 1 shape; timing them again" in capsys.readouterr().out
+    first, second = checked
+    assert first["retimed"] == ["ours"] and second["retimed"] == [] and second is results[1]
+    assert first["samples_ms"]["ours_fwd"] == pytest.approx(retimed_fwd)  # replaced, not pooled
+    assert first["samples_ms"]["torch_fwd"] == pytest.approx(SEED_RUN["torch_fwd"])  # the others' are kept
+    if again == "plausible":
+        assert first["implausible"] == {} and first["ms"]["ours_fwd"] == pytest.approx(26.6)
+        assert bench.report.implausible_lines(checked) == []
+    else:
+        assert set(first["implausible"]) == {"ours_fwd", "ours_fwdbwd"}
+        width = len(bench.SEED_SHAPE.label)
+        assert bench.table_row(first, width)[width:].split()[0] == "400.0!"
+        assert "ours_fwd 400 ms is slower than ours_fwdbwd 91 ms" in bench.report.implausible_lines(checked)[0]
+        assert "even after one re-time" in bench.report.implausible_lines(checked)[0]

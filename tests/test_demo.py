@@ -198,6 +198,19 @@ def test_cli_save_writes_a_network_that_loads(tmp_path, capsys):
     data = demo.load_digits(0)
     _, accuracy = demo.evaluate(network, data.test_x, data.test_y)
     assert round(accuracy * len(data.test_y)) == correct
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file", "/proc/forbidden"])
+def test_cli_unwritable_save_fails_before_training(where, tmp_path, capsys, monkeypatch):
+    """A --save folder that cannot be written (`--save /etc/passwd/m`) is one line and exit status 2 before
+    training, not a NotADirectoryError traceback after it, with the trained network lost."""
+    if where == "/proc/forbidden" and not Path("/proc").is_dir():
+        pytest.skip("needs Linux's /proc")
     (tmp_path / "file").write_text("")
-    assert main(["demo", "--epochs", "1", "--no-plots", "--save", str(tmp_path / "file")]) == 2
-    assert "is a file" in capsys.readouterr().err
+    path = {"a-file": tmp_path / "file", "under-a-file": tmp_path / "file" / "m"}.get(where, Path(where))
+    monkeypatch.setattr(demo, "load_digits", lambda *a, **k: pytest.fail("the demo loaded the data before checking --save"))
+    assert main(["demo", "--no-plots", "--save", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert captured.err.startswith(f"error: --save {path} ") and "leave --save out" in captured.err
+    assert ("is a file, not a folder" if where == "a-file" else "cannot be written") in captured.err

@@ -203,10 +203,10 @@ ARRAY_CASES: list[tuple[str, Callable, type, str]] = [
     ("conv2d_backward: list x", lambda: backward(G, X.tolist(), W), TypeError, r"x must be an array of one of .*builtins\.list"),
 ]
 
-# ConvolutionLayer(in_channels, filter_size, numfilters, stride=1, *, padding, dilation, activation, dtype, seed, backend)
+# ConvolutionLayer(input_shape, filter_size, numfilters, stride=1, *, padding, dilation, activation, dtype, seed, backend)
 LAYER_CASES: list[tuple[str, Callable, type, str]] = [
-    ("in_channels of length 2", lambda: Layer((3, 8), (3, 3), 4), ValueError, r"in_channels must be \(depth, rows, cols\).*got \(3, 8\)"),
-    ("in_channels an int", lambda: Layer(3, (3, 3), 4), ValueError, r"in_channels must be \(depth, rows, cols\).*got 3\b"),
+    ("input_shape of length 2", lambda: Layer((3, 8), (3, 3), 4), ValueError, r"input_shape must be \(depth, rows, cols\).*got \(3, 8\)"),
+    ("input_shape an int", lambda: Layer(3, (3, 3), 4), ValueError, r"input_shape must be \(depth, rows, cols\).*got 3\b"),
     ("filter_size of length 3", lambda: Layer((3, 8, 8), (3, 3, 3), 4), ValueError, r"filter_size must be \(rows, cols\).*got \(3, 3, 3\)"),
     ("filter_size an int", lambda: Layer((3, 8, 8), 3, 4), ValueError, r"filter_size must be \(rows, cols\).*got 3\b"),
     ("filter larger than the input", lambda: Layer((3, 8, 8), (9, 3), 4), ValueError, r"kernel spans 9x3 .*only 8x8"),
@@ -223,10 +223,10 @@ LAYER_CASES: list[tuple[str, Callable, type, str]] = [
     ("numfilters bool", lambda: Layer((3, 8, 8), (3, 3), True), TypeError, r"numfilters.*True"),
     ("filter_size with 0", lambda: Layer((3, 8, 8), (0, 3), 4), ValueError, r"filter_size.*\(0, 3\)"),
     ("filter_size with a float", lambda: Layer((3, 8, 8), (3.0, 3), 4), TypeError, r"filter_size.*\(3\.0, 3\)"),
-    ("in_channels with 0 depth", lambda: Layer((0, 8, 8), (3, 3), 4), ValueError, r"in_channels.*\(0, 8, 8\)"),
-    ("in_channels with negative rows", lambda: Layer((3, -8, 8), (3, 3), 4), ValueError, r"in_channels.*\(3, -8, 8\)"),
-    ("in_channels with a float", lambda: Layer((3, 8.0, 8), (3, 3), 4), TypeError, r"in_channels.*\(3, 8\.0, 8\)"),
-    ("in_channels a string", lambda: Layer("abc", (3, 3), 4), TypeError, r"in_channels.*'abc'"),
+    ("input_shape with 0 depth", lambda: Layer((0, 8, 8), (3, 3), 4), ValueError, r"input_shape.*\(0, 8, 8\)"),
+    ("input_shape with negative rows", lambda: Layer((3, -8, 8), (3, 3), 4), ValueError, r"input_shape.*\(3, -8, 8\)"),
+    ("input_shape with a float", lambda: Layer((3, 8.0, 8), (3, 3), 4), TypeError, r"input_shape.*\(3, 8\.0, 8\)"),
+    ("input_shape a string", lambda: Layer("abc", (3, 3), 4), TypeError, r"input_shape.*'abc'"),
 ]
 
 

@@ -696,3 +696,63 @@ def test_a_parameter_on_another_device_is_named():
     with pytest.raises(ValueError, match=r"ConvolutionLayer\.weights is on device 'array_api_strict:device1' but the "
                                          r"layer lives on 'array_api_strict'; move it there"):
         layer.forwardpass(np.ones((1, 3, 8, 8)))
+
+
+# --------------------------------------------------------------------------------------------
+# The first argument's name: input_shape, formerly in_channels
+# --------------------------------------------------------------------------------------------
+
+
+def _same_layer(a: conv2d.ConvolutionLayer, b: conv2d.ConvolutionLayer) -> None:
+    assert a.architecture() == b.architecture()
+    for key, value in a.state_dict().items():
+        assert np.array_equal(value, b.state_dict()[key]), key
+
+
+def test_input_shape_is_the_first_arguments_name():
+    """The first argument is the input's shape (depth, rows, cols), named so, by keyword or position."""
+    by_name = conv2d.ConvolutionLayer(input_shape=(3, 8, 8), filter_size=(3, 3), numfilters=4, seed=0)
+    _same_layer(by_name, conv2d.ConvolutionLayer((3, 8, 8), (3, 3), 4, seed=0))
+    assert (by_name.in_depth, by_name.in_row, by_name.in_col) == (3, 8, 8)
+    with pytest.raises(ValueError, match=r"input_shape must be \(depth, rows, cols\)"):
+        conv2d.ConvolutionLayer(input_shape=3, filter_size=(3, 3), numfilters=4)
+
+
+def test_in_channels_keyword_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match=r"in_channels=\.\.\.\) is deprecated.*input_shape") as caught:
+        old = conv2d.ConvolutionLayer(in_channels=(3, 8, 8), filter_size=(3, 3), numfilters=4, seed=0)
+    assert caught[0].filename == __file__  # it points at the caller's line
+    _same_layer(old, conv2d.ConvolutionLayer((3, 8, 8), (3, 3), 4, seed=0))
+    # A bad value is named as the caller wrote it.
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"^in_channels must be"):
+        conv2d.ConvolutionLayer(in_channels=(3, 8), filter_size=(3, 3), numfilters=4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"input_shape": (3, 8, 8), "in_channels": (3, 8, 8), "filter_size": (3, 3), "numfilters": 4},
+         r"both input_shape and in_channels, its former name; give input_shape only"),
+        ({"filter_size": (3, 3), "numfilters": 4}, r"missing required argument: 'input_shape'$"),
+        ({"input_shape": (3, 8, 8)}, r"missing required arguments: 'filter_size', 'numfilters'$"),
+    ],
+)
+def test_the_leading_arguments_are_still_required(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        conv2d.ConvolutionLayer(**kwargs)
+
+
+def test_saved_layers_load_without_a_warning(tmp_path):
+    """Saved folders name the argument "in_channels" (the file format, unchanged): they load with no
+    DeprecationWarning (pytest turns warnings into errors), as do new saves."""
+    import json
+
+    layer = conv2d.ConvolutionLayer((2, 6, 6), (3, 3), 3, padding=1, seed=0)
+    net = conv2d.nn.Sequential([layer, conv2d.nn.FlattenLayer()])
+    folder = conv2d.nn.save(net, tmp_path / "net")
+    saved = json.loads((folder / "architecture.json").read_text())["network"]["layers"][0]
+    assert saved["in_channels"] == [2, 6, 6] and "input_shape" not in saved  # readable by earlier versions
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = conv2d.nn.load(folder)
+    _same_layer(loaded.layers[0], layer)

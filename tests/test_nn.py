@@ -269,6 +269,76 @@ def test_softmax_cross_entropy_errors():
             nn.softmax_cross_entropy(np.zeros((2, 3)), np.array(bad))
 
 
+INTEGER_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES)
+def test_softmax_cross_entropy_takes_labels_of_every_integer_width(backend, dtype):
+    """NumPy labels of any integer width (rng.integers gives int64, refused by JAX without 64-bit types),
+    and the logits' own library's labels of that width where it has it (torch cannot compare uint16..uint64):
+    PyTorch's cross_entropy loss and gradient."""
+    rng = np.random.default_rng(12)
+    logits = rng.standard_normal((7, 5))
+    labels = rng.integers(0, 5, size=7).astype(dtype)
+    lt = _t(logits)
+    expected = F.cross_entropy(lt, torch.tensor(labels.astype(np.int64)))
+    expected.backward()
+    candidates = [labels]
+    try:
+        candidates.append(backend.asarray(labels))  # the same labels in the logits' library, same width
+    except TypeError:
+        assert backend.name == "jax" and dtype.endswith("64")  # JAX without 64-bit types has no such array
+    for given in candidates:
+        before = np.array(backend.to_numpy(given) if backend.owns(given) else given, copy=True)
+        loss, grad = nn.softmax_cross_entropy(backend.asarray(logits), given)
+        assert_close(backend, loss, expected.detach().numpy(), "float64", f"loss, labels {type(given)}")
+        assert_close(backend, grad, lt.grad.numpy(), "float64", f"gradient, labels {type(given)}")
+        after = backend.to_numpy(given) if backend.owns(given) else given
+        assert np.array_equal(after, before) and after.dtype == before.dtype  # labels are not modified
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int64", "uint8", "uint64"])
+@pytest.mark.parametrize("bad", [-1, 5], ids=["negative", "too-large"])
+def test_softmax_cross_entropy_range_checks_labels_of_every_width(backend, dtype, bad):
+    if bad < 0 and dtype.startswith("uint"):
+        bad = np.iinfo(dtype).max  # no negative unsigned label: the largest one, which wraps in a narrower type
+    labels = np.array([0, bad, 1], dtype=dtype)
+    candidates = [labels]
+    if not (backend.name == "jax" and dtype.endswith("64")):  # JAX without 64-bit types has no such array
+        candidates.append(backend.asarray(labels))
+    for given in candidates:
+        with pytest.raises(ValueError, match=rf"in \[0, 5\) .* got values from {min(bad, 0)} to {max(bad, 1)}$"):
+            nn.softmax_cross_entropy(backend.asarray(np.zeros((3, 5))), given)
+
+
+def test_softmax_cross_entropy_int64_labels_on_jax_need_no_64_bit_types():
+    """The README's research example: rng.integers labels with CONV2D_BACKEND=jax (64-bit types off)."""
+    jax = pytest.importorskip("jax")
+    backend = conv2d.get_backend("jax")
+    labels = np.random.default_rng(0).integers(0, 4, size=6)
+    assert labels.dtype == np.int64
+    was = jax.config.jax_enable_x64  # the test session turns them on (conftest): off, as JAX's default
+    jax.config.update("jax_enable_x64", False)
+    try:
+        loss, _ = nn.softmax_cross_entropy(backend.asarray(np.zeros((6, 4), dtype=np.float32)), labels)
+        assert float(loss) == pytest.approx(np.log(4), rel=1e-6)
+        with pytest.raises(TypeError, match=r"or use int32$"):  # the backend's own advice for an int64 array
+            backend.asarray(labels)
+    finally:
+        jax.config.update("jax_enable_x64", was)
+
+
+def test_softmax_cross_entropy_jitted_labels_of_every_width():
+    """Inside jax.jit the labels are traced: no range check, but any integer width."""
+    jax = pytest.importorskip("jax")
+    backend = conv2d.get_backend("jax")
+    logits = backend.asarray(np.random.default_rng(1).standard_normal((4, 3)), dtype="float32")
+    step = jax.jit(lambda z, y: nn.softmax_cross_entropy(z, y)[0])
+    reference = float(nn.softmax_cross_entropy(logits, np.array([2, 0, 1, 1]))[0])
+    for dtype in ("int8", "uint16", "int32"):
+        assert float(step(logits, backend.asarray(np.array([2, 0, 1, 1], dtype=dtype)))) == pytest.approx(reference)
+
+
 # --------------------------------------------------------------------------------------------
 # A whole network: Sequential against the same network in PyTorch
 # --------------------------------------------------------------------------------------------

@@ -114,7 +114,8 @@ def build(device: str | None) -> Backend:
             # JAX would silently give 32 bits instead.
             raise TypeError(
                 f"JAX has 64-bit types disabled, so {np.dtype(dtype)} would silently become 32-bit; "
-                "set JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True)) or use float32"
+                "set JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True)) or use "
+                f"{np.dtype(dtype).name.replace('64', '32')}"
             )
         return jax.device_put(jnp.asarray(obj, dtype=dtype), dev)
 

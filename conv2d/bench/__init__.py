@@ -30,7 +30,8 @@ The package, one concern a module: :mod:`~conv2d.bench.shapes` (the shapes and p
 :mod:`~conv2d.bench.memory` (peak memory), :mod:`~conv2d.bench.isolation` (one implementation at a
 time, each in its own process), :mod:`~conv2d.bench.report` (one shape's numbers, the
 table, the targets, the summary), :mod:`~conv2d.bench.machine` (machine details, load average),
-:mod:`~conv2d.bench.blas_kernels` (OpenBLAS's kernel family, ``--openblas-coretype``) and
+:mod:`~conv2d.bench.blas_kernels` (OpenBLAS's kernel family, ``--openblas-coretype``),
+:mod:`~conv2d.bench.plausibility` (figures that cannot be right: timed again once, then marked ``!``) and
 :mod:`~conv2d.bench.cli` (the options, :func:`run`, the plot). Their public names are re-exported here.
 """
 
@@ -53,6 +54,7 @@ from .cli import write_plot as write_plot
 from .machine import machine_info as machine_info
 from .memory import LIMITS as LIMITS
 from .memory import SMALL_LIMIT as SMALL_LIMIT
+from .plausibility import implausible as implausible
 from .memory import peak_memory as peak_memory
 from .precision import gpu_precision as gpu_precision
 from .report import STATISTICS as STATISTICS

@@ -15,13 +15,15 @@ from .. import __version__
 from .._conv import choose_algorithm
 from .._functional import check_algorithm
 from ..backends import Backend, BackendUnavailableError, get_backend
-from . import allocator, blas_kernels
+from ..backends import _resolve as resolve_backend
+from . import allocator, blas_kernels, plausibility
 from .calls import SEED_REPEAT
 from .machine import _blas_line, _load_average, _other_load, machine_info
 from .memory import SMALL_LIMIT
 from .precision import gpu_precision
 from .isolation import ISOLATION, group_name, time_all, time_group
-from .report import GROUPS, LEGEND, STATISTICS, markdown, summary, summary_lines, table_header, table_row
+from .report import (GROUPS, LEGEND, STATISTICS, implausible_lines, markdown, summary, summary_lines, table_header,
+                     table_row)
 from .shapes import PRESETS, SHAPE_FORMAT, Shape, parse_shapes
 from .timing import WARMUP, WARMUP_REASON, EventTimer, _on_gpu, backend_timer, default_warmup, device_kind
 
@@ -213,6 +215,8 @@ def _print_table(results: list[dict[str, Any]]) -> None:
         print(table_row(result, name_width))
     for line in sorted({f"{what}: {why}" for r in results for what, why in r["skipped"].items()}):
         print(f"  '-' {line}")
+    for line in implausible_lines(results):
+        print(f"  {line}")
     print(LEGEND)
 
 
@@ -220,8 +224,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``python -m conv2d bench``: print the table, write the JSON and plot if asked; exit code."""
     started = time.perf_counter()
     load_before = _load_average()
-    try:
-        backend = get_backend(args.backend)
+    try:  # a bad --backend is named as such in the message, not as a get_backend() argument
+        backend = resolve_backend(args.backend, "--backend") if args.backend else get_backend()
         backend.dtype(args.dtype)  # fails now, with the reason, rather than at the first shape
     except (ValueError, TypeError, BackendUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -290,6 +294,10 @@ def run(args: argparse.Namespace) -> int:
                          "timer": "cuda_events" if isinstance(backend_timer(backend), EventTimer) else "perf_counter",
                          "gpu_precision": precision, "deterministic": args.deterministic, "seed": args.seed,
                          "small_limit_bytes": SMALL_LIMIT,
+                         # results[i]["implausible"] and ["retimed"]: plausibility.implausible's rules
+                         "plausibility": {"spread_limit": plausibility.SPREAD_LIMIT,
+                                          "min_spread_ms": plausibility.MIN_SPREAD_MS,
+                                          "parts": [list(pair) for pair in plausibility.PARTS]},
                          "isolation": args.isolation, "rounds": args.rounds, "threads": threads,
                          "openblas_coretype": _coretype_setting(args),
                          "malloc": {"mode": args.malloc, "line": allocator.allocator_line(args.malloc, args.isolation)}},

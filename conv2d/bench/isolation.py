@@ -26,6 +26,7 @@ from .blas_kernels import ENV_VAR
 from .allocator import child_env
 from .calls import Case
 from .machine import _blas_line
+from .plausibility import group_of
 from .report import GROUP_NAMES, assemble, measure
 from .shapes import Shape
 from .timing import _on_gpu
@@ -171,4 +172,38 @@ def time_all(args: argparse.Namespace, backend: Backend, shapes: list[Shape], ex
             skipped.update(part["skipped"])
             peaks = part["peak_bytes"] if part["peak_bytes"] is not None else peaks
         results.append(assemble(shape, args.dtype, samples, skipped, peaks, args.stat))
-    return results, {payload["group"]: payload["threads"] for payload in timed}
+    return recheck(args, backend, shapes, extra, warmup, results), {payload["group"]: payload["threads"] for payload in timed}
+
+
+def recheck(args: argparse.Namespace, backend: Backend, shapes: list[Shape], extra: dict[str, Any], warmup: int,
+            results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`results` after one more timing of each implementation with an implausible figure, on those shapes.
+
+    Each result carries ``implausible`` (:func:`~conv2d.bench.plausibility.implausible` of its
+    samples). An implementation with such a measurement is timed once more, as before (in a
+    process of its own by default), over the shapes concerned only; its new samples replace all of
+    its old ones there, and the result lists it in ``retimed``. What is still implausible after
+    that stays in ``implausible``: the table marks it.
+    """
+    flagged: dict[str, list[int]] = {}
+    for index, result in enumerate(results):
+        for group in sorted({group_of(name) for name in result["implausible"]}):
+            flagged.setdefault(group, []).append(index)
+    results = list(results)
+    for group, indices in flagged.items():
+        names = sorted({name for i in indices for name in results[i]["implausible"] if group_of(name) == group})
+        print(f"  {group_name(group, backend)}: implausible figures ({', '.join(names)}) on {len(indices)} "
+              f"shape{'s' if len(indices) != 1 else ''}; timing them again", flush=True)
+        payload = _time_once(args, backend, [shapes[i] for i in indices], extra, warmup, group)
+        if payload is None:
+            continue
+        for index, part in zip(indices, payload["shapes"]):
+            old = results[index]
+            samples = {name: [t / 1e3 for t in values] for name, values in old["samples_ms"].items()
+                       if group_of(name) != group}
+            samples.update(part["samples"])
+            new = assemble(shapes[index], args.dtype, samples, {**old["skipped"], **part["skipped"]},
+                           old["peak_bytes"], args.stat)
+            new["retimed"] = sorted({*old["retimed"], group})
+            results[index] = new
+    return results

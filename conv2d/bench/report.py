@@ -21,6 +21,7 @@ from .calls import (
     torch_calls,
 )
 from .memory import LIMITS, SMALL_LIMIT, peak_memory
+from .plausibility import implausible
 from .shapes import _SHAPE_FIELDS, SEED_SHAPE, Shape
 from .timing import Timer, _torch_timer, backend_timer, default_warmup, time_calls
 
@@ -161,24 +162,37 @@ def assemble(shape: Shape, dtype: str, samples: dict[str, list[float]], skipped:
         # What any call must hold: y, grad_x, grad_weight, grad_bias. The workspace limit bounds the rest.
         "outputs_bytes": outputs * itemsize,
         "skipped": skipped,
+        # Measurements whose figure cannot be right (plausibility.implausible), and the implementations
+        # re-timed once because of such a figure (isolation.recheck).
+        "implausible": implausible({name: [t * 1e3 for t in values] for name, values in samples.items()},
+                                   STATISTICS[stat]),
+        "retimed": [],
     }
 
 
 # --------------------------------------------------------------------------------------------------
 # The table
 
-_COLUMNS = (  # header, width, how to get the text from a result
-    ("fwd ms", 8, lambda r: _num(r["ms"].get("ours_fwd"))),
-    ("bwd ms", 8, lambda r: _num(r["ms"].get("ours_bwd"))),
-    ("f+b ms", 8, lambda r: _num(r["ms"].get("ours_fwdbwd"))),
-    ("PyTorch f+b", 11, lambda r: _num(r["ms"].get("torch_fwdbwd"))),
-    ("ours/PyTorch", 12, lambda r: _num(r["ratios"]["ours_over_torch"], 2)),
-    ("fwd/bare", 8, lambda r: _num(r["ratios"]["fwd_over_floor"], 2)),
-    ("f+b/bare", 8, lambda r: _num(r["ratios"]["fwdbwd_over_floor"], 2)),
-    ("det/dflt", 8, lambda r: _num(r["ratios"].get("det_over_default"), 2)),
-    ("add.at/ours", 11, lambda r: _num(r["ratios"]["seed_over_ours"], 2)),
-    ("peak MB dflt/64MB", 17, lambda r: "/".join(_mb(v) for v in r["peak_bytes"].values())),
+_FLOOR = ("floor_fwd", "floor_grad_w", "floor_grad_cols")
+
+_COLUMNS = (  # header, width, how to get the text from a result, the measurements it is read from
+    ("fwd ms", 8, lambda r: _num(r["ms"].get("ours_fwd")), ("ours_fwd",)),
+    ("bwd ms", 8, lambda r: _num(r["ms"].get("ours_bwd")), ("ours_bwd",)),
+    ("f+b ms", 8, lambda r: _num(r["ms"].get("ours_fwdbwd")), ("ours_fwdbwd",)),
+    ("PyTorch f+b", 11, lambda r: _num(r["ms"].get("torch_fwdbwd")), ("torch_fwdbwd",)),
+    ("ours/PyTorch", 12, lambda r: _num(r["ratios"]["ours_over_torch"], 2), ("ours_fwdbwd", "torch_fwdbwd")),
+    ("fwd/bare", 8, lambda r: _num(r["ratios"]["fwd_over_floor"], 2), ("ours_fwd", "floor_fwd")),
+    ("f+b/bare", 8, lambda r: _num(r["ratios"]["fwdbwd_over_floor"], 2), ("ours_fwdbwd", *_FLOOR)),
+    ("det/dflt", 8, lambda r: _num(r["ratios"].get("det_over_default"), 2), ("ours_fwdbwd_det", "ours_fwdbwd")),
+    ("add.at/ours", 11, lambda r: _num(r["ratios"]["seed_over_ours"], 2), ("seed_fwdbwd", "ours_layer_fwdbwd")),
+    ("peak MB dflt/64MB", 17, lambda r: "/".join(_mb(v) for v in r["peak_bytes"].values()), ()),
 )
+
+# The measurements each column's figure is read from, by its header.
+_SOURCES = {title: names for title, _, _, names in _COLUMNS}
+
+# Appended to a figure read from an implausible measurement (see implausible_lines).
+MARK = "!"
 
 # What the columns mean, printed under the table.
 LEGEND = ("PyTorch f+b: torch.nn.functional.conv2d and its autograd backward; ours/PyTorch, fwd/bare, "
@@ -196,14 +210,31 @@ def _mb(value: int | None) -> str:
 
 
 def table_header(name_width: int) -> str:
-    head = f"{'shape':<{name_width}}" + "".join(f" {title:>{width}}" for title, width, _ in _COLUMNS)
+    head = f"{'shape':<{name_width}}" + "".join(f" {title:>{width}}" for title, width, _, _ in _COLUMNS)
     return f"{head}\n{'-' * len(head)}"
+
+
+def _marked(result: dict[str, Any], text: str, names: Sequence[str]) -> str:
+    """`text` with :data:`MARK` when a figure it is read from is implausible (and shown)."""
+    bad = result.get("implausible", {})
+    return f"{text}{MARK}" if text != "-" and any(name in bad for name in names) else text
 
 
 def table_row(result: dict[str, Any], name_width: int) -> str:
     return f"{result['shape']['name']:<{name_width}}" + "".join(
-        f" {get(result):>{width}}" for _, width, get in _COLUMNS
+        f" {_marked(result, get(result), names):>{width}}" for _, width, get, names in _COLUMNS
     )
+
+
+def implausible_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The footnotes of :data:`MARK`: each implausible measurement, why, and whether it was re-timed."""
+    lines = []
+    for r in results:
+        for name, why in r.get("implausible", {}).items():
+            again = " even after one re-time" if name.split("_")[0] in r.get("retimed", []) else ""
+            lines.append(f"'{MARK}' {r['shape']['name']}: {why}{again}; the figures read from it are unreliable "
+                         "(the machine was busy?): rerun, with more --rounds or --stat min")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -356,6 +387,8 @@ def markdown(results: list[dict[str, Any]], summ: dict[str, Any], header: list[s
         cells = [r["shape"]["name"], _num(ms.get("ours_fwd")), _num(ms.get("ours_bwd")), _num(ms.get("ours_fwdbwd")),
                  _num(ms.get("torch_fwdbwd")), _num(ratios["ours_over_torch"], 2), _num(ratios["fwd_over_floor"], 2),
                  _num(ratios["seed_over_ours"], 2), " / ".join(_mb(v) for v in r["peak_bytes"].values())]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *(f"- {line}" for line in summary_lines(summ))]
+        sources = [(), *(_SOURCES[title] for title in ("fwd ms", "bwd ms", "f+b ms", "PyTorch f+b", "ours/PyTorch",
+                                                         "fwd/bare", "add.at/ours")), ()]
+        lines.append("| " + " | ".join(_marked(r, cell, names) for cell, names in zip(cells, sources)) + " |")
+    lines += ["", *(f"- {line}" for line in implausible_lines(results) + summary_lines(summ))]
     return "\n".join(lines) + "\n"
