@@ -116,13 +116,16 @@ def conv2d(
         putting the odd extra row or column after, as PyTorch does.
     groups : int, default 1
         Split channels into this many independent convolutions (``groups=C`` is depthwise).
-    algorithm : {"auto", "gather", "slices", "kernels", "native", "direct"}, default "auto"
+    algorithm : {"auto", "gather", "slices", "kernels", "native", "direct", "winograd", "pointwise"}, default "auto"
         How the convolution is computed. im2col: ``"gather"`` (one indexed gather, scatter-add
         back), ``"slices"`` (kH*kW strided slices, slice additions back) or ``"kernels"`` (CuPy
         only: an im2col and a col2im device kernel). ``"native"`` (torch and JAX only): the
         library's own convolution (``torch.nn.functional.conv2d``, ``jax.lax.conv_general_dilated``)
         and its gradients. ``"direct"``: kH*kW shifted multiply-adds, no patch matrix, for
-        depthwise and few-channels-per-group layers. All give the same result to rounding;
+        depthwise and few-channels-per-group layers. ``"winograd"`` (3x3, stride 1; float16
+        computed in float32): its transforms mix neighbouring inputs, so an inf or NaN input gives
+        NaN where the others give +-inf and reaches more outputs and gradients than read it (as
+        cuDNN's Winograd does); ``"auto"`` runs it only on finite data. All give the same result to rounding;
         ``"auto"`` picks by backend and layer shape (``native`` on torch and, but for 1x1 and
         few-channel layers, JAX; ``kernels`` on
         CuPy, ``direct`` for groups of at most 4 channels, else ``slices``).
