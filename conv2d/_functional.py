@@ -125,9 +125,10 @@ def conv2d(
         JAX only: the library's own convolution, ``torch.nn.functional.conv2d`` or
         ``jax.lax.conv_general_dilated``, and its gradients); ``"direct"`` (kH*kW shifted
         multiply-adds, for depthwise and few-channels-per-group layers); ``"winograd"`` (3x3
-        kernels with stride 1: Winograd's F(2x2, 3x3), 16 products of transformed tiles; a
-        non-finite input can make more outputs NaN than a direct convolution would, and
-        ``"auto"`` does not pick it for non-finite inputs);
+        kernels with stride 1: Winograd's F(2x2, 3x3), 16 products of transformed tiles; float16
+        computed in float32; its transforms mix neighbouring inputs, so an inf or NaN input gives
+        NaN where the others give +-inf and reaches more outputs and gradients than read it, as
+        cuDNN's Winograd does, and ``"auto"`` runs it only on finite data);
         ``"pointwise"`` (1x1 kernels: one batched product per sample on the NCHW arrays). One
         that does not apply to the layer or backend raises ``ValueError``. ``"auto"`` takes the
         first that applies of: ``native`` on torch, and on JAX but for 1x1 kernels and layers of

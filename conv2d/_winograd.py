@@ -21,11 +21,22 @@ tile holds one phase (row and column modulo d) of the output. The padded input, 
 a is input row 2d*t + d*k + a. No copy rearranges phases; d = 1 is the plain case.
 
 The transforms are additions and halvings only, so float32 loses little (relative error of a few
-1e-7 against float64). Everything is channels-last (n, rows, cols, C), so that each strided view's
-innermost run is C contiguous values. Written once on the array API: every backend runs it;
-in-place additions go through ``Backend.slice_add``. Applies to 3x3 kernels with stride 1 (any
-dilation, padding and groups); :func:`check_winograd` says so for any other layer. ``auto`` picks
-it where measured faster (:func:`conv2d._conv.auto_algorithm`).
+1e-7 against float64). float16 is computed in float32 and rounded back once: in float16 the input
+transform's sums of four inputs overflowed from about 16,384 (NaN where the true result is finite),
+and the error was 4x that of ``slices`` (now the same). Everything is channels-last (n, rows, cols,
+C), so that each strided view's innermost run is C contiguous values. Written once on the array API:
+every backend runs it; in-place additions go through ``Backend.slice_add``. Applies to 3x3 kernels
+with stride 1 (any dilation, padding and groups); :func:`check_winograd` says so for any other layer.
+``auto`` picks it where measured faster (:func:`conv2d._conv.auto_algorithm`).
+
+Non-finite values: the transforms add and subtract neighbouring inputs, so an inf meets its own
+negative (inf - inf = NaN) where im2col and PyTorch only multiply it by weights and sum it. One inf
+pixel of x gives NaN outputs where PyTorch gives +-inf (measured: 449 of the 576 outputs that read
+it, 64 channels and filters, 8x8, padding 1), and a non-finite weight reaches input-gradient pixels
+its tap never reads (a NaN at a corner tap: 16 NaN pixels of a 4x4 input, padding 1, instead of
+9). cuDNN's Winograd behaves alike; it is inherent in the method. ``auto`` therefore runs
+``winograd`` only where x, the weight (and, backward, the output gradient) are all finite, and
+``slices`` otherwise; ``algorithm="winograd"`` asked for explicitly is not checked.
 """
 
 from __future__ import annotations
@@ -119,10 +130,27 @@ def _tiles_per_sample(geom: Geometry) -> int:
     return by * bx * geom.dilation[0] * geom.dilation[1]
 
 
+def _working_itemsize(itemsize: int) -> int:
+    """Bytes per value of the arithmetic: float16 is computed in float32 (see :func:`_working_dtype`)."""
+    return max(itemsize, 4)
+
+
+def _working_dtype(xp: Any, dtype: Any) -> Any:
+    """float32 for float16 data, else the data's own dtype.
+
+    The input transform adds up to four inputs and the output transform up to nine products'
+    sums, so in float16 an input from about 16,384 overflowed to inf (then NaN) where the
+    convolution's true result is finite, and the rounding error was 4x im2col's. In float32 the
+    transforms cannot overflow for any float16 data, and the result is rounded once, back to float16.
+    """
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype  # not xp.float16: array-api-strict has none
+
+
 def _sample_scratch(geom: Geometry, itemsize: int) -> int:
     """Scratch of one sample in bytes, backward pass (the larger): the padded input and its gradient,
     and the 16-position transformed input, its gradient and the output gradient's, with one
-    temporary of each size beside them."""
+    temporary of each size beside them (at the working item size: float16 is computed in float32)."""
+    itemsize = _working_itemsize(itemsize)
     by, bx = _blocks(geom)
     (dh, dw) = geom.dilation
     padded = geom.in_channels * 2 * dh * (by + 1) * 2 * dw * (bx + 1)
@@ -137,6 +165,7 @@ def _chunks(backend: Backend, geom: Geometry, batch: int, itemsize: int, limit: 
     On NumPy chunks of the L2 cache's size were the fastest of 256 KiB to 16 MiB (docs/benchmarks.md,
     "Winograd"): the transforms' passes over the chunk then stay in the cache.
     """
+    itemsize = _working_itemsize(itemsize)
     transformed = itemsize * 16 * _tiles_per_sample(geom) * geom.in_channels
     cached = batch if backend.cache_bytes is None else backend.cache_bytes // max(transformed, 1)
     size = max(1, min(batch, cached, limit // _sample_scratch(geom, itemsize)))
@@ -279,27 +308,34 @@ class Winograd(WholeSamples):
     def forward(backend: Backend, x: Any, weight: Any, bias: Any | None, geom: Geometry, limit: int,
                 deterministic: bool) -> Any:
         xp = array_namespace(x, weight)
-        kernel = _transformed_kernel(xp, weight, geom)
+        wide = _working_dtype(xp, x.dtype)  # float16 is computed in float32, chunk by chunk
+        kernel = _transformed_kernel(xp, xp.astype(weight, wide, copy=False), geom)
+        bias = None if bias is None else xp.astype(bias, wide, copy=False)
         pieces = []
         for start, stop in _chunks(backend, geom, x.shape[0], bytes_per_item(x), limit):
-            products = xp.matmul(_transformed_input(xp, x[start:stop, ...], geom), kernel)
+            chunk = xp.astype(x[start:stop, ...], wide, copy=False)
+            products = xp.matmul(_transformed_input(xp, chunk, geom), kernel)
             tile = _both(_output_transform, _from_groups(xp, products, stop - start, geom))
-            pieces.append(_output(xp, tile, bias, geom))
+            pieces.append(xp.astype(_output(xp, tile, bias, geom), x.dtype, copy=False))
         return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)
 
     @staticmethod
     def backward(backend: Backend, grad_out: Any, x: Any, weight: Any, geom: Geometry, limit: int,
                  deterministic: bool) -> tuple[Any, Any, Any]:
         xp = array_namespace(grad_out, x, weight)
-        kernel_t = xp.matrix_transpose(_transformed_kernel(xp, weight, geom))
+        wide = _working_dtype(xp, x.dtype)  # float16 is computed in float32, chunk by chunk
+        kernel_t = xp.matrix_transpose(_transformed_kernel(xp, xp.astype(weight, wide, copy=False), geom))
         grad_kernel = None
         pieces = []
         for start, stop in _chunks(backend, geom, x.shape[0], bytes_per_item(x), limit):
-            grad_m = _transformed_grad_out(xp, grad_out[start:stop, ...], geom)
-            part = xp.matmul(xp.matrix_transpose(_transformed_input(xp, x[start:stop, ...], geom)), grad_m)
+            grad_m = _transformed_grad_out(xp, xp.astype(grad_out[start:stop, ...], wide, copy=False), geom)
+            chunk = xp.astype(x[start:stop, ...], wide, copy=False)
+            part = xp.matmul(xp.matrix_transpose(_transformed_input(xp, chunk, geom)), grad_m)
             # Summed in place over the chunks where the backend allows it (a new array on JAX).
             grad_kernel = part if grad_kernel is None else backend.slice_add(grad_kernel, (...,), part)
             grad_v = _from_groups(xp, xp.matmul(grad_m, kernel_t), stop - start, geom)
-            pieces.append(_input_grad(backend, xp, _both(_input_transform_adjoint, grad_v), geom))
+            grad_x = _input_grad(backend, xp, _both(_input_transform_adjoint, grad_v), geom)
+            pieces.append(xp.astype(grad_x, x.dtype, copy=False))
         grad_x = pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)
-        return grad_x, _kernel_grad(xp, grad_kernel, weight, geom), xp.sum(grad_out, axis=(0, 2, 3))
+        grad_weight = xp.astype(_kernel_grad(xp, grad_kernel, weight, geom), weight.dtype, copy=False)
+        return grad_x, grad_weight, xp.sum(grad_out, axis=(0, 2, 3))

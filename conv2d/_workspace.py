@@ -139,7 +139,11 @@ def plan_chunks(geom: Geometry, batch: int, itemsize: int, limit: int) -> list[C
 
 def sample_ranges(batch: int, size: int) -> list[tuple[int, int]]:
     """Consecutive (start, stop) ranges of at most `size` samples that cover the batch; one empty
-    range for an empty batch (so that a call still runs once and returns empty results)."""
+    range for an empty batch (so that a call still runs once and returns empty results).
+
+    `size` is at least 1 here whatever the caller computed: a chunk size evened out over an empty
+    batch comes to 0, which ``range`` refuses."""
+    size = max(1, size)
     return [(start, min(start + size, batch)) for start in range(0, batch, size)] or [(0, 0)]
 
 

@@ -29,7 +29,8 @@ class TorchNative:
     The backward pass is ``aten.convolution_backward``, the operator that autograd and
     ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` call: one call for all three gradients.
     Asymmetric padding ("same" with an even kernel) is a padded copy of the input first, since
-    PyTorch pads both sides alike.
+    PyTorch pads both sides alike; so is the padding of an input with no rows or no columns, which
+    PyTorch refuses but our other algorithms compute (an output of the bias alone).
     """
 
     def __init__(self, torch: Any, on_cuda: bool) -> None:
@@ -46,7 +47,10 @@ class TorchNative:
 
     def _arguments(self, x: Any, geom: Any) -> tuple[Any, list[int]]:
         top, bottom, left, right = geom.padding
-        if top == bottom and left == right:
+        # PyTorch refuses an input with an empty row or column axis ("Only zero batch or zero
+        # channel inputs are supported") even where its padding makes room for the kernel; the
+        # padded copy is not empty (the geometry checked that the kernel fits it).
+        if top == bottom and left == right and x.shape[2] and x.shape[3]:
             return x, [top, left]
         return self.torch.nn.functional.pad(x, (left, right, top, bottom)), [0, 0]
 
