@@ -1,7 +1,7 @@
 """conv2d: one 2-D convolution (im2col + matrix product + scatter-add) for NumPy, CuPy, torch, JAX
 and any array API library, chosen by ``CONV2D_BACKEND`` or by the arrays you pass in."""
 
-from ._algorithms import ALGORITHMS as _ALGORITHM_TABLE
+from .algorithms import ALGORITHMS as _ALGORITHM_TABLE
 from ._cache import clear_caches
 from ._functional import conv2d, conv2d_backward
 from .backends import (
@@ -13,7 +13,7 @@ from .backends import (
     use_backend,
 )
 from . import nn, optim
-from .layer import ConvolutionLayer
+from .nn._convolution import ConvolutionLayer
 
 __version__ = "0.1.0"
 

@@ -53,9 +53,9 @@ def info() -> int:
 # Modules are imported only for the command that runs: `info` must not pay for matplotlib.
 _COMMANDS = {
     "info": (None, "versions, usable backends and the active one"),
-    "bench": (".bench", "time conv2d against PyTorch, the bare matrix products and the seed"),
-    "demo": (".demo", "train a small CNN on scikit-learn's digits"),
-    "scale": (".scale", "inference images/s and training ms/step on 1..k Dask workers (needs conv2d[dask])"),
+    "bench": (".tools.bench", "time conv2d against PyTorch, the bare matrix products and the seed"),
+    "demo": (".tools.demo", "train a small CNN on scikit-learn's digits"),
+    "scale": (".tools.scale", "inference images/s and training ms/step on 1..k Dask workers (needs conv2d[dask])"),
 }
 
 

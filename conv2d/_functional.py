@@ -8,7 +8,7 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from . import _conv
-from ._algorithms import ALGORITHMS
+from .algorithms import ALGORITHMS
 from ._determinism import resolve_deterministic
 from ._workspace import resolve_limit
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry

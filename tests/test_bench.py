@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import conv2d
-from conv2d import bench
+from conv2d.tools import bench
 from conv2d.__main__ import main
 
 TINY = "2,3,8,8,4,3,3,1,1"

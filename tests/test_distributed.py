@@ -404,7 +404,7 @@ def test_demo_dask_trains_as_the_demo_does(cluster_client, capsys):
     """`demo --dask ADDRESS`: the same batches and SGD steps as the plain demo, so the same test
     accuracy and (to float32 rounding) the same training loss; the cluster is left running."""
     pytest.importorskip("sklearn")
-    from conv2d import demo
+    from conv2d.tools import demo
     from conv2d.__main__ import main
 
     address = cluster_client.scheduler.address

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import Backend
+from ...backends import Backend
 from .timing import _on_gpu
 
 

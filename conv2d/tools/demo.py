@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from . import nn, optim
-from .backends import ENV_VAR, Backend, BackendUnavailableError, get_backend
-from .backends import _resolve as resolve_backend
-from .layer import ConvolutionLayer
+from .. import nn, optim
+from ..backends import ENV_VAR, Backend, BackendUnavailableError, get_backend
+from ..backends import _resolve as resolve_backend
+from ..nn._convolution import ConvolutionLayer
 
 #: Measured on a 2-core machine with NumPy: 97-99% test accuracy for seeds 0-9, a few seconds a run.
 #: threads: the demo's matrices are tiny (at most 32 x 144 by 144 x 2048), so BLAS and OpenMP threads
@@ -218,7 +218,7 @@ def train_on_dask(
     the workers, their gradients summed), so the same result to float rounding; prints the workers
     and the time per step with its overhead.
     """
-    from . import distributed
+    from .. import distributed
 
     lr = OPTIMIZER_LR[optimizer] if lr is None else lr
     updater = optim.Adam(lr) if optimizer == "adam" else optim.SGD(lr)
@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     client = started = None
     if args.dask is not None:
         try:
-            from . import distributed
+            from .. import distributed
 
             existing = distributed.current_client()
             client = distributed.client(args.dask or None, backend=backend)

@@ -23,11 +23,11 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from ._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
-from ._conv import choose_algorithm
+from .._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
+from .._conv import choose_algorithm
 from ._parameters import Parameterized, dtype_name, unknown_keys
-from .backends import Backend, backend_of, get_backend
-from .layer import ACTIVATIONS, batch_size, check_batch, check_lr, forward_state, sgd_update, to_floating
+from ..backends import Backend, backend_of, get_backend
+from ._convolution import ACTIVATIONS, batch_size, check_batch, check_lr, forward_state, sgd_update, to_floating
 
 __all__ = [
     "AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "load", "save", "softmax_cross_entropy",

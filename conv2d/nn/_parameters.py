@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 from array_api_compat import is_array_api_obj, is_numpy_array
 
-from .backends import backend_of
+from ..backends import backend_of
 
 
 def host_copy(array: Any) -> np.ndarray:

@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import __version__
-from .._conv import choose_algorithm
-from .._functional import check_algorithm
-from ..backends import Backend, BackendUnavailableError, get_backend
+from ... import __version__
+from ..._conv import choose_algorithm
+from ..._functional import check_algorithm
+from ...backends import Backend, BackendUnavailableError, get_backend
 from . import allocator, blas_kernels
 from .calls import SEED_REPEAT
 from .machine import _blas_line, _load_average, _other_load, machine_info

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Backend
+from ..backends import Backend
 
 FORMAT = "conv2d.nn"
 VERSION = 1
@@ -35,8 +35,8 @@ ARGUMENTS = {
 
 
 def _layer_classes() -> dict[str, Any]:
-    from . import nn
-    from .layer import ConvolutionLayer
+    from .. import nn
+    from ._convolution import ConvolutionLayer
 
     return {cls.__name__: cls for cls in (ConvolutionLayer, nn.MaxPoolLayer, nn.AvgPoolLayer, nn.FlattenLayer,
                                           nn.DenseLayer, nn.Sequential)}

@@ -35,9 +35,9 @@ from typing import Any, Callable
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from ._geometry import Geometry
-from ._workspace import WholeSamples, bytes_per_item, sample_ranges
-from .backends import Backend
+from .._geometry import Geometry
+from .._workspace import WholeSamples, bytes_per_item, sample_ranges
+from ..backends import Backend
 
 Tile = list  # rows of a tile, each a list of arrays (one per column of the tile)
 

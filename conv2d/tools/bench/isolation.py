@@ -21,7 +21,7 @@ import tempfile
 import time
 from typing import Any
 
-from ..backends import Backend
+from ...backends import Backend
 from .blas_kernels import ENV_VAR
 from .allocator import child_env
 from .calls import Case

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from .._algorithms import ALGORITHMS
-from .._functional import conv2d, conv2d_backward
-from .._geometry import make_geometry
-from ..backends import Backend
+from ...algorithms import ALGORITHMS
+from ..._functional import conv2d, conv2d_backward
+from ..._geometry import make_geometry
+from ...backends import Backend
 from .shapes import Shape
 from .timing import _on_gpu
 
@@ -101,7 +101,7 @@ def _layer_forward_backward(case: Case) -> Callable[[], Any]:
     """Forward then backward of a ``ConvolutionLayer`` without activation on the case's data: what the
     seed's layer does, keeping what it needs from the forward pass for the backward pass (where that
     is faster than rebuilding it, ``_conv.forward``). The seed's goal is read from this one."""
-    from ..layer import ConvolutionLayer
+    from ...nn._convolution import ConvolutionLayer
 
     s, a = case.shape, case.arrays
     layer = ConvolutionLayer((s.c, s.h, s.w), (s.kh, s.kw), s.o, s.stride, padding=s.pad, dilation=s.dilation,
