@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from ._base import Backend, BackendUnavailableError
+from ._base import Backend, BackendUnavailableError, connect_registry
 
 __all__ = [
     "Backend",
@@ -247,3 +247,6 @@ def backend_of(array: Any, argument: str = "array") -> Backend:
         f"{argument} must be an array of one of {', '.join(_MODULES)}, got {type(array).__module__}."
         f"{type(array).__qualname__}; convert it first, e.g. conv2d.get_backend().asarray({argument})"
     )
+
+
+connect_registry(backend_of, get_backend)

@@ -159,7 +159,7 @@ def _register_ops() -> dict[str, Callable[..., Any]]:
     """
     import torch
 
-    from .. import _functional, _geometry  # imported late: they import this package
+    from .. import _dispatch, _geometry
 
     def options(stride, padding, padding_mode, dilation, groups, algorithm, max_workspace_bytes, deterministic):
         return dict(
@@ -178,7 +178,7 @@ def _register_ops() -> dict[str, Callable[..., Any]]:
     def forward(x, weight, bias, stride, padding, padding_mode, dilation, groups, algorithm, max_workspace_bytes,
                 deterministic):
         opts = options(stride, padding, padding_mode, dilation, groups, algorithm, max_workspace_bytes, deterministic)
-        return _functional.conv2d(x, weight, bias, **opts)
+        return _dispatch.eager("conv2d")(x, weight, bias, **opts)
 
     @forward.register_fake
     def _(x, weight, bias, stride, padding, padding_mode, dilation, groups, algorithm, max_workspace_bytes,
@@ -196,7 +196,7 @@ def _register_ops() -> dict[str, Callable[..., Any]]:
     def backward(grad_out, x, weight, stride, padding, padding_mode, dilation, groups, algorithm, max_workspace_bytes,
                  deterministic):
         opts = options(stride, padding, padding_mode, dilation, groups, algorithm, max_workspace_bytes, deterministic)
-        return tuple(_functional.conv2d_backward(grad_out, x, weight, **opts))
+        return tuple(_dispatch.eager("conv2d_backward")(grad_out, x, weight, **opts))
 
     @backward.register_fake
     def _(grad_out, x, weight, *args):

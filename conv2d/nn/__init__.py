@@ -2,14 +2,13 @@
 :func:`save` / :func:`load`. The layers themselves are in ``_layers.py`` (see its docstring for their protocol),
 :class:`conv2d.ConvolutionLayer` in ``_convolution.py``, the files in ``_checkpoint.py``."""
 
+from ._checkpoint import load, save
 from ._layers import (
     AvgPoolLayer,
     DenseLayer,
     FlattenLayer,
     MaxPoolLayer,
     Sequential,
-    load,
-    save,
     softmax_cross_entropy,
 )
 

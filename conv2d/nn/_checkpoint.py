@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..backends import Backend
+from . import _layers
+from ._convolution import ConvolutionLayer
 
 FORMAT = "conv2d.nn"
 VERSION = 1
@@ -35,11 +37,8 @@ ARGUMENTS = {
 
 
 def _layer_classes() -> dict[str, Any]:
-    from .. import nn
-    from ._convolution import ConvolutionLayer
-
-    return {cls.__name__: cls for cls in (ConvolutionLayer, nn.MaxPoolLayer, nn.AvgPoolLayer, nn.FlattenLayer,
-                                          nn.DenseLayer, nn.Sequential)}
+    return {cls.__name__: cls for cls in (ConvolutionLayer, _layers.MaxPoolLayer, _layers.AvgPoolLayer,
+                                          _layers.FlattenLayer, _layers.DenseLayer, _layers.Sequential)}
 
 
 def save(network: Any, path: str | os.PathLike[str]) -> Path:

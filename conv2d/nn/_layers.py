@@ -30,7 +30,7 @@ from ..backends import Backend, backend_of, get_backend
 from ._convolution import ACTIVATIONS, batch_size, check_batch, check_lr, forward_state, sgd_update, to_floating
 
 __all__ = [
-    "AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "load", "save", "softmax_cross_entropy",
+    "AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "softmax_cross_entropy",
 ]
 
 
@@ -527,5 +527,3 @@ class Sequential:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_inputs": None}  # the inputs of the last batch are not part of the network
 
-
-from ._checkpoint import load, save  # noqa: E402 - they build the classes above
