@@ -4,10 +4,10 @@ and any array API library, chosen by ``CONV2D_BACKEND`` or by the arrays you pas
 import sys as _sys
 from typing import Any as _Any
 
-from . import _dispatch
-from .algorithms import ALGORITHMS as _ALGORITHM_TABLE
+from . import _dispatch, nn, optim
 from ._cache import clear_caches
 from ._functional import conv2d, conv2d_backward
+from .algorithms import ALGORITHMS as _ALGORITHM_TABLE
 from .backends import (
     Backend,
     BackendUnavailableError,
@@ -16,7 +16,6 @@ from .backends import (
     set_backend,
     use_backend,
 )
-from . import nn, optim
 from .nn._convolution import ConvolutionLayer
 
 __version__ = "0.1.0"
@@ -47,13 +46,13 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "ConvolutionLayer",
-    "nn",
-    "optim",
     "available_backends",
     "clear_caches",
     "conv2d",
     "conv2d_backward",
     "get_backend",
+    "nn",
+    "optim",
     "set_backend",
     "use_backend",
 ]

@@ -11,9 +11,9 @@ import sys
 
 from . import __version__
 from ._conv import auto_algorithm
-from ._geometry import make_geometry
 from ._determinism import ENV_VAR as DETERMINISTIC_ENV_VAR
 from ._determinism import resolve_deterministic
+from ._geometry import make_geometry
 from .backends import ENV_VAR, BackendUnavailableError, available_backends, get_backend
 
 _DISTRIBUTIONS = ("numpy", "array-api-compat", "cupy-cuda12x", "cupy-cuda13x", "torch", "jax", "array-api-strict")

@@ -23,11 +23,11 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from .algorithms import ALGORITHMS, GatherTransposed
 from ._geometry import Geometry
+from ._workspace import bytes_per_item, plan_chunks, scratch_bytes
+from .algorithms import ALGORITHMS, GatherTransposed
 from .algorithms.pointwise import pointwise_applies
 from .algorithms.winograd import winograd_applies
-from ._workspace import bytes_per_item, plan_chunks, scratch_bytes
 from .backends import Backend
 
 

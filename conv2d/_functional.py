@@ -7,10 +7,10 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from . import _conv, _dispatch
-from .algorithms import ALGORITHMS
 from ._determinism import resolve_deterministic
-from ._workspace import resolve_limit
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry
+from ._workspace import resolve_limit
+from .algorithms import ALGORITHMS
 from .backends import Backend, backend_of, compiler_op
 
 
@@ -200,7 +200,8 @@ def conv2d_backward(
         scatter-add (CuPy, torch on CUDA, JAX on a GPU). ``"slices"``, ``"kernels"`` and
         ``"direct"`` are deterministic in both modes, as are the weight and bias gradients;
         ``"native"`` is on the CPU, runs cuDNN's deterministic algorithms on CUDA, and raises
-        ``ValueError`` on a JAX GPU, where ``"auto"`` then runs ``"slices"``. Default: ``CONV2D_DETERMINISTIC`` (``1`` on, ``0`` or unset off).
+        ``ValueError`` on a JAX GPU, where ``"auto"`` then runs ``"slices"``.
+        Default: ``CONV2D_DETERMINISTIC`` (``1`` on, ``0`` or unset off).
 
     Returns
     -------

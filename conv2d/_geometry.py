@@ -5,10 +5,9 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
 
-IntPair = Union[int, Sequence[int]]
-Padding = Union[int, Sequence[int], str]
+IntPair = int | Sequence[int]
+Padding = int | Sequence[int] | str
 
 
 @dataclass(frozen=True)

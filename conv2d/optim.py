@@ -26,7 +26,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-__all__ = ["Adam", "SGD"]
+__all__ = ["SGD", "Adam"]
 
 
 def _non_negative(name: str, value: float) -> float:

@@ -9,9 +9,9 @@ import pytest
 
 import conv2d
 from conv2d import _conv
-from conv2d.algorithms.direct import Direct
 from conv2d._geometry import make_geometry
 from conv2d._workspace import scratch_bytes
+from conv2d.algorithms.direct import Direct
 
 from .oracle import assert_close, torch_conv
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import conv2d
-from conv2d.tools import demo
 from conv2d.__main__ import main
+from conv2d.tools import demo
 
 pytest.importorskip("sklearn")
 

@@ -121,7 +121,7 @@ def test_matches_loops(case, algorithm):
 
 def test_without_bias_equals_zero_bias(backend):
     """bias=None is the same as a bias of zeros, and the backward still returns grad_bias."""
-    rng, x, w, b = _data(CASES[4], 3)
+    _rng, x, w, b = _data(CASES[4], 3)
     X, W = backend.asarray(x), backend.asarray(w)
     Z = backend.asarray(np.zeros_like(b))
     kw = CASES[4]["kwargs"]

@@ -21,10 +21,10 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from .direct import zero_padded
 from .._geometry import Geometry
 from .._workspace import WholeSamples, bytes_per_item, sample_ranges
 from ..backends import Backend
+from .direct import zero_padded
 
 
 def pointwise_applies(geom: Geometry) -> bool:

@@ -30,7 +30,8 @@ it where measured faster (:func:`conv2d._conv.auto_algorithm`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of

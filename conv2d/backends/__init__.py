@@ -219,7 +219,7 @@ def available_backends() -> dict[str, bool | str]:
             report[name] = True
         except BackendUnavailableError as exc:
             report[name] = f"{exc} (install: {_module(name).INSTALL_HINT})"
-        except Exception as exc:  # noqa: BLE001 - a broken install must not hide the other backends
+        except Exception as exc:
             report[name] = f"probing it failed: {type(exc).__name__}: {exc}"
     return report
 

@@ -11,7 +11,6 @@ from array_api_compat import is_array_api_obj
 
 from .._cache import ByteCache
 
-
 # The registry (conv2d.backends) imports this module and fills these in when it loads, before it builds
 # any Backend: a Backend looks up another array's backend (asarray) and an unpickled one its spec,
 # without this module importing the registry back.

@@ -23,11 +23,11 @@ import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from .._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
 from .._conv import choose_algorithm
-from ._parameters import Parameterized, dtype_name, unknown_keys
+from .._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
 from ..backends import Backend, backend_of, get_backend
 from ._convolution import ACTIVATIONS, batch_size, check_batch, check_lr, forward_state, sgd_update, to_floating
+from ._parameters import Parameterized, dtype_name, unknown_keys
 
 __all__ = [
     "AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "softmax_cross_entropy",
@@ -519,7 +519,8 @@ class Sequential:
     def _load_state_dict(self, state: Mapping[str, Any], prefix: str) -> None:
         missing = sorted(set(self.parameters()) - set(state))
         if missing:
-            raise KeyError(f"state has no {[prefix + key for key in missing]}; it needs {[prefix + k for k in self.parameters()]}")
+            needed = [prefix + key for key in self.parameters()]
+            raise KeyError(f"state has no {[prefix + key for key in missing]}; it needs {needed}")
         unknown_keys("state", [prefix + key for key in state], [prefix + key for key in self.parameters()])
         for index, (layer, part) in enumerate(zip(self.layers, self._split("state", state), strict=True)):
             layer._load_state_dict(part, f"{prefix}{index}.")

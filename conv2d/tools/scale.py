@@ -39,7 +39,7 @@ IMAGE = (3, 32, 32)
 
 def _load() -> str:
     try:
-        return "load {:.2f}".format(os.getloadavg()[0])
+        return f"load {os.getloadavg()[0]:.2f}"
     except (AttributeError, OSError):
         return "load unknown"
 
@@ -151,8 +151,8 @@ def inference(args: argparse.Namespace, backend: Any) -> None:
 
 def training(args: argparse.Namespace, backend: Any) -> None:
     from .. import distributed
-    from .demo import build_network
     from ..optim import SGD
+    from .demo import build_network
 
     rng = np.random.default_rng(0)
     for batch in args.batch_sizes:

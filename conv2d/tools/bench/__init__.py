@@ -55,9 +55,9 @@ from .memory import LIMITS as LIMITS
 from .memory import SMALL_LIMIT as SMALL_LIMIT
 from .memory import peak_memory as peak_memory
 from .precision import gpu_precision as gpu_precision
-from .report import STATISTICS as STATISTICS
 from .report import GROUPS as GROUPS
-from .report import TARGETS, Target, assemble, measure
+from .report import STATISTICS as STATISTICS
+from .report import TARGETS, Target, measure
 from .report import summary as summary
 from .report import summary_lines as summary_lines
 from .report import table_header as table_header

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from ...algorithms import ALGORITHMS
 from ..._functional import conv2d, conv2d_backward
 from ..._geometry import make_geometry
+from ...algorithms import ALGORITHMS
 from ...backends import Backend
 from .shapes import Shape
 from .timing import _on_gpu

@@ -22,8 +22,8 @@ import time
 from typing import Any
 
 from ...backends import Backend
-from .blas_kernels import ENV_VAR
 from .allocator import child_env
+from .blas_kernels import ENV_VAR
 from .calls import Case
 from .machine import _blas_line
 from .report import GROUP_NAMES, assemble, measure
