@@ -32,8 +32,11 @@ def _dask_handoff(function: str, arrays: tuple[_Any, ...], options: dict[str, _A
         return NotImplemented
     from . import distributed  # imports dask, already loaded: a dask array exists
 
-    handler = distributed.forward if function == "conv2d" else distributed.backward
-    return handler(*arrays, options)
+    if function == "conv2d":
+        x, weight, bias = arrays
+        return distributed.forward(x, weight, bias, options)
+    grad_out, x, weight = arrays
+    return distributed.backward(grad_out, x, weight, options)
 
 
 _dispatch.register_handoff(_dask_handoff)

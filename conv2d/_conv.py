@@ -50,8 +50,9 @@ def choose_algorithm(name: str, backend: Backend, deterministic: bool = False, g
             f"algorithm 'native' calls the array library's own convolution, which backend {backend.spec!r} does "
             "not have (torch and jax do); use algorithm='auto', 'gather' or 'slices'"
         )
-    if geom is not None and hasattr(ALGORITHMS[name], "check"):  # algorithms for some layers only
-        ALGORITHMS[name].check(geom)
+    check = getattr(ALGORITHMS[name], "check", None)  # algorithms for some layers only
+    if geom is not None and check is not None:
+        check(geom)
     if name == "gather" and deterministic and not backend.deterministic_scatter:
         return GatherTransposed
     return ALGORITHMS[name]
@@ -191,8 +192,8 @@ def forward(
     chunks = _chunks(backend, x, geom, limit)
     n = x.shape[0]
     itemsize = bytes_per_item(x)
-    kept = ([] if keep_patches and backend.cache_bytes is None and scratch_bytes(geom, n, geom.out_h, itemsize) <= limit
-            else None)
+    keep = keep_patches and backend.cache_bytes is None and scratch_bytes(geom, n, geom.out_h, itemsize) <= limit
+    kept: list[Any] | None = [] if keep else None
     w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.patch_size))
     y = None
     for chunk in chunks:

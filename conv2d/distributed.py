@@ -64,7 +64,7 @@ def _as_dask(array: Any, batch_chunks: tuple[int, ...] | None = None) -> da.Arra
     (default: as it is, or one chunk for an in-memory array)."""
     if not _is_dask(array):
         array = da.from_array(array, chunks=array.shape)
-    chunks = {axis: -1 for axis in range(1, array.ndim)}
+    chunks: dict[int, int | tuple[int, ...]] = {axis: -1 for axis in range(1, array.ndim)}
     if batch_chunks is not None:
         chunks[0] = batch_chunks
     return array.rechunk(chunks)

@@ -71,7 +71,8 @@ def _input_read(xp: Any, x: Any, geom: Geometry) -> Any:
     if geom.padded:
         x = zero_padded(xp, x, geom)
     if geom.stride != (1, 1) or geom.padded:
-        x = x[(..., *_reads(geom))]
+        key = (..., *_reads(geom))
+        x = x[key]
     return xp.reshape(x, (n, geom.groups, geom.channels_per_group, geom.out_h * geom.out_w))
 
 

@@ -90,7 +90,7 @@ class CupyKernels:
     def __init__(self, cupy: Any, device: Any) -> None:
         self._cupy = cupy
         self._device = device  # a context manager: kernels launch on the backend's device
-        self._built: dict[tuple[str, str], Any] = {}
+        self._built: dict[tuple[str, str, str], Any] = {}
 
     def _kernel(self, name: str, dtype: Any, index: str) -> Any:
         key = (name, _cuda_source.accumulator(np.dtype(dtype).name), index)  # CuPy's dtypes are NumPy's

@@ -216,8 +216,9 @@ class FlattenLayer(Parameterized):
 
     def backward(self, activation_prev: Any, delta: Any) -> tuple[Any, dict[str, Any]]:
         """Return (`delta` in the shape of the last forwardpass's input, {})."""
-        check_batch(activation_prev, forward_state(self._shape)[0])
-        expected = (self._shape[0], math.prod(self._shape[1:]))
+        shape = forward_state(self._shape)
+        check_batch(activation_prev, shape[0])
+        expected = (shape[0], math.prod(shape[1:]))
         if tuple(delta.shape) != expected:
             raise ValueError(f"delta must have the forward output's shape {expected}, got {tuple(delta.shape)}")
         return array_namespace(delta).reshape(delta, self._shape), {}
@@ -463,10 +464,11 @@ class Sequential:
 
         Nothing is updated; the gradients are keyed like :meth:`parameters`.
         """
-        check_batch(activation_prev, batch_size(forward_state(self._inputs)[0]))
+        inputs = forward_state(self._inputs)
+        check_batch(activation_prev, batch_size(inputs[0]))
         grads: dict[str, Any] = {}
         for index in reversed(range(len(self.layers))):
-            delta, layer_grads = self.layers[index].backward(self._inputs[index], delta)
+            delta, layer_grads = self.layers[index].backward(inputs[index], delta)
             grads.update((f"{index}.{name}", grad) for name, grad in layer_grads.items())
         # Layer order, as parameters() lists them.
         return delta, {key: grads[key] for key in self.parameters() if key in grads}
@@ -474,8 +476,9 @@ class Sequential:
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
         """Run `delta` (dE/d(output)) back through the layers, updating each; return dE/dX."""
         check_lr(lr)  # before any layer is updated
-        check_batch(activation_prev, batch_size(forward_state(self._inputs)[0]))
-        for layer, layer_input in zip(reversed(self.layers), reversed(self._inputs), strict=True):
+        inputs = forward_state(self._inputs)
+        check_batch(activation_prev, batch_size(inputs[0]))
+        for layer, layer_input in zip(reversed(self.layers), reversed(inputs), strict=True):
             delta = layer.backwardpass(lr, layer_input, delta)
         return delta
 
