@@ -37,9 +37,10 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -151,7 +152,7 @@ class _RecordingCupy:
         self._launches = launches
         self._edit = edit
 
-    def ElementwiseKernel(  # noqa: N802 - CuPy's name
+    def ElementwiseKernel(
         self, in_params: str, out_params: str, operation: str, *args: Any, **kwargs: Any
     ) -> Any:
         if self._edit is not None:
@@ -305,7 +306,7 @@ def variants(internals: SimpleNamespace, launches: list[Launch]) -> list[Variant
         if source not in seen:
             # compile_with_cache's options, then _compile_with_cache_cuda's -ftz=true; the arch options
             # follow in CuPy's compile_using_nvrtc.
-            options = internals.compiler_options(tuple(kwargs.get("options", ()))) + ("-ftz=true",)
+            options = (*internals.compiler_options(tuple(kwargs.get("options", ()))), "-ftz=true")
             seen[source] = Variant(kernel.name, label, source, options)
     return list(seen.values())
 
@@ -348,7 +349,7 @@ def compile_variant(internals: SimpleNamespace, variant: Variant, arch: str) -> 
             )
     except internals.CompileException as exc:
         return Result(variant, arch, "compiler error", f"{exc.get_message()}\noptions: {' '.join(exc.options)}")
-    except Exception as exc:  # noqa: BLE001 - not NVRTC's verdict: CuPy's path itself changed
+    except Exception as exc:
         raise CheckError(
             f"CuPy's compile_using_nvrtc failed before NVRTC gave a verdict ({type(exc).__name__}: {exc}); "
             "if it now asks the driver, ci/nvrtc_check.py's _arch_without_device needs updating"
@@ -374,7 +375,7 @@ def _environment(internals: SimpleNamespace) -> str:
     """NVRTC's version and where its library and CUDA's headers come from; fails unless from this venv."""
     try:
         major, minor = internals.nvrtc_version()
-    except Exception as exc:  # noqa: BLE001 - any load failure: its message says why
+    except Exception as exc:
         raise CheckError(
             f"NVRTC does not load ({type(exc).__name__}: {exc}): is nvidia-cuda-nvrtc installed in this venv?"
         ) from exc

@@ -12,9 +12,9 @@ import sys
 
 from . import __version__
 from ._conv import auto_algorithm
-from ._geometry import make_geometry
 from ._determinism import ENV_VAR as DETERMINISTIC_ENV_VAR
 from ._determinism import resolve_deterministic
+from ._geometry import make_geometry
 from .backends import ENV_VAR, BackendUnavailableError, available_backends, get_backend
 
 _DISTRIBUTIONS = ("numpy", "array-api-compat", "cupy-cuda12x", "cupy-cuda13x", "torch", "jax", "array-api-strict")
@@ -52,7 +52,7 @@ _AUTO_RULE = (
 )
 
 # Typical layers for which `info` shows auto's choice on the active backend: (label, input, weight, options).
-_EXAMPLE_LAYERS = (
+_EXAMPLE_LAYERS: tuple[tuple[str, tuple[int, ...], tuple[int, ...], dict[str, int]], ...] = (
     ("3x3, 16 channels", (1, 16, 8, 8), (16, 16, 3, 3), {"padding": 1}),
     ("3x3, 64 channels", (1, 64, 16, 16), (64, 64, 3, 3), {"padding": 1}),
     ("1x1", (1, 64, 16, 16), (64, 64, 1, 1), {}),
@@ -101,9 +101,9 @@ def info() -> int:
 # Modules are imported only for the command that runs: `info` must not pay for matplotlib.
 _COMMANDS = {
     "info": (None, "versions, usable backends and the active one"),
-    "bench": (".bench", "time conv2d against PyTorch, the bare matrix products and the seed"),
-    "demo": (".demo", "train a small CNN on scikit-learn's digits"),
-    "scale": (".scale", "inference images/s and training ms/step on 1..k Dask workers (needs conv2d[dask])"),
+    "bench": (".tools.bench", "time conv2d against PyTorch, the bare matrix products and the seed"),
+    "demo": (".tools.demo", "train a small CNN on scikit-learn's digits"),
+    "scale": (".tools.scale", "inference images/s and training ms/step on 1..k Dask workers (needs conv2d[dask])"),
 }
 
 

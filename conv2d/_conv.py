@@ -23,11 +23,11 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from ._algorithms import ALGORITHMS, GatherTransposed
 from ._geometry import Geometry
-from ._pointwise import pointwise_applies
-from ._winograd import winograd_applies
 from ._workspace import bytes_per_item, plan_chunks, scratch_bytes
+from .algorithms import ALGORITHMS, GatherTransposed
+from .algorithms.pointwise import pointwise_applies
+from .algorithms.winograd import winograd_applies
 from .backends import Backend
 
 
@@ -50,8 +50,9 @@ def choose_algorithm(name: str, backend: Backend, deterministic: bool = False, g
             f"algorithm 'native' calls the array library's own convolution, which backend {backend.spec!r} does "
             "not have (torch and jax do); use algorithm='auto', 'gather' or 'slices'"
         )
-    if geom is not None and hasattr(ALGORITHMS[name], "check"):  # algorithms for some layers only
-        ALGORITHMS[name].check(geom)
+    check = getattr(ALGORITHMS[name], "check", None)  # algorithms for some layers only
+    if geom is not None and check is not None:
+        check(geom)
     if name == "gather" and deterministic and not backend.deterministic_scatter:
         return GatherTransposed
     return ALGORITHMS[name]
@@ -125,7 +126,7 @@ def _finite_or_slices(backend: Backend, algorithm: str, algo: Any, arrays: tuple
 
     Winograd's transforms mix neighbouring inputs, so one inf turns into NaN outputs that PyTorch
     (and im2col) give as +-inf, and a non-finite value reaches more outputs than read it
-    (:mod:`conv2d._winograd`). ``auto`` should not change what a result means, so it keeps
+    (:mod:`conv2d.algorithms.winograd`). ``auto`` should not change what a result means, so it keeps
     ``winograd`` for finite data only. The check is one pass over each array: measured on NumPy
     0.03 ms (float32) and 0.7 ms (float16) for x and weight of a layer whose forward and backward
     took 140 ms (8,64,16,64). An explicit ``algorithm="winograd"`` is not checked (documented).
@@ -214,8 +215,8 @@ def forward(
     chunks = _chunks(backend, x, geom, limit)
     n = x.shape[0]
     itemsize = bytes_per_item(x)
-    kept = ([] if keep_patches and backend.cache_bytes is None and scratch_bytes(geom, n, geom.out_h, itemsize) <= limit
-            else None)
+    keep = keep_patches and backend.cache_bytes is None and scratch_bytes(geom, n, geom.out_h, itemsize) <= limit
+    kept: list[Any] | None = [] if keep else None
     w = xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.patch_size))
     y = None
     for chunk in chunks:

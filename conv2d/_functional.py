@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from array_api_compat import array_namespace
 
-from . import _conv
-from ._algorithms import ALGORITHMS
+from . import _conv, _dispatch
 from ._determinism import resolve_deterministic
-from ._workspace import resolve_limit
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry
+from ._workspace import resolve_limit
+from .algorithms import ALGORITHMS
 from .backends import Backend, backend_of, compiler_op
 
 
@@ -53,24 +52,17 @@ def check_algorithm(algorithm: str) -> str:
     return algorithm
 
 
-def _dask_among(*arrays: Any) -> bool:
-    """Whether any argument is a dask array, asked without importing dask (an optional dependency)."""
-    module = sys.modules.get("dask.array")
-    return module is not None and any(isinstance(array, module.Array) for array in arrays)
-
-
 def _delegated(function: str, arrays: tuple[Any, ...], options: dict[str, Any]) -> Any | None:
     """The result of `function` where another engine takes the call, else None.
 
     A dask array among `arrays` goes to :mod:`conv2d.distributed` (one ordinary call per batch
-    chunk). While ``torch.compile`` traces, the call is one opaque custom operator, checked and run
-    when the compiled graph executes. Both are asked for without importing dask or torch.
+    chunk), through the hand-off that ``conv2d/__init__.py`` registers in :mod:`conv2d._dispatch`.
+    While ``torch.compile`` traces, the call is one opaque custom operator, checked and run when the
+    compiled graph executes. Both are asked for without importing dask or torch.
     """
-    if _dask_among(*arrays):
-        from . import distributed
-
-        handler = distributed.forward if function == "conv2d" else distributed.backward
-        return handler(*arrays, options)
+    result = _dispatch.handed_off(function, arrays, options)
+    if result is not NotImplemented:
+        return result
     op = compiler_op(function)
     if op is None:
         return None
@@ -266,3 +258,8 @@ def conv2d_backward(
         deterministic=resolve_deterministic(deterministic),
     )
 
+
+
+# The torch backend's compiler operators run these when a compiled graph executes (see conv2d._dispatch).
+_dispatch.register_eager("conv2d", conv2d)
+_dispatch.register_eager("conv2d_backward", conv2d_backward)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeGuard
 
-IntPair = Union[int, Sequence[int]]
-Padding = Union[int, Sequence[int], str]
+IntPair = int | Sequence[int]
+Padding = int | Sequence[int] | str
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Geometry:
         return any(self.padding)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     # NumPy integers are welcome; bool is an int subclass, but stride=True is a bug, not a stride of one.
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

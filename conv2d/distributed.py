@@ -64,7 +64,7 @@ def _as_dask(array: Any, batch_chunks: tuple[int, ...] | None = None) -> da.Arra
     (default: as it is, or one chunk for an in-memory array)."""
     if not _is_dask(array):
         array = da.from_array(array, chunks=array.shape)
-    chunks = {axis: -1 for axis in range(1, array.ndim)}
+    chunks: dict[int, int | tuple[int, ...]] = {axis: -1 for axis in range(1, array.ndim)}
     if batch_chunks is not None:
         chunks[0] = batch_chunks
     return array.rechunk(chunks)
@@ -495,7 +495,8 @@ class DataParallel:
 
     Examples
     --------
-    >>> from conv2d import demo, distributed, optim  # doctest: +SKIP
+    >>> from conv2d import distributed, optim
+    >>> from conv2d.tools import demo  # doctest: +SKIP
     >>> import conv2d  # doctest: +SKIP
     >>> data = demo.load_digits()  # doctest: +SKIP
     >>> trainer = distributed.DataParallel(demo.build_network(conv2d.get_backend()))  # doctest: +SKIP
@@ -553,7 +554,7 @@ class DataParallel:
         seed : int, default 0
             Each epoch visits the rows in the order of ``numpy.random.default_rng(seed).permutation``
             (one generator for the whole fit), in batches of `batch_size`, the last one smaller if
-            needed: the order of ``conv2d.demo.train``.
+            needed: the order of ``conv2d.tools.demo.train``.
         validation_data : (X, y), optional
             Evaluated here after each epoch (the network is fetched from a worker).
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, is_array_api_obj
 
-__all__ = ["Adam", "SGD"]
+__all__ = ["SGD", "Adam"]
 
 
 def _non_negative(name: str, value: Any) -> float:

@@ -20,7 +20,7 @@ os.environ["CONV2D_BACKEND"] = "numpy"
 for _threads in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_threads, "1")
 
-import conv2d
+import conv2d  # noqa: E402  (after the environment above)
 
 project = "conv2d"
 copyright = "conv2d contributors"
@@ -76,5 +76,5 @@ html_show_sourcelink = False
 
 doctest_global_setup = """
 import numpy as np
-import conv2d
+import conv2d  # noqa: E402  (after the environment above)
 """

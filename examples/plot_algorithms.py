@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import FormatStrFormatter, NullFormatter
 import numpy as np
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 import conv2d
 

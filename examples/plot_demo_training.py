@@ -12,13 +12,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import conv2d
-from conv2d import demo, nn
+from conv2d import nn
+from conv2d.tools import demo
 
 # %%
 # The data and the network
 # ------------------------
-# :func:`conv2d.demo.load_digits` splits the digits into 80% training and 20% test images, scaled to
-# [0, 1], on the host. :func:`conv2d.demo.build_network` builds the demo's network on a backend.
+# :func:`conv2d.tools.demo.load_digits` splits the digits into 80% training and 20% test images, scaled to
+# [0, 1], on the host. :func:`conv2d.tools.demo.build_network` builds the demo's network on a backend.
 
 backend = conv2d.get_backend()  # CONV2D_BACKEND, else NumPy
 data = demo.load_digits(seed=0)

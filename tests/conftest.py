@@ -47,7 +47,7 @@ import conv2d  # noqa: E402
 from conv2d.backends import BackendUnavailableError  # noqa: E402
 
 if _ONE_THREAD:
-    from threadpoolctl import threadpool_limits  # noqa: E402
+    from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1)  # and the libraries loaded before this file (NumPy, by pytest's plugins)
 

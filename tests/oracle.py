@@ -68,7 +68,7 @@ def loop_conv(x, w, b, *, stride, padding, dilation, groups):
 
     `padding` is (top, bottom, left, right). Returns y and a function grad_out -> (gx, gw, gb).
     """
-    n, c, h, wd = x.shape
+    n, _c, h, wd = x.shape
     o, cg, kh, kw = w.shape
     sh, sw = stride
     dh, dw = dilation

@@ -9,9 +9,9 @@ import pytest
 
 import conv2d
 from conv2d import _conv
-from conv2d._direct import Direct
 from conv2d._geometry import make_geometry
 from conv2d._workspace import scratch_bytes
+from conv2d.algorithms.direct import Direct
 
 from .oracle import assert_close, torch_conv
 
@@ -71,7 +71,7 @@ def test_numpy_depthwise_takes_the_direct_path(monkeypatch):
     def im2col_must_not_run(*args, **kwargs):
         raise AssertionError("auto built a patch matrix for a depthwise layer")
 
-    monkeypatch.setattr(conv2d._algorithms.Slices, "patches", im2col_must_not_run)
+    monkeypatch.setattr(conv2d.algorithms.Slices, "patches", im2col_must_not_run)
     y = conv2d.conv2d(x, w, b, padding=1, groups=6)
     grads = conv2d.conv2d_backward(g, x, w, padding=1, groups=6)
     numpy = conv2d.get_backend("numpy")
@@ -89,7 +89,7 @@ def test_direct_falls_back_to_slices_when_one_sample_does_not_fit(monkeypatch):
     limit = scratch_bytes(geom, 1, 2, 8)  # two output rows of im2col
     assert not Direct.fits(geom, 8, limit)
     used = []
-    monkeypatch.setattr(conv2d._algorithms.Slices, "patches", lambda *a, _p=conv2d._algorithms.Slices.patches: used.append(1) or _p(*a))
+    monkeypatch.setattr(conv2d.algorithms.Slices, "patches", lambda *a, _p=conv2d.algorithms.Slices.patches: used.append(1) or _p(*a))
     grads = conv2d.conv2d_backward(g, x, w, padding=1, groups=4, algorithm="direct", max_workspace_bytes=limit)
     assert used
     numpy = conv2d.get_backend("numpy")

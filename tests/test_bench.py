@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import conv2d
-from conv2d import bench
 from conv2d.__main__ import main
+from conv2d.tools import bench
 
 TINY = "2,3,8,8,4,3,3,1,1"
 TINY_GROUPED = "2,4,9,9,6,3,3,2,1,2,2"  # stride 2, dilation 2, groups 2: the seed cannot run it

@@ -12,8 +12,8 @@ import platform
 import pytest
 
 from conv2d.__main__ import main
-from conv2d.bench import blas_kernels
-from conv2d.bench.machine import _blas_line
+from conv2d.tools.bench import blas_kernels
+from conv2d.tools.bench.machine import _blas_line
 
 TINY = "2,3,8,8,4,3,3,1,1"
 AVX2_CPU = frozenset({"sse4_2", "avx", "avx2", "fma"})

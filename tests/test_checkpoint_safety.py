@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import conv2d
-from conv2d import _checkpoint, _npz, nn
+from conv2d import nn
+from conv2d.nn import _checkpoint, _npz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

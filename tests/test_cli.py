@@ -7,15 +7,15 @@ import sys
 
 import pytest
 
-import conv2d.bench
-import conv2d.demo
+import conv2d.tools.bench
+import conv2d.tools.demo
 from conv2d.__main__ import main
 
 
 @pytest.fixture(autouse=True)
 def _no_command_runs(monkeypatch):
     """The parsing alone is tested: a command that got as far as running fails the test."""
-    for module in (conv2d.demo, conv2d.bench):
+    for module in (conv2d.tools.demo, conv2d.tools.bench):
         monkeypatch.setattr(module, "run", lambda args: pytest.fail(f"ran with {args}"))
 
 
@@ -72,6 +72,6 @@ def test_a_typo_from_the_shell():
 
 def test_full_option_names_still_parse(monkeypatch):
     seen = []
-    monkeypatch.setattr(conv2d.demo, "run", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(conv2d.tools.demo, "run", lambda args: seen.append(args) or 0)
     assert main(["demo", "--epochs", "3", "--no-plots", "--save=model"]) == 0
     assert seen[0].epochs == 3 and seen[0].no_plots and str(seen[0].save) == "model"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import conv2d
-from conv2d import demo
 from conv2d.__main__ import main
+from conv2d.tools import demo
 
 pytest.importorskip("sklearn")
 
@@ -160,7 +160,7 @@ def test_cli_bad_backend_is_named_as_the_option(capsys):
 def test_demo_module_imports_no_demo_dependency():
     """scikit-learn, matplotlib and tqdm are imported by the demo's run, not by importing conv2d or its CLI."""
     code = (
-        "import sys, conv2d, conv2d.nn, conv2d.demo, conv2d.__main__\n"
+        "import sys, conv2d, conv2d.nn, conv2d.tools.demo, conv2d.__main__\n"
         "heavy = {'sklearn', 'matplotlib', 'tqdm'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -12,11 +12,11 @@ import pytest
 
 import conv2d
 from conv2d import _conv
-from conv2d._algorithms import GatherTransposed
 from conv2d._determinism import resolve_deterministic
 from conv2d._geometry import make_geometry
-from conv2d._plan import gather_readers, input_rows, row_plan
 from conv2d._workspace import _readers_per_pixel
+from conv2d.algorithms import GatherTransposed
+from conv2d.algorithms.plan import gather_readers, input_rows, row_plan
 
 from .kernel_harness import host_kernels_backend
 from .oracle import assert_close, missing_algorithm, torch_conv

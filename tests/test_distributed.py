@@ -21,13 +21,13 @@ import pytest
 pytest.importorskip("dask.array")
 pytest.importorskip("distributed")
 
-import dask  # noqa: E402
-import dask.array as da  # noqa: E402
+import dask
+import dask.array as da
 
-import conv2d  # noqa: E402
-from conv2d import distributed, nn, optim  # noqa: E402
+import conv2d
+from conv2d import distributed, nn, optim
 
-from .oracle import TOLERANCE, assert_close, torch_conv  # noqa: E402
+from .oracle import TOLERANCE, assert_close, torch_conv
 
 WAIT = 60  # seconds: the bound on every wait for the cluster
 
@@ -410,8 +410,8 @@ def test_demo_dask_trains_as_the_demo_does(cluster_client, capsys):
     """`demo --dask ADDRESS`: the same batches and SGD steps as the plain demo, so the same test
     accuracy and (to float32 rounding) the same training loss; the cluster is left running."""
     pytest.importorskip("sklearn")
-    from conv2d import demo
     from conv2d.__main__ import main
+    from conv2d.tools import demo
 
     address = cluster_client.scheduler.address
     assert main(["demo", "--dask", address, "--epochs", "2", "--no-plots"]) == 0

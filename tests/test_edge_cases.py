@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import conv2d
-from conv2d import _plan
 from conv2d._geometry import make_geometry
-from conv2d._plan import gather_indices, index_dtype, row_length
 from conv2d._workspace import DEFAULT_BYTES, plan_chunks, scratch_bytes
+from conv2d.algorithms import plan as _plan
+from conv2d.algorithms.plan import gather_indices, index_dtype, row_length
 from conv2d.backends import Backend
 
 from .oracle import PORTABLE_ALGORITHMS, TOLERANCE, assert_close, torch_conv

@@ -275,7 +275,7 @@ TABLE = [
 
 @pytest.mark.parametrize(("description", "call", "error", "pattern"), TABLE, ids=[row[0] for row in TABLE])
 def test_bad_argument_message(description, call, error, pattern):
-    with pytest.raises(Exception) as info:  # noqa: PT011 - the type is checked below, with the message
+    with pytest.raises(Exception) as info:
         call()
     message = str(info.value)
     assert type(info.value) is error, f"{description}: {type(info.value).__name__} instead of {error.__name__}: {message}"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import conv2d
-from conv2d.layer import ACTIVATIONS
+from conv2d.nn._convolution import ACTIVATIONS
 
 from .conftest import CPU_BACKENDS
 from .oracle import assert_close

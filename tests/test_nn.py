@@ -11,7 +11,7 @@ import pytest
 
 import conv2d
 from conv2d import nn
-from conv2d.layer import ACTIVATIONS
+from conv2d.nn._convolution import ACTIVATIONS
 
 from .conftest import CPU_BACKENDS
 from .oracle import assert_close

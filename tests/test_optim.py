@@ -60,7 +60,7 @@ def test_optimizer_float32(cpu_backend, case):
     leaves = {k: torch.tensor(v, requires_grad=True) for k, v in net.state_dict().items()}
     optimizer, reference = ours(**options), theirs(list(leaves.values()), **options)
     rng = np.random.default_rng(12)
-    for step in range(STEPS):
+    for _step in range(STEPS):
         grads = {k: rng.standard_normal(tuple(v.shape)).astype(np.float32) for k, v in leaves.items()}
         for k, leaf in leaves.items():
             leaf.grad = torch.tensor(grads[k])

@@ -121,7 +121,7 @@ def test_matches_loops(case, algorithm):
 
 def test_without_bias_equals_zero_bias(backend):
     """bias=None is the same as a bias of zeros, and the backward still returns grad_bias."""
-    rng, x, w, b = _data(CASES[4], 3)
+    _rng, x, w, b = _data(CASES[4], 3)
     X, W = backend.asarray(x), backend.asarray(w)
     Z = backend.asarray(np.zeros_like(b))
     kw = CASES[4]["kwargs"]
@@ -155,7 +155,7 @@ def test_repeated_calls_are_bitwise_identical(cpu_backend):
 
 def test_auto_runs_only_the_algorithm_it_chooses(monkeypatch, cpu_backend):
     """'auto' really delegates: with every other algorithm broken, the default call still gives the answer."""
-    from conv2d import _algorithms, _conv
+    from conv2d import _conv, algorithms
 
     def broken(*args, **kwargs):
         raise AssertionError("an algorithm that 'auto' did not choose was called")
@@ -163,7 +163,7 @@ def test_auto_runs_only_the_algorithm_it_chooses(monkeypatch, cpu_backend):
     case = CASES[7]
     rng, x, w, b = _data(case, 6)
     chosen = _conv.choose_algorithm("auto", cpu_backend, geom=make_geometry(x.shape, w.shape, b.shape, **case["kwargs"]))
-    for algorithm in _algorithms.ALGORITHMS.values():
+    for algorithm in algorithms.ALGORITHMS.values():
         if algorithm is not chosen:
             for method in ("patches", "grad_start", "grad_add", "grad_finish", "forward", "backward"):
                 if hasattr(algorithm, method):  # im2col algorithms have the first four, whole-call ones the last two

@@ -8,7 +8,7 @@ import pytest
 import conv2d
 from conv2d import _conv
 from conv2d._geometry import make_geometry
-from conv2d._pointwise import Pointwise, _sample_scratch
+from conv2d.algorithms.pointwise import Pointwise, _sample_scratch
 
 from .oracle import assert_close, layer_data, torch_conv
 

@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import conv2d
-from conv2d._geometry import make_geometry
 from conv2d import _conv
+from conv2d._geometry import make_geometry
 from conv2d._workspace import plan_chunks, scratch_bytes
 
 from .conftest import _get
@@ -55,7 +55,7 @@ def _padding_rows_cols(padding, kernel: tuple[int, int], dilation: tuple[int, in
 
 
 @st.composite
-def convolutions(draw, batch=st.integers(0, 4), max_size: int = 20) -> dict:
+def convolutions(draw, batch=st.integers(0, 4), max_size: int = 20) -> dict:  # noqa: B008 - a strategy, never called
     """Shapes and keyword arguments of one legal convolution."""
     groups = draw(st.integers(1, 8))
     c = groups * draw(st.integers(1, 8 // groups))

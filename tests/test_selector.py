@@ -493,7 +493,7 @@ def _in_threads(targets, barrier: threading.Barrier | None = None):
         def run():
             try:
                 fn()
-            except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+            except BaseException as exc:
                 errors.append(exc)
                 if barrier is not None:
                     barrier.abort()

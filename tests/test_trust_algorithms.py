@@ -114,7 +114,7 @@ def test_float16_large_inputs_stay_finite_and_right(algorithm):
 
 def test_auto_runs_winograd_in_float16(monkeypatch):
     """auto keeps winograd for float16 on a wide NumPy layer (measured 15x faster than slices' float16 products)."""
-    from conv2d._algorithms import Slices
+    from conv2d.algorithms import Slices
 
     monkeypatch.setattr(Slices, "patches", lambda *a: pytest.fail("auto built im2col patches"))
     x = np.ones((1, 64, 6, 6), np.float16)
@@ -185,7 +185,7 @@ def test_explicit_winograd_keeps_its_documented_behaviour():
 
 def test_auto_runs_winograd_on_finite_data_only(monkeypatch):
     """The finiteness check decides per call: winograd for finite data, slices once an inf appears."""
-    from conv2d._winograd import Winograd
+    from conv2d.algorithms.winograd import Winograd
 
     ran = []
     forward = Winograd.forward

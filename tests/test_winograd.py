@@ -8,7 +8,7 @@ import pytest
 import conv2d
 from conv2d import _conv
 from conv2d._geometry import make_geometry
-from conv2d._winograd import _sample_scratch
+from conv2d.algorithms.winograd import _sample_scratch
 
 from .oracle import assert_close, layer_data, torch_conv
 
@@ -90,7 +90,7 @@ def test_a_sample_over_the_limit_runs_slices_and_stays_right(monkeypatch):
     x, w, b, g = _data(layer, 4, "float64")
     geom = make_geometry(x.shape, w.shape, b.shape, padding=1)
     limit = _sample_scratch(geom, 8) // 2
-    from conv2d._winograd import Winograd
+    from conv2d.algorithms.winograd import Winograd
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("winograd ran on a sample over the workspace limit")
@@ -167,7 +167,7 @@ def test_auto_rule():
 
 def test_auto_runs_winograd_on_a_wide_numpy_layer(monkeypatch):
     """The default call on such a layer runs winograd (recorded), with PyTorch's results."""
-    from conv2d._winograd import Winograd
+    from conv2d.algorithms.winograd import Winograd
 
     ran = []
     forward, backward = Winograd.forward, Winograd.backward

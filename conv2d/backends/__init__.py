@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-from ._base import Backend, BackendUnavailableError
+from ._base import Backend, BackendUnavailableError, connect_registry
 
 __all__ = [
     "Backend",
@@ -219,7 +219,7 @@ def available_backends() -> dict[str, bool | str]:
             report[name] = True
         except BackendUnavailableError as exc:
             report[name] = f"{exc} (install: {_module(name).INSTALL_HINT})"
-        except Exception as exc:  # noqa: BLE001 - a broken install must not hide the other backends
+        except Exception as exc:
             report[name] = f"probing it failed: {type(exc).__name__}: {exc}"
     return report
 
@@ -247,3 +247,6 @@ def backend_of(array: Any, argument: str = "array") -> Backend:
         f"{argument} must be an array of one of {', '.join(_MODULES)}, got {type(array).__module__}."
         f"{type(array).__qualname__}; convert it first, e.g. conv2d.get_backend().asarray({argument})"
     )
+
+
+connect_registry(backend_of, get_backend)

@@ -11,6 +11,16 @@ from array_api_compat import is_array_api_obj
 
 from .._cache import ByteCache
 
+# The registry (conv2d.backends) imports this module and fills these in when it loads, before it builds
+# any Backend: a Backend looks up another array's backend (asarray) and an unpickled one its spec,
+# without this module importing the registry back.
+_registry: dict[str, Callable[..., Backend]] = {}
+
+
+def connect_registry(backend_of: Callable[..., Backend], get_backend: Callable[..., Backend]) -> None:
+    """Called once by conv2d.backends: the lookups that Backend objects need from it."""
+    _registry.update(backend_of=backend_of, get_backend=get_backend)
+
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name, but its library or device cannot be used here."""
@@ -90,9 +100,7 @@ class Backend:
         ``"float32"``.
         """
         if is_array_api_obj(obj):
-            from . import backend_of  # the registry imports this module: import late
-
-            source = backend_of(obj, "obj")  # also refuses a masked array, whose mask would be lost here
+            source = _registry["backend_of"](obj, "obj")  # also refuses a masked array, whose mask would be lost here
             if not self._owns(obj):
                 obj = source.to_numpy(obj)
         if isinstance(dtype, str):
@@ -158,6 +166,4 @@ class Backend:
 
 def _backend_from_spec(spec: str) -> Backend:
     """What an unpickled Backend becomes: the registry's backend for `spec` in this process."""
-    from . import get_backend  # the registry imports this module: import late
-
-    return get_backend(spec)
+    return _registry["get_backend"](spec)

@@ -37,7 +37,7 @@ def build(device: str | None) -> Backend:
     # A successful import says nothing about a GPU: ask the driver, then allocate.
     try:
         count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # noqa: BLE001 - no driver, no runtime: the reason is in the message
+    except Exception as exc:
         raise BackendUnavailableError(
             f"CuPy finds no usable CUDA driver or device ({exc}); it needs an NVIDIA GPU with its driver, "
             f"and a CuPy built for that CUDA version: {INSTALL_HINT}"
@@ -48,7 +48,7 @@ def build(device: str | None) -> Backend:
     try:
         with dev:
             cupy.empty(1)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise BackendUnavailableError(f"cannot allocate on CUDA device {index}: {exc}") from exc
     import array_api_compat.cupy as xp
     import cupyx
@@ -90,7 +90,7 @@ class CupyKernels:
     def __init__(self, cupy: Any, device: Any) -> None:
         self._cupy = cupy
         self._device = device  # a context manager: kernels launch on the backend's device
-        self._built: dict[tuple[str, str], Any] = {}
+        self._built: dict[tuple[str, str, str], Any] = {}
 
     def _kernel(self, name: str, dtype: Any, index: str) -> Any:
         key = (name, _cuda_source.accumulator(np.dtype(dtype).name), index)  # CuPy's dtypes are NumPy's

@@ -29,7 +29,8 @@ def check_plain(array: Any, argument: str) -> None:
     if type(array) in (np.ndarray, np.memmap):
         return
     kind = f"{type(array).__module__}.{type(array).__qualname__}"
-    fix = f"{argument}.filled(value) to choose what masked entries become" if isinstance(array, np.ma.MaskedArray) else f"np.asarray({argument})"
+    masked = isinstance(array, np.ma.MaskedArray)
+    fix = f"{argument}.filled(value) to choose what masked entries become" if masked else f"np.asarray({argument})"
     raise TypeError(
         f"{argument} is a {kind}, a NumPy array subclass whose arithmetic differs from a plain ndarray's; "
         f"conv2d takes plain arrays: pass {fix}"

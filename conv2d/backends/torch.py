@@ -110,7 +110,7 @@ def build(device: str | None) -> Backend:
         raise BackendUnavailableError(f"device type {dev.type!r} is not supported; use cpu or cuda")
     try:
         torch.empty(1, device=dev)  # a build can list a device it cannot allocate on
-    except Exception as exc:  # noqa: BLE001 - any failure means "not usable", with its reason
+    except Exception as exc:
         raise BackendUnavailableError(f"cannot allocate on {dev}: {exc}") from exc
 
     compiler_ops()  # before any torch.compile traces conv2d
@@ -163,7 +163,7 @@ def _register_ops() -> dict[str, Callable[..., Any]]:
     """
     import torch
 
-    from .. import _functional, _geometry  # imported late: they import this package
+    from .. import _dispatch, _geometry
 
     def options(stride, padding, padding_mode, dilation, groups, algorithm, max_workspace_bytes, deterministic):
         return dict(
@@ -182,7 +182,7 @@ def _register_ops() -> dict[str, Callable[..., Any]]:
     def forward(x, weight, bias, stride, padding, padding_mode, dilation, groups, algorithm, max_workspace_bytes,
                 deterministic):
         opts = options(stride, padding, padding_mode, dilation, groups, algorithm, max_workspace_bytes, deterministic)
-        return _functional.conv2d(x, weight, bias, **opts)
+        return _dispatch.eager("conv2d")(x, weight, bias, **opts)
 
     @forward.register_fake
     def _(x, weight, bias, stride, padding, padding_mode, dilation, groups, algorithm, max_workspace_bytes,
@@ -200,7 +200,7 @@ def _register_ops() -> dict[str, Callable[..., Any]]:
     def backward(grad_out, x, weight, stride, padding, padding_mode, dilation, groups, algorithm, max_workspace_bytes,
                  deterministic):
         opts = options(stride, padding, padding_mode, dilation, groups, algorithm, max_workspace_bytes, deterministic)
-        return tuple(_functional.conv2d_backward(grad_out, x, weight, **opts))
+        return tuple(_dispatch.eager("conv2d_backward")(grad_out, x, weight, **opts))
 
     @backward.register_fake
     def _(grad_out, x, weight, *args):

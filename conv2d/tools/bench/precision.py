@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import Backend
+from ...backends import Backend
 from .timing import _on_gpu
 
 
@@ -46,7 +46,7 @@ def _torch_precision(settings: dict[str, Any]) -> Iterator[None]:
         settings["torch"] = "not installed"
         yield
         return
-    flags = (  # (owner, attribute, value while benchmarking)
+    flags: tuple[tuple[Any, str, bool], ...] = (  # (owner, attribute, value while benchmarking)
         (torch.backends.cuda.matmul, "allow_tf32", False),
         (torch.backends.cudnn, "allow_tf32", False),
         (torch.backends.cudnn, "benchmark", True),

@@ -21,9 +21,9 @@ import tempfile
 import time
 from typing import Any
 
-from ..backends import Backend
-from .blas_kernels import ENV_VAR
+from ...backends import Backend
 from .allocator import child_env
+from .blas_kernels import ENV_VAR
 from .calls import Case
 from .machine import _blas_line
 from .plausibility import group_of

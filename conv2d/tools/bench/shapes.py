@@ -139,7 +139,8 @@ def parse_shape(text: str) -> Shape:
             values.append(int(part))
         except ValueError:
             raise ValueError(f"shape {text!r}: {key.upper()}={part!r} is not an integer") from None
-    return Shape(*values, name=text.replace(" ", ""))
+    # values holds the 9 to 11 ints that precede name among Shape's fields (checked above); mypy cannot count them.
+    return Shape(*values, name=text.replace(" ", ""))  # type: ignore[arg-type, misc]
 
 
 def parse_shapes(text: str) -> list[Shape]:

@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _npz
-from ._geometry import positive_int, positive_ints
-from .backends import Backend
+from .._geometry import positive_int, positive_ints
+from ..backends import Backend
+from . import _layers, _npz
+from ._convolution import ConvolutionLayer
 
 FORMAT = "conv2d.nn"
 VERSION = 1
@@ -64,11 +65,8 @@ RENAMED = {"ConvolutionLayer": {"in_channels": "input_shape"}}
 
 
 def _layer_classes() -> dict[str, Any]:
-    from . import nn
-    from .layer import ConvolutionLayer
-
-    return {cls.__name__: cls for cls in (ConvolutionLayer, nn.MaxPoolLayer, nn.AvgPoolLayer, nn.FlattenLayer,
-                                          nn.DenseLayer, nn.Sequential)}
+    return {cls.__name__: cls for cls in (ConvolutionLayer, _layers.MaxPoolLayer, _layers.AvgPoolLayer,
+                                          _layers.FlattenLayer, _layers.DenseLayer, _layers.Sequential)}
 
 
 def _write_new(folder: Path, prefix: str, write: Any) -> Path:
@@ -205,7 +203,8 @@ def _parameter_shapes(name: str, spec: dict[str, Any]) -> dict[str, tuple[int, .
         filters = positive_int("numfilters", spec.get("numfilters"))
         return {"weights": (filters, depth, rows, cols), "biases": (filters,)}
     if name == "DenseLayer":
-        inputs, outputs = positive_int("in_features", spec.get("in_features")), positive_int("out_features", spec.get("out_features"))
+        inputs = positive_int("in_features", spec.get("in_features"))
+        outputs = positive_int("out_features", spec.get("out_features"))
         return {"weights": (outputs, inputs), "biases": (outputs,)}
     return {}
 

@@ -20,18 +20,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_array_api_obj
 from array_api_compat import device as device_of
-from array_api_compat import is_array_api_obj
 
-from ._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
-from ._conv import choose_algorithm
+from .._conv import choose_algorithm
+from .._geometry import Geometry, IntPair, check_output_shape, int_pair, make_geometry, positive_int, positive_ints
+from ..backends import Backend, backend_of, get_backend
+from ._convolution import ACTIVATIONS, batch_size, check_batch, check_lr, forward_state, sgd_update, to_floating
 from ._parameters import Parameterized, dtype_name, unknown_keys
-from .backends import Backend, backend_of, get_backend
-from .layer import ACTIVATIONS, batch_size, check_batch, check_lr, forward_state, sgd_update, to_floating
 
 __all__ = [
-    "AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "load", "save", "softmax_cross_entropy",
+    "AvgPoolLayer", "DenseLayer", "FlattenLayer", "MaxPoolLayer", "Sequential", "softmax_cross_entropy",
 ]
 
 
@@ -225,8 +224,9 @@ class FlattenLayer(Parameterized):
 
     def backward(self, activation_prev: Any, delta: Any) -> tuple[Any, dict[str, Any]]:
         """Return (`delta` in the shape of the last forwardpass's input, {})."""
-        check_batch(activation_prev, forward_state(self._shape)[0])
-        expected = (self._shape[0], math.prod(self._shape[1:]))
+        shape = forward_state(self._shape)
+        check_batch(activation_prev, shape[0])
+        expected = (shape[0], math.prod(shape[1:]))
         if tuple(delta.shape) != expected:
             raise ValueError(f"delta must have the forward output's shape {expected}, got {tuple(delta.shape)}")
         return array_namespace(delta).reshape(delta, self._shape), {}
@@ -501,10 +501,11 @@ class Sequential:
 
         Nothing is updated; the gradients are keyed like :meth:`parameters`.
         """
-        check_batch(activation_prev, batch_size(forward_state(self._inputs)[0]))
+        inputs = forward_state(self._inputs)
+        check_batch(activation_prev, batch_size(inputs[0]))
         grads: dict[str, Any] = {}
         for index in reversed(range(len(self.layers))):
-            delta, layer_grads = self.layers[index].backward(self._inputs[index], delta)
+            delta, layer_grads = self.layers[index].backward(inputs[index], delta)
             grads.update((f"{index}.{name}", grad) for name, grad in layer_grads.items())
         # Layer order, as parameters() lists them.
         return delta, {key: grads[key] for key in self.parameters() if key in grads}
@@ -512,8 +513,9 @@ class Sequential:
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
         """Run `delta` (dE/d(output)) back through the layers, updating each; return dE/dX."""
         check_lr(lr)  # before any layer is updated
-        check_batch(activation_prev, batch_size(forward_state(self._inputs)[0]))
-        for layer, layer_input in zip(reversed(self.layers), reversed(self._inputs), strict=True):
+        inputs = forward_state(self._inputs)
+        check_batch(activation_prev, batch_size(inputs[0]))
+        for layer, layer_input in zip(reversed(self.layers), reversed(inputs), strict=True):
             delta = layer.backwardpass(lr, layer_input, delta)
         return delta
 
@@ -557,7 +559,8 @@ class Sequential:
     def _load_state_dict(self, state: Mapping[str, Any], prefix: str) -> None:
         missing = sorted(set(self.parameters()) - set(state))
         if missing:
-            raise KeyError(f"state has no {[prefix + key for key in missing]}; it needs {[prefix + k for k in self.parameters()]}")
+            needed = [prefix + key for key in self.parameters()]
+            raise KeyError(f"state has no {[prefix + key for key in missing]}; it needs {needed}")
         unknown_keys("state", [prefix + key for key in state], [prefix + key for key in self.parameters()])
         for index, (layer, part) in enumerate(zip(self.layers, self._split("state", state), strict=True)):
             layer._load_state_dict(part, f"{prefix}{index}.")
@@ -565,5 +568,3 @@ class Sequential:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_inputs": None}  # the inputs of the last batch are not part of the network
 
-
-from ._checkpoint import load, save  # noqa: E402 - they build the classes above

@@ -26,9 +26,9 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from ._geometry import Geometry
-from ._workspace import WholeSamples, bytes_per_item, sample_ranges
-from .backends import Backend
+from .._geometry import Geometry
+from .._workspace import WholeSamples, bytes_per_item, sample_ranges
+from ..backends import Backend
 
 # Bytes of input (padded, one chunk of samples) the passes over the taps should find in the cache.
 CACHE_BYTES = 512 * 2**10

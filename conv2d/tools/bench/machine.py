@@ -9,8 +9,8 @@ import subprocess
 import sys
 from typing import Any
 
-from .. import __version__
-from ..backends import Backend
+from ... import __version__
+from ...backends import Backend
 
 _DISTRIBUTIONS = ("numpy", "array-api-compat", "torch", "jax", "jaxlib", "cupy-cuda12x", "cupy-cuda13x",
                   "array-api-strict", "threadpoolctl", "matplotlib")

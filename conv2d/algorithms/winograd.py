@@ -41,14 +41,15 @@ its tap never reads (a NaN at a corner tap: 16 NaN pixels of a 4x4 input, paddin
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from ._geometry import Geometry
-from ._workspace import WholeSamples, bytes_per_item, sample_ranges
-from .backends import Backend
+from .._geometry import Geometry
+from .._workspace import WholeSamples, bytes_per_item, sample_ranges
+from ..backends import Backend
 
 Tile = list  # rows of a tile, each a list of arrays (one per column of the tile)
 

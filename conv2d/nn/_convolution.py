@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, is_array_api_obj
 
-from . import _conv
-from ._conv import choose_algorithm
-from ._determinism import resolve_deterministic
-from ._functional import check_algorithm
+from .. import _conv
+from .._conv import choose_algorithm
+from .._determinism import resolve_deterministic
+from .._functional import check_algorithm
+from .._geometry import IntPair, Padding, check_output_shape, make_geometry, positive_int, positive_ints
+from .._workspace import resolve_limit
+from ..backends import Backend, backend_of, get_backend
 from ._parameters import Parameterized, dtype_name
-from ._workspace import resolve_limit
-from ._geometry import IntPair, Padding, check_output_shape, make_geometry, positive_int, positive_ints
-from .backends import Backend, backend_of, get_backend
 
 
 def _sigmoid(xp: Any, z: Any) -> Any:

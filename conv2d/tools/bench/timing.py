@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..backends import Backend
+from ...backends import Backend
 
 # A timer runs one call and returns the seconds until its work is done.
 Timer = Callable[[Callable[[], Any]], float]

@@ -21,10 +21,10 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from ._direct import zero_padded
-from ._geometry import Geometry
-from ._workspace import WholeSamples, bytes_per_item, sample_ranges
-from .backends import Backend
+from .._geometry import Geometry
+from .._workspace import WholeSamples, bytes_per_item, sample_ranges
+from ..backends import Backend
+from .direct import zero_padded
 
 
 def pointwise_applies(geom: Geometry) -> bool:
@@ -71,7 +71,8 @@ def _input_read(xp: Any, x: Any, geom: Geometry) -> Any:
     if geom.padded:
         x = zero_padded(xp, x, geom)
     if geom.stride != (1, 1) or geom.padded:
-        x = x[(..., *_reads(geom))]
+        key = (..., *_reads(geom))
+        x = x[key]
     return xp.reshape(x, (n, geom.groups, geom.channels_per_group, geom.out_h * geom.out_w))
 
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from .._algorithms import ALGORITHMS
-from .._functional import conv2d, conv2d_backward
-from .._geometry import make_geometry
-from ..backends import Backend
+from ..._functional import conv2d, conv2d_backward
+from ..._geometry import make_geometry
+from ...algorithms import ALGORITHMS
+from ...backends import Backend
 from .shapes import Shape
 from .timing import _on_gpu
 
@@ -69,10 +69,11 @@ def ours_calls(case: Case, deterministic: bool = False,
     """
     a = case.arrays
     algorithm = ALGORITHMS.get(case.extra.get("algorithm", "auto"))
-    if hasattr(algorithm, "check"):  # an algorithm for some layers only ("winograd", "pointwise")
+    check = getattr(algorithm, "check", None)  # an algorithm for some layers only ("winograd", "pointwise")
+    if check is not None:
         s = case.shape
         try:
-            algorithm.check(make_geometry((s.n, s.c, s.h, s.w), (s.o, s.c // s.groups, s.kh, s.kw), None,
+            check(make_geometry((s.n, s.c, s.h, s.w), (s.o, s.c // s.groups, s.kh, s.kw), None,
                                           **s.conv_kwargs))
         except ValueError as error:
             return str(error).split(";")[0]
@@ -101,7 +102,7 @@ def _layer_forward_backward(case: Case) -> Callable[[], Any]:
     """Forward then backward of a ``ConvolutionLayer`` without activation on the case's data: what the
     seed's layer does, keeping what it needs from the forward pass for the backward pass (where that
     is faster than rebuilding it, ``_conv.forward``). The seed's goal is read from this one."""
-    from ..layer import ConvolutionLayer
+    from ...nn._convolution import ConvolutionLayer
 
     s, a = case.shape, case.arrays
     layer = ConvolutionLayer((s.c, s.h, s.w), (s.kh, s.kw), s.o, s.stride, padding=s.pad, dilation=s.dilation,
@@ -171,7 +172,7 @@ def torch_calls(case: Case) -> dict[str, Callable[[], Any]] | str:
         return conv(t["x"], t["weight"], t["bias"], **kw)
 
     def forward_backward() -> Any:
-        y = conv(*leaves, **kw)
+        y = conv(leaves[0], leaves[1], leaves[2], **kw)
         # autograd.grad rather than .backward(): fresh gradients, no accumulation into .grad between repeats.
         return torch.autograd.grad(y, leaves, t["grad_out"])
 
@@ -231,7 +232,7 @@ def seed_backward(
     grad_patches = (weight.reshape(o, -1).T @ grad_flat).reshape(k.shape[0], -1, n).transpose(2, 0, 1)
     grad_x = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=grad_patches.dtype)
     # The seed's scatter: a pixel read by several patches receives the sum of their gradients.
-    np.add.at(grad_x, (slice(None), k, i, j), grad_patches)
+    np.add.at(grad_x, (slice(None), k, i, j), grad_patches)  # type: ignore[arg-type]  # NumPy's stubs lack tuple keys
     if pad:
         grad_x = grad_x[:, :, pad:-pad, pad:-pad]
     grad_weight = (grad_flat @ patches.T).reshape(weight.shape)

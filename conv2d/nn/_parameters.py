@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 from array_api_compat import is_array_api_obj, is_numpy_array
 
-from .backends import backend_of
+from ..backends import Backend, backend_of
 
 
 def host_copy(array: Any) -> np.ndarray:
@@ -67,6 +67,8 @@ class Parameterized:
 
     PARAMETERS: ClassVar[tuple[str, ...]] = ()
     TRANSIENT: ClassVar[tuple[str, ...]] = ("_saved",)
+    backend: Backend  # set by each layer's constructor
+    dtype: Any
 
     def parameters(self) -> dict[str, Any]:
         """The trainable arrays by name (``{}`` for a layer without any); the layer's own arrays, not copies."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._geometry import Geometry
+from .._geometry import Geometry
 
 _INT32_MAX = 2**31 - 1
 

@@ -42,7 +42,7 @@ def spread(samples: Sequence[float]) -> float | None:
 
 
 def implausible(samples_ms: Mapping[str, Sequence[float]],
-                summarise: Callable[[Sequence[float]], float] = statistics.median) -> dict[str, str]:
+                summarise: Callable[[list[float]], float] = statistics.median) -> dict[str, str]:
     """The measurements among `samples_ms` (name -> ms per call) whose figure cannot be right, and why.
 
     Two rules: a part of a call slower than the whole call (:data:`PARTS`: a forward pass slower
@@ -53,7 +53,7 @@ def implausible(samples_ms: Mapping[str, Sequence[float]],
     found: dict[str, str] = {}
     for part, whole in PARTS:
         if samples_ms.get(part) and samples_ms.get(whole):
-            part_ms, whole_ms = summarise(samples_ms[part]), summarise(samples_ms[whole])
+            part_ms, whole_ms = summarise(list(samples_ms[part])), summarise(list(samples_ms[whole]))
             if part_ms > whole_ms:
                 why = f"{part} {part_ms:.3g} ms is slower than {whole} {whole_ms:.3g} ms, which makes the same calls and more"
                 for name in (part, whole):

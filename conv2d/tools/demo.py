@@ -23,17 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from . import nn, optim
-from .backends import ENV_VAR, Backend, BackendUnavailableError, get_backend
-from .backends import _resolve as resolve_backend
-from .layer import ConvolutionLayer
+from .. import nn, optim
+from ..backends import ENV_VAR, Backend, BackendUnavailableError, get_backend
+from ..backends import _resolve as resolve_backend
+from ..nn._convolution import ConvolutionLayer
 
 #: Measured on a 2-core machine with NumPy: 97-99% test accuracy for seeds 0-9, a few seconds a run.
 #: threads: the demo's matrices are tiny (at most 32 x 144 by 144 x 2048), so BLAS and OpenMP threads
 #: cost more in hand-offs than they save, and on a busy machine they wait for each other: measured on
 #: this project's 2-core machine under load, one thread per epoch 0.27 s against 4.2 s with two (NumPy),
 #: 0.46 s against 9.9 s (torch).
-DEFAULTS = {"epochs": 25, "batch_size": 32, "lr": 0.2, "seed": 0, "threads": 1}
+DEFAULTS: dict[str, Any] = {"epochs": 25, "batch_size": 32, "lr": 0.2, "seed": 0, "threads": 1}
 #: The learning rate of each optimizer when --lr is not given.
 OPTIMIZER_LR = {"sgd": DEFAULTS["lr"], "adam": 0.01}
 DTYPE = "float32"
@@ -78,15 +78,16 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Digits:
 
 def build_network(backend: Backend, seed: int = 0, dtype: str = DTYPE) -> nn.Sequential:
     """conv 3x3 (16) -> relu -> max-pool 2 -> conv 3x3 (32) -> relu -> max-pool 2 -> dense 10 (logits)."""
-    layer = {"dtype": dtype, "backend": backend}
     return nn.Sequential(
         [
-            ConvolutionLayer((1, 8, 8), (3, 3), 16, padding=1, activation="relu", seed=seed, **layer),
+            ConvolutionLayer((1, 8, 8), (3, 3), 16, padding=1, activation="relu", seed=seed, dtype=dtype,
+                             backend=backend),
             nn.MaxPoolLayer((16, 8, 8), 2, backend=backend),  # -> 16 x 4 x 4
-            ConvolutionLayer((16, 4, 4), (3, 3), 32, padding=1, activation="relu", seed=seed + 1, **layer),
+            ConvolutionLayer((16, 4, 4), (3, 3), 32, padding=1, activation="relu", seed=seed + 1, dtype=dtype,
+                             backend=backend),
             nn.MaxPoolLayer((32, 4, 4), 2, backend=backend),  # -> 32 x 2 x 2
             nn.FlattenLayer(),
-            nn.DenseLayer(128, 10, seed=seed + 2, **layer),
+            nn.DenseLayer(128, 10, seed=seed + 2, dtype=dtype, backend=backend),
         ]
     )
 
@@ -180,7 +181,7 @@ def train(
         for b in range(batches):
             index = order[b * batch_size : min((b + 1) * batch_size, n)]
             x, y = xp.take(train_x, index, axis=0), xp.take(train_y, index, axis=0)
-            if jitted is not None:
+            if jitted is not None and updater is not None:  # both set together, for the jitted step
                 loss, logits, grads = jitted(run.network.parameters(), x, y)
                 updater.step(run.network, grads)
             else:
@@ -218,7 +219,7 @@ def train_on_dask(
     the workers, their gradients summed), so the same result to float rounding; prints the workers
     and the time per step with its overhead.
     """
-    from . import distributed
+    from .. import distributed
 
     lr = OPTIMIZER_LR[optimizer] if lr is None else lr
     updater = optim.Adam(lr) if optimizer == "adam" else optim.SGD(lr)
@@ -360,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
     client = started = None
     if args.dask is not None:
         try:
-            from . import distributed
+            from .. import distributed
 
             existing = distributed.current_client()
             client = distributed.client(args.dask or None, backend=backend)

@@ -3,7 +3,7 @@
 For each shape, on the same data, it measures (median of ``--repeat`` timed calls after four warm-up
 calls, three on a GPU); each implementation is timed over all shapes in a block of its own, by default
 in a Python process of its own, so that no library's thread pool disturbs another's
-(:mod:`~conv2d.bench.isolation`):
+(:mod:`~conv2d.tools.bench.isolation`):
 
 - ours: :func:`conv2d.conv2d`, :func:`conv2d.conv2d_backward` and the two in a row; with
   ``--deterministic``, also the two in a row with ``deterministic=True``;
@@ -24,15 +24,15 @@ convolutions) so that float32 is compared with float32; PyTorch picks its fastes
 Optional libraries (torch, matplotlib, threadpoolctl, cupy, jax) are imported inside the functions
 that need them: ``python -m conv2d info`` imports this package to build its parser.
 
-The package, one concern a module: :mod:`~conv2d.bench.shapes` (the shapes and presets),
-:mod:`~conv2d.bench.timing` (timers, warm-up, device sync), :mod:`~conv2d.bench.precision` (no TF32),
-:mod:`~conv2d.bench.calls` (the data and the calls timed: ours, the floor, torch, the seed),
-:mod:`~conv2d.bench.memory` (peak memory), :mod:`~conv2d.bench.isolation` (one implementation at a
-time, each in its own process), :mod:`~conv2d.bench.report` (one shape's numbers, the
-table, the targets, the summary), :mod:`~conv2d.bench.machine` (machine details, load average),
-:mod:`~conv2d.bench.blas_kernels` (OpenBLAS's kernel family, ``--openblas-coretype``),
-:mod:`~conv2d.bench.plausibility` (figures that cannot be right: timed again once, then marked ``!``) and
-:mod:`~conv2d.bench.cli` (the options, :func:`run`, the plot). Their public names are re-exported here.
+The package, one concern a module: :mod:`~conv2d.tools.bench.shapes` (the shapes and presets),
+:mod:`~conv2d.tools.bench.timing` (timers, warm-up, device sync), :mod:`~conv2d.tools.bench.precision` (no TF32),
+:mod:`~conv2d.tools.bench.calls` (the data and the calls timed: ours, the floor, torch, the seed),
+:mod:`~conv2d.tools.bench.memory` (peak memory), :mod:`~conv2d.tools.bench.isolation` (one implementation at a
+time, each in its own process), :mod:`~conv2d.tools.bench.report` (one shape's numbers, the
+table, the targets, the summary), :mod:`~conv2d.tools.bench.machine` (machine details, load average),
+:mod:`~conv2d.tools.bench.blas_kernels` (OpenBLAS's kernel family, ``--openblas-coretype``),
+:mod:`~conv2d.tools.bench.plausibility` (figures that cannot be right: timed again once, then marked ``!``) and
+:mod:`~conv2d.tools.bench.cli` (the options, :func:`run`, the plot). Their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -54,12 +54,13 @@ from .cli import write_plot as write_plot
 from .machine import machine_info as machine_info
 from .memory import LIMITS as LIMITS
 from .memory import SMALL_LIMIT as SMALL_LIMIT
-from .plausibility import implausible as implausible
 from .memory import peak_memory as peak_memory
+from .plausibility import implausible as implausible
 from .precision import gpu_precision as gpu_precision
-from .report import STATISTICS as STATISTICS
 from .report import GROUPS as GROUPS
-from .report import TARGETS, Target, assemble, measure
+from .report import STATISTICS as STATISTICS
+from .report import TARGETS, Target, measure
+from .report import assemble as assemble
 from .report import summary as summary
 from .report import summary_lines as summary_lines
 from .report import table_header as table_header

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from . import nn
-from .backends import BackendUnavailableError, get_backend
-from .layer import ConvolutionLayer
+from .. import nn
+from ..backends import BackendUnavailableError, get_backend
+from ..nn._convolution import ConvolutionLayer
 
 _MIB = 2**20
 _WAIT = 900  # seconds: a bound on one measurement (a worker paused at its memory limit would hang)
@@ -39,7 +39,7 @@ IMAGE = (3, 32, 32)
 
 def _load() -> str:
     try:
-        return "load {:.2f}".format(os.getloadavg()[0])
+        return f"load {os.getloadavg()[0]:.2f}"
     except (AttributeError, OSError):
         return "load unknown"
 
@@ -110,7 +110,7 @@ def _single_process(net: nn.Sequential, folder: Path, chunks: int) -> tuple[np.n
 def inference(args: argparse.Namespace, backend: Any) -> None:
     import dask.array as da
 
-    from . import distributed
+    from .. import distributed
 
     images = args.images or int(1.25 * args.memory_limit * _MIB) // (4 * int(np.prod(IMAGE)))
     folder = Path(tempfile.mkdtemp(prefix="conv2d-scale-", dir=args.dir))
@@ -150,9 +150,9 @@ def inference(args: argparse.Namespace, backend: Any) -> None:
 
 
 def training(args: argparse.Namespace, backend: Any) -> None:
-    from . import distributed
+    from .. import distributed
+    from ..optim import SGD
     from .demo import build_network
-    from .optim import SGD
 
     rng = np.random.default_rng(0)
     for batch in args.batch_sizes:

@@ -11,19 +11,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import __version__
-from .._conv import choose_algorithm
-from .._functional import check_algorithm
-from ..backends import Backend, BackendUnavailableError, get_backend
-from ..backends import _resolve as resolve_backend
+from ... import __version__
+from ..._conv import choose_algorithm
+from ..._functional import check_algorithm
+from ...backends import Backend, BackendUnavailableError, get_backend
+from ...backends import _resolve as resolve_backend
 from . import allocator, blas_kernels, plausibility
 from .calls import SEED_REPEAT
+from .isolation import ISOLATION, group_name, time_all, time_group
 from .machine import _blas_line, _load_average, _other_load, machine_info
 from .memory import SMALL_LIMIT
 from .precision import gpu_precision
-from .isolation import ISOLATION, group_name, time_all, time_group
-from .report import (GROUPS, LEGEND, STATISTICS, implausible_lines, markdown, summary, summary_lines, table_header,
-                     table_row)
+from .report import GROUPS, LEGEND, STATISTICS, implausible_lines, markdown, summary, summary_lines, table_header, table_row
 from .shapes import PRESETS, SHAPE_FORMAT, Shape, parse_shapes
 from .timing import WARMUP, WARMUP_REASON, EventTimer, _on_gpu, backend_timer, default_warmup, device_kind
 
@@ -316,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
                   f"Machine: {cpu}, {info['cpus_usable']} usable cores; load average {load['before'] or 0:.1f} before, "
                   f"{load['after'] or 0:.1f} after; conv2d {__version__}, backend {backend.spec}, {args.dtype}, "
                   f"algorithm {args.algorithm}.",
-                  f"Threads: " + "; ".join(f"{group_name(group, backend)}: {note}" for group, note in threads.items()) + ".",
+                  "Threads: " + "; ".join(f"{group_name(group, backend)}: {note}" for group, note in threads.items()) + ".",
                   *(f"{line}." for line in (blas_kernels.coretype_line(args.openblas_coretype),
                                             allocator.allocator_line(args.malloc, args.isolation), hint) if line),
                   _method_note(args, backend, warmup) + "."]

@@ -6,8 +6,8 @@ import gc
 import tracemalloc
 from typing import Any
 
-from .._functional import conv2d, conv2d_backward
-from ..backends import Backend
+from ..._functional import conv2d, conv2d_backward
+from ...backends import Backend
 from .calls import Case
 from .timing import _sync
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import Backend
+from ...backends import Backend
 from .calls import (
     SEED_REPEAT,
     Case,

@@ -26,13 +26,13 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from ._direct import Direct, zero_padded
-from ._geometry import Geometry
-from ._plan import gather_readers, index_dtype, input_rows, row_length, row_plan
-from ._pointwise import Pointwise
-from ._winograd import Winograd
-from .backends import Backend
-from .backends._cuda_source import kernel_args
+from .._geometry import Geometry
+from ..backends import Backend
+from ..backends._cuda_source import kernel_args
+from .direct import Direct, zero_padded
+from .plan import gather_readers, index_dtype, input_rows, row_length, row_plan
+from .pointwise import Pointwise
+from .winograd import Winograd
 
 
 class Gather:
