@@ -140,7 +140,9 @@ def plan_chunks(geom: Geometry, batch: int, itemsize: int, limit: int) -> list[C
 def sample_ranges(batch: int, size: int) -> list[tuple[int, int]]:
     """Consecutive (start, stop) ranges of at most `size` samples that cover the batch; one empty
     range for an empty batch (so that a call still runs once and returns empty results)."""
-    return [(start, min(start + size, batch)) for start in range(0, batch, size)] or [(0, 0)]
+    if batch == 0:  # and `size` may be 0 (winograd's evened-out size of an empty batch)
+        return [(0, 0)]
+    return [(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
 class WholeSamples:
