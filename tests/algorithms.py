@@ -120,3 +120,13 @@ def pair_params(pairs: list[tuple[str, dict]]) -> list:
 def in_domain(name: str, case: dict, seed: int) -> dict:
     """`case` where `name` computes it, else a random layer it computes (the same for the same seed)."""
     return case if applicable(name, None, case) else random_cases(name, 1, seed)[0]
+
+
+def backend_algorithm_params(spec: str, *extra: str) -> list:
+    """:func:`algorithm_params` less the algorithms backend `spec` lacks on every layer (all of them where
+    the backend does not load here: its tests skip, or fail where required, on their own)."""
+    try:
+        backend = conv2d.get_backend(spec)
+    except Exception:  # noqa: BLE001 - a missing library or device
+        return algorithm_params(*extra)
+    return [pytest.param(name, id=name) for name in algorithm_names(*extra) if applicable(name, backend)]
