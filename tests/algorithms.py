@@ -79,16 +79,17 @@ def random_case(rng: np.random.Generator) -> dict:
     )
 
 
-def random_cases(name: str, count: int, seed: int, backend: conv2d.Backend | None = None) -> list[dict]:
-    """`count` random layers that `name` computes (on `backend`; None: on some backend), drawn from
-    :func:`random_case` by rejection; the same ones for the same (name, count, seed)."""
+def random_cases(name: str, count: int, seed: int, backend: conv2d.Backend | None = None, accept=None) -> list[dict]:
+    """`count` random layers that `name` computes (on `backend`; None: on some backend), and that
+    `accept(case)` accepts where given, drawn from :func:`random_case` by rejection; the same ones for
+    the same arguments."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     cases: list[dict] = []
     for _ in range(MAX_TRIES * max(count, 1)):
         if len(cases) == count:
             return cases
         case = random_case(rng)
-        if applicable(name, backend, case):
+        if applicable(name, backend, case) and (accept is None or accept(case)):
             cases.append(case)
     raise AssertionError(
         f"algorithm {name!r}: only {len(cases)} of {count} layers it applies to in {MAX_TRIES * count} random draws; "
@@ -130,3 +131,9 @@ def backend_algorithm_params(spec: str, *extra: str) -> list:
     except Exception:  # noqa: BLE001 - a missing library or device
         return algorithm_params(*extra)
     return [pytest.param(name, id=name) for name in algorithm_names(*extra) if applicable(name, backend)]
+
+
+def applicable_to_all(names: list[str], geometries: list[Geometry]) -> list:
+    """pytest parameters: those of `names` (e.g. :func:`algorithm_names` ("auto")) that compute every one
+    of `geometries` (the layers of a network, say)."""
+    return [pytest.param(name, id=name) for name in names if all(applicable(name, None, g) for g in geometries)]
