@@ -12,7 +12,6 @@ import pytest
 
 import conv2d
 from conv2d import nn
-
 from conv2d._geometry import make_geometry
 
 from .algorithms import algorithm_names, applicable_to_all

@@ -20,11 +20,12 @@ from conv2d._workspace import scratch_bytes
 from conv2d.backends import _cuda_source
 from conv2d.backends._cuda_source import PARAMS, kernel_args
 
+from .conftest import require_or_skip
 from .kernel_harness import host_kernels_backend
 from .oracle import assert_close, torch_conv
 from .test_oracle import CASES, _data, _ids
 
-pytest.importorskip("torch")
+require_or_skip("torch")
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 import conv2d
 from conv2d.layer import ACTIVATIONS
 
-from .algorithms import algorithm_params, case_geometry, in_domain, random_cases
+from .algorithms import algorithm_params, in_domain, random_cases
 from .conftest import CPU_BACKENDS, require_or_skip
 from .oracle import assert_close
 
@@ -417,7 +417,7 @@ def test_numpy_scalar_learning_rate_keeps_dtype(backend, lr):
 @pytest.mark.parametrize("source", CPU_BACKENDS)
 def test_inputs_from_any_library_are_moved(backend, source):
     """X and delta from another library are moved in; output and dE/dX are in the layer's backend."""
-    pytest.importorskip(source)
+    require_or_skip(source)
     src = conv2d.get_backend(source)
     rng = np.random.default_rng(6)
     X = rng.standard_normal((2, 2, 6, 6))
@@ -440,7 +440,7 @@ def test_inputs_from_any_library_are_moved(backend, source):
 
 def test_numpy_input_to_torch_layer_gives_torch_output():
     """The concrete case: a NumPy batch into a torch layer comes back as a torch.Tensor, and vice versa."""
-    torch = pytest.importorskip("torch")
+    torch = require_or_skip("torch")
     rng = np.random.default_rng(0)
     layer = conv2d.ConvolutionLayer((1, 5, 5), (2, 2), 2, 1, seed=0, backend="torch")
     out = layer.forwardpass(rng.standard_normal((3, 1, 5, 5)))
@@ -737,7 +737,7 @@ def test_replaced_parameters_are_checked(make, attr, value, error, pattern, when
 
 
 def test_a_parameter_on_another_device_is_named():
-    pytest.importorskip("array_api_strict")
+    require_or_skip("array_api_strict")
     layer = _conv_layer("array_api_strict")
     layer.weights = conv2d.get_backend("array_api_strict:device1").asarray(np.ones((4, 3, 3, 3)))
     with pytest.raises(ValueError, match=r"ConvolutionLayer\.weights is on device 'array_api_strict:device1' but the "

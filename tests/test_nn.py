@@ -11,9 +11,8 @@ import pytest
 
 import conv2d
 from conv2d import nn
-from conv2d.layer import ACTIVATIONS
-
 from conv2d._geometry import make_geometry
+from conv2d.layer import ACTIVATIONS
 
 from .algorithms import algorithm_names, applicable_to_all
 from .conftest import CPU_BACKENDS, require_or_skip
@@ -347,7 +346,7 @@ def test_sequential_errors():
 @pytest.mark.parametrize("source", CPU_BACKENDS)
 def test_inputs_from_another_library_are_moved(source):
     """A pool or dense layer on NumPy accepts any library's arrays and answers in NumPy."""
-    pytest.importorskip(source)
+    require_or_skip(source)
     src = conv2d.get_backend(source)
     X = np.random.default_rng(1).standard_normal((2, 1, 4, 4))
     pool = nn.MaxPoolLayer((1, 4, 4), 2, backend="numpy")

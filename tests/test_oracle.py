@@ -8,7 +8,15 @@ import pytest
 import conv2d
 from conv2d._geometry import make_geometry, normalize_padding
 
-from .algorithms import algorithm_cases, algorithm_params, applicable, case_geometry, case_id, pair_params, random_case
+from .algorithms import (
+    algorithm_cases,
+    algorithm_params,
+    applicable,
+    case_geometry,
+    case_id,
+    pair_params,
+    random_case,
+)
 from .conftest import require_or_skip
 from .oracle import assert_close, loop_conv, missing_algorithm, torch_conv
 

@@ -20,14 +20,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import conv2d
-from conv2d._geometry import make_geometry
 from conv2d import _conv
+from conv2d._geometry import make_geometry
 from conv2d._workspace import plan_chunks, scratch_bytes
 
-from .conftest import _get
+from .algorithms import (
+    algorithm_names,
+    applicable,
+    backend_algorithm_params,
+    random_cases,
+)
+from .conftest import _get, require_or_skip
 from .kernel_harness import host_kernels_backend
-from .algorithms import algorithm_names, applicable, backend_algorithm_params, random_cases
-from .conftest import require_or_skip
 from .oracle import assert_close, torch_conv
 
 torch = require_or_skip("torch")
