@@ -289,9 +289,10 @@ def test_against_torch_autograd(backend, activation, in_channels, filter_size, n
 
 
 def _layer_case(algorithm: str) -> dict:
-    """A layer (no groups: ConvolutionLayer has none) that `algorithm` computes: a 3x3 "same" layer of
-    stride 1, else a random one inside the algorithm's domain (tests/algorithms.py)."""
-    fixed = dict(n=3, c=3, o=4, h=9, w=8, kh=3, kw=3, kwargs=dict(stride=(1, 1), padding="same", dilation=(1, 1), groups=1))
+    """A layer (no groups: ConvolutionLayer has none) that `algorithm` computes: 3x3, stride 1, padding
+    (1, 2) (top and left differ: a crop at the wrong corner shows), else a random one inside the
+    algorithm's domain (tests/algorithms.py)."""
+    fixed = dict(n=3, c=3, o=4, h=9, w=8, kh=3, kw=3, kwargs=dict(stride=(1, 1), padding=(1, 2), dilation=(1, 1), groups=1))
     case = in_domain(algorithm, fixed, seed=600)
     if case["kwargs"]["groups"] != 1:
         case = random_cases(algorithm, 1, 601, accept=lambda c: c["kwargs"]["groups"] == 1)[0]
