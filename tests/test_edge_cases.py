@@ -80,6 +80,17 @@ _SPREADS_IN_TILES = {
 }
 
 
+def _unless_known_deviation(algorithm: str, backend, geometry, check, *args) -> None:
+    """Run `check(*args)`; where a library is known to spread non-finite values further than the
+    definition (JAX's own grouped convolution, XLA on the CPU: a NaN reaches the other groups' outputs),
+    expect it to fail and report an xfail, and fail if it passes (the deviation is gone: drop this)."""
+    if algorithm == "native" and backend.name == "jax" and geometry[2].get("groups", 1) > 1:
+        with pytest.raises(AssertionError):
+            check(*args)
+        pytest.xfail("JAX's grouped convolution (XLA, CPU) spreads NaN/Inf to the other groups' outputs")
+    check(*args)
+
+
 def _geometry_id(geometry) -> str:
     x, w, kw = geometry
     return f"x{x}-w{w}" + "".join(f"-{k}={v}" for k, v in kw.items())
@@ -120,6 +131,10 @@ def _reads(x_shape, w_shape, kw, pixel) -> np.ndarray:
 def test_nonfinite_input_reaches_exactly_the_outputs_that_read_it(cpu_backend, geometry, algorithm, value):
     """A NaN/Inf pixel of x makes non-finite exactly the outputs and weight gradients that read it;
     grad_x and grad_bias (which do not depend on x) stay finite."""
+    _unless_known_deviation(algorithm, cpu_backend, geometry, _nonfinite_input, cpu_backend, geometry, algorithm, value)
+
+
+def _nonfinite_input(cpu_backend, geometry, algorithm, value):
     x_shape, w_shape, kw = geometry
     rng = np.random.default_rng(0)
     w, b = rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
@@ -152,6 +167,11 @@ def test_nonfinite_input_reaches_exactly_the_outputs_that_read_it(cpu_backend, g
 def test_nonfinite_output_gradient_reaches_exactly_the_pixels_it_touches(cpu_backend, geometry, algorithm, value):
     """A NaN/Inf in grad_out makes non-finite exactly the grad_x pixels its output reads, only its own
     grad_bias entry, and only its own filter's grad_weight (all taps that read real pixels)."""
+    _unless_known_deviation(algorithm, cpu_backend, geometry, _nonfinite_output_gradient, cpu_backend, geometry,
+                            algorithm, value)
+
+
+def _nonfinite_output_gradient(cpu_backend, geometry, algorithm, value):
     x_shape, w_shape, kw = geometry
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
