@@ -58,6 +58,31 @@ def choose_algorithm(name: str, backend: Backend, deterministic: bool = False, g
     return ALGORITHMS[name]
 
 
+def applicable(name: str, backend: Backend | None, geom: Geometry | None = None, deterministic: bool = False) -> bool:
+    """Whether algorithm `name` computes the layer `geom` on `backend`: True exactly where
+    :func:`choose_algorithm` returns it rather than raising ValueError.
+
+    The one place that says where an algorithm applies (the tests draw their geometries by it):
+    ``kernels`` needs the backend's device kernels and ``native`` its library's convolution; an
+    algorithm with a ``check(geom)`` (``winograd``, ``pointwise``) computes only the layers it
+    accepts. `backend` None asks about the layer alone (any backend); `geom` None about the backend
+    alone (any layer). ``"auto"`` applies everywhere.
+    """
+    if name == "auto":
+        return True
+    if backend is not None and ((name == "kernels" and backend.kernels is None)
+                                or (name == "native" and backend.native is None)):
+        return False
+    check = getattr(ALGORITHMS[name], "check", None)
+    if geom is None or check is None:
+        return True
+    try:
+        check(geom)
+    except ValueError:
+        return False
+    return True
+
+
 # Channels per group up to which ``direct`` beats im2col (grouped layers only): measured on NumPy,
 # 32x64x32x32, 3x3 pad 1, forward+backward, channels per group 1, 2, 4, 8: direct 64, 106, 140,
 # 374 ms against slices 82, 357, 314, 153 ms (best of 9, on a loaded 2-core machine, load 7).

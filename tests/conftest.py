@@ -11,8 +11,10 @@ Two environment variables choose what runs:
   (the per-backend property tests) is skipped. A GPU machine runs the GPU backends without spending
   its time on the CPU ones (ci/gpu-check).
 - ``CONV2D_TEST_REQUIRE=numpy,torch,...`` turns a backend that is missing (library not installed, no
-  device) from a skip into a failure, so that CI cannot go green by skipping. A required backend that
-  ``CONV2D_TEST_BACKENDS`` leaves out is an error at start-up rather than a silent skip.
+  device), or an optional dependency that does not import (dask, distributed, sklearn, matplotlib,
+  threadpoolctl, hypothesis; see :func:`require_or_skip`), from a skip into a failure, so that CI
+  cannot go green by skipping. A required backend that ``CONV2D_TEST_BACKENDS`` leaves out is an
+  error at start-up rather than a silent skip.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import conv2d  # noqa: E402
+from conv2d import _conv  # noqa: E402
 from conv2d.backends import BackendUnavailableError  # noqa: E402
 
 if _ONE_THREAD:
@@ -79,6 +82,17 @@ REQUIRED = set(_env_list("CONV2D_TEST_REQUIRE"))
 SELECTED: list[str] | None = _env_list("CONV2D_TEST_BACKENDS") or None
 
 
+def require_or_skip(module: str):
+    """``import module`` for a test that needs an optional dependency: the module, or a skip where it does
+    not import, or a failure (the ImportError) where ``CONV2D_TEST_REQUIRE`` names it (or its top-level
+    package: "dask" covers "dask.array"). Use it instead of ``pytest.importorskip``, at module level too."""
+    if module in REQUIRED or module.split(".")[0] in REQUIRED:
+        import importlib
+
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
 def _on_cpu(spec: str) -> bool:
     """Whether `spec` names a CPU backend: a plain library name of CPU_BACKENDS, or a ``:cpu`` device."""
     return spec in CPU_BACKENDS or spec.endswith(":cpu")
@@ -107,7 +121,7 @@ def _load(spec: str) -> conv2d.Backend:
     library = _LIBRARY[spec.split(":")[0]]
     if spec in REQUIRED:
         return conv2d.get_backend(spec)
-    pytest.importorskip(library)
+    require_or_skip(library)
     try:
         return conv2d.get_backend(spec)
     except BackendUnavailableError as exc:
@@ -153,39 +167,63 @@ def _fresh_selector(monkeypatch):
 
 
 def _position(values: list, value: object) -> int:
-    """Where `value` (a parameter, the very object) is in the module's list of them. (pytest's
-    ``callspec.indices`` counts the combined parametrizations, not the place in one list.)"""
-    return next(i for i, candidate in enumerate(values) if candidate is value)
+    """Where `value` (a parameter, the very object; or a tuple of them) is in the module's list of them.
+    (pytest's ``callspec.indices`` counts the combined parametrizations, not the place in one list.)"""
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, tuple) and isinstance(b, tuple):
+            return len(a) == len(b) and all(x is y or (isinstance(x, str) and x == y) for x, y in zip(a, b))
+        return a is b
+    return next(i for i, candidate in enumerate(values) if same(candidate, value))
+
+
+_BACKENDS_SEEN: dict[str, conv2d.Backend | None] = {}
+
+
+def _backend_lacks(spec: str, algorithm: str) -> bool:
+    """Whether backend `spec` cannot run `algorithm` on any layer (``kernels`` without device kernels,
+    ``native`` without the library's convolution). Unknown where the backend does not load here: its
+    items stay, and its fixture skips (or, where required, fails) them."""
+    if spec not in _BACKENDS_SEEN:
+        try:
+            _BACKENDS_SEEN[spec] = conv2d.get_backend(spec)
+        except Exception:
+            _BACKENDS_SEEN[spec] = None
+    backend = _BACKENDS_SEEN[spec]
+    return backend is not None and algorithm != "auto" and not _conv.applicable(algorithm, backend)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under the default profile, JAX checks each oracle geometry with one algorithm in three, and each
-    random layer of the winograd and pointwise tests in one of the two dtypes.
+    """Leaves out the (algorithm, backend) items where the backend cannot run the algorithm at all, and,
+    under the default profile, thins JAX's share of the oracle and of the random winograd and pointwise layers.
 
-    JAX compiles every new shape of every operation, so ``test_matches_pytorch`` (39 geometries x 2 dtypes
-    x 7 algorithms) cost most of the suite's time on it (about 200 of 500 s from a cold compile cache).
-    Geometry ``i`` runs algorithm ``j`` on JAX when ``(i + j) % 3 == 0``: every geometry and every algorithm
-    still runs there, in both dtypes, and every other backend runs the whole grid. Likewise layer ``i`` of
+    An item with an ``algorithm`` parameter and a ``backend`` or ``cpu_backend`` one whose backend lacks
+    what the algorithm needs (tests/algorithms.py) is not an oracle item: it is deselected rather than
+    skipped or passed (test_oracle.py's ``test_inapplicable_pairs_raise`` checks those pairs raise).
+
+    JAX compiles every new shape of every operation, so ``test_matches_pytorch`` cost most of the suite's
+    time on it (about 200 of 500 s from a cold compile cache). Its item ``i`` (the place of its
+    (algorithm, layer) pair in the module's ``PAIRS``) runs on JAX when ``i % 3 == 0``, in both dtypes: a
+    third of every algorithm's layers, and every other backend runs them all. Likewise layer ``i`` of
     ``test_winograd_matches_pytorch`` and ``test_pointwise_matches_pytorch`` runs on JAX in float64 when
     ``i`` is even and in float32 when odd (those two tests took 34 of the 37 s of their files on JAX). The
     ``thorough`` profile runs everything on JAX too. Left out items are reported as deselected, not skipped.
     """
-    if config.getoption("hypothesis_profile", None) == "thorough":
-        return
-    algorithms = list(conv2d.ALGORITHMS)
+    thorough = config.getoption("hypothesis_profile", None) == "thorough"
     dtypes = ["float64", "float32"]
     kept, dropped = [], []
     for item in items:
         spec = getattr(item, "callspec", None)
         params = spec.params if spec is not None else {}
-        on_jax = str(params.get("backend", "")).split(":")[0] == "jax"
-        thinned = on_jax and (
+        backend_spec = str(params.get("backend", params.get("cpu_backend", "")))
+        lacks = "algorithm" in params and backend_spec != "" and _backend_lacks(backend_spec, params["algorithm"])
+        on_jax = backend_spec.split(":")[0] == "jax" and "backend" in params
+        thinned = not thorough and on_jax and (
             (item.originalname == "test_matches_pytorch"
-             and (_position(item.module.CASES, params["case"]) + algorithms.index(params["algorithm"])) % 3 != 0)
+             and _position(item.module.PAIRS, (params["algorithm"], params["case"])) % 3 != 0)
             or (item.originalname in ("test_winograd_matches_pytorch", "test_pointwise_matches_pytorch")
                 and (_position(item.module.LAYERS, params["layer"]) + dtypes.index(params["dtype"])) % 2 != 0)
         )
-        (dropped if thinned else kept).append(item)
+        (dropped if lacks or thinned else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

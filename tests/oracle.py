@@ -8,10 +8,6 @@ import numpy as np
 
 import conv2d
 
-# The algorithms every backend runs ("kernels" needs CuPy's device kernels, "native" torch or JAX).
-PORTABLE_ALGORITHMS = ("gather", "slices", "direct")
-
-
 
 def missing_algorithm(algorithm: str, backend, geom=None) -> str | None:
     """The start of conv2d's error where `backend` lacks `algorithm` ("kernels": CuPy; "native": torch, JAX),

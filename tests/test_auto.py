@@ -13,6 +13,7 @@ from conv2d._geometry import make_geometry
 from conv2d._workspace import scratch_bytes
 from conv2d.algorithms.direct import Direct
 
+from .conftest import require_or_skip
 from .oracle import assert_close, torch_conv
 
 DENSE = make_geometry((2, 16, 8, 8), (16, 16, 3, 3), None, padding=1)
@@ -32,12 +33,12 @@ def test_rule_on_numpy():
 
 
 def test_rule_on_torch_and_jax():
-    torch = pytest.importorskip("torch") and conv2d.get_backend("torch")
+    torch = require_or_skip("torch") and conv2d.get_backend("torch")
     for geom in (DENSE, DEPTHWISE, POINTWISE):
         for deterministic in (False, True):  # PyTorch's CPU convolution is deterministic
             assert _conv.auto_algorithm(torch, deterministic, geom) == "native"
     assert _conv.auto_algorithm(torch) == "slices"
-    pytest.importorskip("jax")
+    require_or_skip("jax")
     jax = conv2d.get_backend("jax")
     assert _conv.auto_algorithm(jax, geom=DENSE) == "native"
     assert _conv.auto_algorithm(jax, geom=POINTWISE) == "slices"
@@ -45,7 +46,7 @@ def test_rule_on_torch_and_jax():
 
 
 def test_deterministic_mode_skips_a_native_path_that_cannot_honour_it():
-    pytest.importorskip("jax")
+    require_or_skip("jax")
     import jax
 
     from conv2d.backends.jax import JaxNative
@@ -98,7 +99,7 @@ def test_direct_falls_back_to_slices_when_one_sample_does_not_fit(monkeypatch):
 
 
 def test_torch_auto_runs_pytorchs_own_convolution(monkeypatch):
-    torch = pytest.importorskip("torch")
+    torch = require_or_skip("torch")
     backend = conv2d.get_backend("torch")
     calls = []
     original = torch.nn.functional.conv2d

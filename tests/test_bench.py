@@ -19,6 +19,8 @@ import conv2d
 from conv2d.__main__ import main
 from conv2d.tools import bench
 
+from .conftest import require_or_skip
+
 TINY = "2,3,8,8,4,3,3,1,1"
 TINY_GROUPED = "2,4,9,9,6,3,3,2,1,2,2"  # stride 2, dilation 2, groups 2: the seed cannot run it
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -175,8 +177,8 @@ def test_cli_markdown_has_the_method_the_table_and_the_goals(tmp_path):
     assert "- fwd+bwd ours/" in text and "goal <= 2" in text
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="--plot needs matplotlib")
 def test_cli_plot_writes_png(tmp_path):
+    require_or_skip("matplotlib")  # --plot needs it
     path = tmp_path / "bench.png"
     assert main(["bench", "--shapes", TINY, "--repeat", "1", "--stat", "min", "--isolation", "none",
                  "--plot", str(path)]) == 0

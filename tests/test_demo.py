@@ -13,7 +13,9 @@ import conv2d
 from conv2d.__main__ import main
 from conv2d.tools import demo
 
-pytest.importorskip("sklearn")
+from .conftest import require_or_skip
+
+require_or_skip("sklearn")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -51,7 +53,7 @@ def test_a_few_batches_lower_the_loss(cpu_backend, digits):
 
 def test_numpy_and_torch_reach_the_same_accuracy(digits):
     """With the same seed, two epochs on NumPy and on torch give the same test accuracy to within 1%."""
-    pytest.importorskip("torch")
+    require_or_skip("torch")
     runs = {name: demo.train(conv2d.get_backend(name), epochs=2, seed=0, data=digits) for name in ("numpy", "torch")}
     accuracy = {name: run.test_accuracy[-1] for name, run in runs.items()}
     assert accuracy["numpy"] > 0.5, f"two epochs should learn something: {accuracy}"
@@ -81,7 +83,7 @@ def test_cli_writes_the_plots(tmp_path, capsys):
 def test_cli_backend_option_overrides_the_environment(tmp_path, capsys, monkeypatch):
     """--backend wins over CONV2D_BACKEND; --no-plots writes nothing."""
     monkeypatch.setenv("CONV2D_BACKEND", "numpy")
-    pytest.importorskip("array_api_strict")
+    require_or_skip("array_api_strict")
     args = ["demo", "--epochs", "1", "--backend", "array_api_strict", "--no-plots", "--out", str(tmp_path / "x")]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -91,7 +93,7 @@ def test_cli_backend_option_overrides_the_environment(tmp_path, capsys, monkeypa
 
 def test_cli_environment_variable_picks_the_backend(capsys, monkeypatch):
     monkeypatch.setenv("CONV2D_BACKEND", "array_api_strict")
-    pytest.importorskip("array_api_strict")
+    require_or_skip("array_api_strict")
     assert main(["demo", "--epochs", "1", "--no-plots"]) == 0
     assert "(from CONV2D_BACKEND)" in capsys.readouterr().out
 
@@ -169,7 +171,7 @@ def test_demo_module_imports_no_demo_dependency():
 
 def test_jitted_jax_training_follows_numpy(digits):
     """--backend jax trains with a jitted step; four steps of it give NumPy's losses and weights (float32)."""
-    jax_backend = pytest.importorskip("jax") and conv2d.get_backend("jax")
+    jax_backend = require_or_skip("jax") and conv2d.get_backend("jax")
     data = _subset(digits, 128, 32)
     runs = {b.name: demo.train(b, epochs=1, seed=0, data=data, max_batches=4, optimizer="adam")
             for b in (conv2d.get_backend("numpy"), jax_backend)}

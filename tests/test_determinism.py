@@ -18,8 +18,9 @@ from conv2d._workspace import _readers_per_pixel
 from conv2d.algorithms import GatherTransposed
 from conv2d.algorithms.plan import gather_readers, input_rows, row_plan
 
+from .algorithms import algorithm_params, applicable, in_domain
 from .kernel_harness import host_kernels_backend
-from .oracle import assert_close, missing_algorithm, torch_conv
+from .oracle import assert_close, torch_conv
 from .test_oracle import CASES, _data, _ids
 
 # Overlapping 3x3 windows over 16x16 images: every pixel is summed from up to 9 patch elements,
@@ -81,23 +82,32 @@ def test_choice_of_algorithm():
         assert _conv.choose_algorithm("auto", cpu, deterministic).name == "slices"
 
 
-@pytest.mark.parametrize("algorithm", ["auto", *conv2d.ALGORITHMS])
+# The layer above as a case of tests/algorithms.py, for the algorithms that compute it.
+_CASE = dict(n=4, c=8, o=6, h=16, w=16, kh=3, kw=3, kwargs=KW)
+
+
+@pytest.mark.parametrize("algorithm", algorithm_params("auto"))
 def test_three_runs_give_the_same_bits(backend, algorithm):
-    """deterministic=True: three backward passes give bitwise-identical gradients, and the right ones."""
-    if missing_algorithm(algorithm, backend, make_geometry(SHAPES[0], SHAPES[1], None, **KW)):
-        # kernels: CuPy only, the host-compiled ones are checked below; native: torch, JAX; pointwise: 1x1
-        algorithm = "auto"
+    """deterministic=True: three backward passes give bitwise-identical gradients, and the right ones:
+    every algorithm the backend has (the others: deselected), on the layer above or, where the algorithm
+    does not compute it (pointwise: 1x1 only), a random layer it computes."""
+    case = in_domain(algorithm, _CASE, seed=9)
+    groups = case["kwargs"].get("groups", 1)
+    shapes = ((case["n"], case["c"], case["h"], case["w"]), (case["o"], case["c"] // groups, case["kh"], case["kw"]))
+    geom = make_geometry(*shapes, None, **case["kwargs"])
+    assert applicable(algorithm, backend, geom)
     rng = np.random.default_rng(7)
-    x, w = rng.standard_normal(SHAPES[0]), rng.standard_normal(SHAPES[1])
-    g = rng.standard_normal((4, 6, 16, 16))
+    x, w = rng.standard_normal(shapes[0]), rng.standard_normal(shapes[1])
+    g = rng.standard_normal((case["n"], case["o"], geom.out_h, geom.out_w))
     x, w, g = (a.astype(np.float32).astype(np.float64) for a in (x, w, g))
     X, W, G = (backend.asarray(a, dtype="float32") for a in (x, w, g))
-    runs = [[backend.to_numpy(a) for a in conv2d.conv2d_backward(G, X, W, algorithm=algorithm, deterministic=True, **KW)]
+    kw = case["kwargs"]
+    runs = [[backend.to_numpy(a) for a in conv2d.conv2d_backward(G, X, W, algorithm=algorithm, deterministic=True, **kw)]
             for _ in range(3)]
     for again in runs[1:]:
         for name, a, b in zip(("grad_x", "grad_weight", "grad_bias"), runs[0], again):
             assert np.array_equal(a, b), f"{name} differs between runs on {backend.spec} ({algorithm})"
-    _, *reference = torch_conv(x, w, np.zeros(6), g, **KW)
+    _, *reference = torch_conv(x, w, np.zeros(case["o"]), g, **kw)
     for name, ours, ref in zip(("grad_x", "grad_weight", "grad_bias"), runs[0], reference):
         assert_close(conv2d.get_backend("numpy"), ours, ref, "float32", name)
 

@@ -18,16 +18,18 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("dask.array")
-pytest.importorskip("distributed")
+from .conftest import require_or_skip
 
-import dask
-import dask.array as da
+require_or_skip("dask.array")
+require_or_skip("distributed")
 
-import conv2d
-from conv2d import distributed, nn, optim
+import dask  # noqa: E402
+import dask.array as da  # noqa: E402
 
-from .oracle import TOLERANCE, assert_close, torch_conv
+import conv2d  # noqa: E402
+from conv2d import distributed, nn, optim  # noqa: E402
+
+from .oracle import TOLERANCE, assert_close, torch_conv  # noqa: E402
 
 WAIT = 60  # seconds: the bound on every wait for the cluster
 
@@ -224,7 +226,7 @@ def test_portable_spec_drops_the_device_number(spec, portable):
 
 def test_a_network_travels_with_its_backend_spec():
     """A pickled layer comes back on the backend its spec names (here torch: the CPU)."""
-    pytest.importorskip("torch")
+    require_or_skip("torch")
     layer = conv2d.ConvolutionLayer((2, 5, 5), (3, 3), 3, dtype="float32", seed=0, backend="torch")
     import pickle
 
@@ -409,7 +411,7 @@ def test_data_parallel_needs_a_trainable_network(cluster_client):
 def test_demo_dask_trains_as_the_demo_does(cluster_client, capsys):
     """`demo --dask ADDRESS`: the same batches and SGD steps as the plain demo, so the same test
     accuracy and (to float32 rounding) the same training loss; the cluster is left running."""
-    pytest.importorskip("sklearn")
+    require_or_skip("sklearn")
     from conv2d.__main__ import main
     from conv2d.tools import demo
 
@@ -448,7 +450,7 @@ def test_scale_command_prints_every_figure_with_the_load(capsys):
 def test_the_backend_travels_with_the_network(cluster_client):
     """A torch network trains on torch on the workers (they resolve its spec, 'torch:cpu'), and
     equals in-process torch training; network() gives torch arrays back."""
-    pytest.importorskip("torch")
+    require_or_skip("torch")
     torch_backend = conv2d.get_backend("torch")
 
     def network():

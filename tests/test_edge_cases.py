@@ -20,11 +20,32 @@ from conv2d.algorithms import plan as _plan
 from conv2d.algorithms.plan import gather_indices, index_dtype, row_length
 from conv2d.backends import Backend
 
-from .oracle import PORTABLE_ALGORITHMS, TOLERANCE, assert_close, torch_conv
+from .algorithms import algorithm_names, algorithm_params, applicable, random_cases
+from .conftest import require_or_skip
+from .oracle import TOLERANCE, assert_close, torch_conv
 
-torch = pytest.importorskip("torch")
+torch = require_or_skip("torch")
 
-ALGORITHMS = PORTABLE_ALGORITHMS  # these tests run on the CPU backends
+# Every registered algorithm (tests/conftest.py deselects those a backend lacks: kernels, native on NumPy).
+ALGORITHMS = algorithm_params()
+
+
+def _as_triple(case: dict) -> tuple:
+    """A case of tests/algorithms.py as (x shape, weight shape, keyword arguments)."""
+    groups = case["kwargs"].get("groups", 1)
+    return (case["n"], case["c"], case["h"], case["w"]), (case["o"], case["c"] // groups, case["kh"], case["kw"]), case["kwargs"]
+
+
+def _as_case(triple: tuple) -> dict:
+    (n, c, h, w), (o, _, kh, kw), kwargs = triple
+    return dict(n=n, c=c, o=o, h=h, w=w, kh=kh, kw=kw, kwargs=kwargs)
+
+
+def _geometries_for(name: str, fixed: list[tuple], count: int, seed: int, start: int = 0) -> list[tuple]:
+    """`count` geometries `name` computes: those of `fixed` it computes, taken from `start` on (in turn,
+    so that the algorithms between them cover all of `fixed`), then random ones it computes."""
+    mine = [g for g in fixed[start:] + fixed[:start] if applicable(name, None, _as_case(g))][:count]
+    return mine + [_as_triple(case) for case in random_cases(name, count - len(mine), seed)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,6 +66,29 @@ BAD_VALUES = [np.nan, np.inf, -np.inf]
 # matmul with a transposed view (NumPy 2.4 + OpenBLAS 0.3.31: no NaN comes out). These tests check
 # every value of every result instead.
 _NUMPY_INVALID_WARNING = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+# Two geometries per algorithm: the fixed ones above that it computes, in turn, else random ones it computes.
+NONFINITE_PAIRS = [(name, geometry) for i, name in enumerate(algorithm_names())
+                   for geometry in _geometries_for(name, NONFINITE_GEOMETRIES, 2, seed=400, start=2 * i % 4)]
+
+
+# Known deviations from the property, by algorithm: strict, so that a fix shows up as an unexpected pass.
+_SPREADS_IN_TILES = {
+    "winograd": "winograd's transforms mix each 4x4 input tile into all 16 products: a NaN/Inf pixel makes "
+                "non-finite the outputs of its tiles that do not read it too (unlike PyTorch)",
+}
+
+
+def _unless_known_deviation(algorithm: str, backend, geometry, check, *args) -> None:
+    """Run `check(*args)`; where a library is known to spread non-finite values further than the
+    definition (JAX's own grouped convolution, XLA on the CPU: a NaN reaches the other groups' outputs),
+    expect it to fail and report an xfail, and fail if it passes (the deviation is gone: drop this)."""
+    if algorithm == "native" and backend.name == "jax" and geometry[2].get("groups", 1) > 1:
+        with pytest.raises(AssertionError):
+            check(*args)
+        pytest.xfail("JAX's grouped convolution (XLA, CPU) spreads NaN/Inf to the other groups' outputs")
+    check(*args)
 
 
 def _geometry_id(geometry) -> str:
@@ -80,11 +124,17 @@ def _reads(x_shape, w_shape, kw, pixel) -> np.ndarray:
 
 @_NUMPY_INVALID_WARNING
 @pytest.mark.parametrize("value", BAD_VALUES, ids=str)
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("geometry", NONFINITE_GEOMETRIES, ids=_geometry_id)
+@pytest.mark.parametrize(("algorithm", "geometry"), [
+    pytest.param(a, g, id=f"{a}-{_geometry_id(g)}",
+                 marks=[pytest.mark.xfail(reason=_SPREADS_IN_TILES[a], strict=True)] if a in _SPREADS_IN_TILES else [])
+    for a, g in NONFINITE_PAIRS])
 def test_nonfinite_input_reaches_exactly_the_outputs_that_read_it(cpu_backend, geometry, algorithm, value):
     """A NaN/Inf pixel of x makes non-finite exactly the outputs and weight gradients that read it;
     grad_x and grad_bias (which do not depend on x) stay finite."""
+    _unless_known_deviation(algorithm, cpu_backend, geometry, _nonfinite_input, cpu_backend, geometry, algorithm, value)
+
+
+def _nonfinite_input(cpu_backend, geometry, algorithm, value):
     x_shape, w_shape, kw = geometry
     rng = np.random.default_rng(0)
     w, b = rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
@@ -113,11 +163,15 @@ def test_nonfinite_input_reaches_exactly_the_outputs_that_read_it(cpu_backend, g
 
 @_NUMPY_INVALID_WARNING
 @pytest.mark.parametrize("value", BAD_VALUES, ids=str)
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("geometry", NONFINITE_GEOMETRIES, ids=_geometry_id)
+@pytest.mark.parametrize(("algorithm", "geometry"), [pytest.param(a, g, id=f"{a}-{_geometry_id(g)}") for a, g in NONFINITE_PAIRS])
 def test_nonfinite_output_gradient_reaches_exactly_the_pixels_it_touches(cpu_backend, geometry, algorithm, value):
     """A NaN/Inf in grad_out makes non-finite exactly the grad_x pixels its output reads, only its own
     grad_bias entry, and only its own filter's grad_weight (all taps that read real pixels)."""
+    _unless_known_deviation(algorithm, cpu_backend, geometry, _nonfinite_output_gradient, cpu_backend, geometry,
+                            algorithm, value)
+
+
+def _nonfinite_output_gradient(cpu_backend, geometry, algorithm, value):
     x_shape, w_shape, kw = geometry
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
@@ -147,13 +201,14 @@ def test_a_huge_gradient_does_not_change_other_samples_gradients(cpu_backend, al
     """Samples are independent: one output gradient of 1e8 in sample 0 leaves sample 1's grad_x as
     accurate, element by element, as when sample 1 is alone (float64)."""
     rng = np.random.default_rng(2)
-    kw = dict(padding=1)
-    x, w = rng.standard_normal((2, 2, 8, 8)), rng.standard_normal((3, 2, 3, 3))
-    grad_out = rng.standard_normal((2, 3, 8, 8))
+    (_, c, h, wd), w_shape, kw = _geometries_for(algorithm, [((2, 2, 8, 8), (3, 2, 3, 3), dict(padding=1))], 1, seed=401)[0]
+    x, w = rng.standard_normal((2, c, h, wd)), rng.standard_normal(w_shape)
+    y_shape = torch_conv(x, w, np.zeros(w_shape[0]), **kw)[0].shape
+    grad_out = rng.standard_normal(y_shape)
     grad_out[0, 0, 0, 0] = 1e8
     X, W = cpu_backend.asarray(x), cpu_backend.asarray(w)
     gx = cpu_backend.to_numpy(conv2d.conv2d_backward(cpu_backend.asarray(grad_out), X, W, algorithm=algorithm, **kw)[0])
-    _, gx_ref, _, _ = torch_conv(x, w, np.zeros(3), grad_out, **kw)
+    _, gx_ref, _, _ = torch_conv(x, w, np.zeros(w_shape[0]), grad_out, **kw)
     np.testing.assert_allclose(gx[1], gx_ref[1], rtol=TOLERANCE["float64"]["rtol"], atol=0, err_msg="sample 1")
     np.testing.assert_allclose(gx[0], gx_ref[0], rtol=TOLERANCE["float64"]["rtol"], atol=1e-9, err_msg="sample 0")
 
@@ -166,15 +221,17 @@ def test_a_huge_gradient_does_not_change_other_samples_gradients(cpu_backend, al
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_empty_batch_with_each_algorithm(cpu_backend, algorithm):
     """N=0 works with every algorithm (test_oracle checks "auto"): empty y and grad_x, zero weight and bias gradients."""
-    kw = dict(stride=(2, 1), padding=1, groups=2, algorithm=algorithm)
-    X = cpu_backend.asarray(np.zeros((0, 4, 7, 6)))
-    W = cpu_backend.asarray(np.ones((2, 2, 3, 3)))
+    (_, c, h, wd), w_shape, kwargs = _geometries_for(
+        algorithm, [((1, 4, 7, 6), (2, 2, 3, 3), dict(stride=(2, 1), padding=1, groups=2))], 1, seed=402)[0]
+    kw = dict(kwargs, algorithm=algorithm)
+    X = cpu_backend.asarray(np.zeros((0, c, h, wd)))
+    W = cpu_backend.asarray(np.ones(w_shape))
     y = conv2d.conv2d(X, W, **kw)
-    assert tuple(y.shape) == (0, 2, 4, 6)
+    assert tuple(y.shape) == (0, *torch_conv(np.zeros((0, c, h, wd)), np.ones(w_shape), np.zeros(w_shape[0]), **kwargs)[0].shape[1:])
     gx, gw, gb = conv2d.conv2d_backward(y, X, W, **kw)
-    assert tuple(gx.shape) == (0, 4, 7, 6)
-    np.testing.assert_array_equal(cpu_backend.to_numpy(gw), np.zeros((2, 2, 3, 3)))
-    np.testing.assert_array_equal(cpu_backend.to_numpy(gb), np.zeros(2))
+    assert tuple(gx.shape) == (0, c, h, wd)
+    np.testing.assert_array_equal(cpu_backend.to_numpy(gw), np.zeros(w_shape))
+    np.testing.assert_array_equal(cpu_backend.to_numpy(gb), np.zeros(w_shape[0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,8 +361,13 @@ def _layer_steps(layer: conv2d.ConvolutionLayer, batches: list[np.ndarray], delt
         yield "backward", (to_numpy(grad_x), to_numpy(layer.weights), to_numpy(layer.biases))
 
 
+# The layer below: the algorithms that compute it on both NumPy and torch.
+_INTERLEAVED_GEOMETRY = make_geometry((4, 3, 11, 10), (5, 3, 3, 5), None, stride=(2, 1), padding=(1, 2), dilation=(2, 1))
+
+
 @pytest.mark.parametrize("max_workspace_bytes", [None, 40_000], ids=["whole", "rows-split"])
-@pytest.mark.parametrize("algorithm", ["auto", *ALGORITHMS])
+@pytest.mark.parametrize("algorithm", [name for name in algorithm_names("auto")
+                                       if applicable(name, conv2d.get_backend("numpy"), _INTERLEAVED_GEOMETRY)])
 def test_layers_on_numpy_and_torch_interleaved_equal_each_alone(algorithm, max_workspace_bytes):
     """Two layers of one geometry on numpy and torch, stepped in turn (forward A, forward B, backward A,
     backward B), give what each gives alone: no plan or saved state crosses between them."""
@@ -349,10 +411,11 @@ THREAD_CASES = [
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_conv2d_from_four_threads_at_once(cpu_backend, algorithm):
     """conv2d and conv2d_backward from 4 threads at once (5 rounds each, the first racing to build the
-    gather plans of their geometries) give the single-threaded results, which equal PyTorch's."""
+    gather plans of their geometries) give the single-threaded results, which equal PyTorch's: the
+    geometries above that the algorithm computes, else random ones it computes."""
     rng = np.random.default_rng(5)
     data = []
-    for x_shape, w_shape, kw in THREAD_CASES:
+    for x_shape, w_shape, kw in _geometries_for(algorithm, THREAD_CASES, len(THREAD_CASES), seed=403):
         x, w, b = rng.standard_normal(x_shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[0])
         g = rng.standard_normal(torch_conv(x, w, b, **kw)[0].shape)
         data.append(((x, w, b, g), tuple(cpu_backend.asarray(a) for a in (x, w, b, g)), kw))

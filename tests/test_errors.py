@@ -16,6 +16,8 @@ import pytest
 
 import conv2d
 
+from .conftest import require_or_skip
+
 rng = np.random.default_rng(20240607)
 X = rng.standard_normal((2, 3, 8, 8))  # N, C, H, W
 W = rng.standard_normal((4, 3, 3, 3))  # O, C, kH, kW
@@ -29,7 +31,7 @@ Layer = conv2d.ConvolutionLayer
 
 
 def _torch():
-    return pytest.importorskip("torch")
+    return require_or_skip("torch")
 
 
 def _importable(name: str) -> bool:
@@ -43,7 +45,7 @@ def _matrix(array):
 
 
 def _strict(device: str | None = None):
-    pytest.importorskip("array_api_strict")
+    require_or_skip("array_api_strict")
     return conv2d.get_backend("array_api_strict" if device is None else f"array_api_strict:{device}")
 
 
@@ -329,7 +331,7 @@ def test_numpy_scalars_lists_and_any_case_are_accepted(backend_name):
 
 def test_float64_on_jax_without_64_bit_types_names_the_switch():
     """The message said only that float64 was not available, not how to turn it on."""
-    jax = pytest.importorskip("jax")
+    jax = require_or_skip("jax")
     backend = conv2d.get_backend("jax")
     was = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", False)

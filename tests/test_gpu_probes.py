@@ -13,6 +13,8 @@ import pytest
 
 import conv2d
 
+from .conftest import require_or_skip
+
 
 def _fake_cupy(monkeypatch, get_device_count):
     fake = types.ModuleType("cupy")
@@ -56,7 +58,7 @@ def test_auto_falls_back_to_numpy_without_gpu(monkeypatch):
 
 
 def test_torch_cuda_without_cuda():
-    torch = pytest.importorskip("torch")
+    torch = require_or_skip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the failure path cannot be shown")
     with pytest.raises(conv2d.BackendUnavailableError, match=r"'torch:cuda'.*sees no CUDA device.*CUDA build"):

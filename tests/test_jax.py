@@ -12,9 +12,9 @@ import pytest
 
 import conv2d
 
-from .conftest import _get
+from .conftest import _get, require_or_skip
 
-jax = pytest.importorskip("jax")
+jax = require_or_skip("jax")
 jnp = jax.numpy
 
 # stride 2, asymmetric padding, dilation and groups in one geometry: (N, C, H, W), (O, C/g, kH, kW)

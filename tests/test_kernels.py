@@ -20,11 +20,12 @@ from conv2d._workspace import scratch_bytes
 from conv2d.backends import _cuda_source
 from conv2d.backends._cuda_source import PARAMS, kernel_args
 
+from .conftest import require_or_skip
 from .kernel_harness import host_kernels_backend
 from .oracle import assert_close, torch_conv
 from .test_oracle import CASES, _data, _ids
 
-pytest.importorskip("torch")
+require_or_skip("torch")
 
 
 @pytest.fixture
@@ -102,17 +103,21 @@ def test_row_chunks_really_split(host):
 
 @pytest.mark.parametrize("case", CASES[:9], ids=_ids)
 def test_float16_sums_in_float32(host, case):
-    """float16 in and out; col2im accumulates in float, so the error is float16 rounding, not growth."""
+    """float16 in and out, forward and all three gradients; col2im accumulates in float, so the error is
+    float16 rounding, not growth."""
     backend, _ = host
     rng, x, w, b = _data(case, 5)
     geom = make_geometry(x.shape, w.shape, b.shape, **case["kwargs"])
     grad_out = rng.standard_normal((case["n"], case["o"], geom.out_h, geom.out_w))
     x16, w16, grad16 = (a.astype(np.float16) for a in (x, w, grad_out))
+    b16 = b.astype(np.float16)
+    y, _ = _conv.forward(backend, x16, w16, b16, geom, "kernels", 2**30)
     grads = _conv.backward(backend, grad16, x16, w16, geom, "kernels", 2**30)
-    assert all(g.dtype == np.float16 for g in grads)
-    # Reference: the same float16 patch gradient, summed back in float64.
-    _, gx_ref, _, _ = torch_conv(*(a.astype(np.float64) for a in (x16, w16, b, grad16)), **case["kwargs"])
-    assert_close(backend, grads[0], gx_ref, "float16", "grad_x")
+    assert all(g.dtype == np.float16 for g in (y, *grads))
+    # Reference: PyTorch in float64 on the same float16 values.
+    reference = torch_conv(*(a.astype(np.float64) for a in (x16, w16, b16, grad16)), **case["kwargs"])
+    for name, ours, ref in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, *grads), reference):
+        assert_close(backend, ours, ref, "float16", name)
 
 
 def test_col2im_is_bitwise_reproducible(host):

@@ -19,10 +19,11 @@ import pytest
 import conv2d
 from conv2d.nn._convolution import ACTIVATIONS
 
-from .conftest import CPU_BACKENDS
+from .algorithms import algorithm_params, in_domain, random_cases
+from .conftest import CPU_BACKENDS, require_or_skip
 from .oracle import assert_close
 
-pytest.importorskip("torch")
+require_or_skip("torch")
 
 ACTIVATION_NAMES = ["sigmoid", "relu", "tanh", None]
 PARITY_TOL = dict(rtol=1e-10, atol=1e-10)
@@ -287,6 +288,43 @@ def test_against_torch_autograd(backend, activation, in_channels, filter_size, n
     assert_close(conv2d.get_backend("numpy"), (b0 - b1) / lr, gb, "float64", "bias gradient")
 
 
+def _layer_case(algorithm: str) -> dict:
+    """A layer (no groups: ConvolutionLayer has none) that `algorithm` computes: 3x3, stride 1, padding
+    (1, 2) (top and left differ: a crop at the wrong corner shows), else a random one inside the
+    algorithm's domain (tests/algorithms.py)."""
+    fixed = dict(n=3, c=3, o=4, h=9, w=8, kh=3, kw=3, kwargs=dict(stride=(1, 1), padding=(1, 2), dilation=(1, 1), groups=1))
+    case = in_domain(algorithm, fixed, seed=600)
+    if case["kwargs"]["groups"] != 1:
+        case = random_cases(algorithm, 1, 601, accept=lambda c: c["kwargs"]["groups"] == 1)[0]
+    return case
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("algorithm", algorithm_params("auto"))
+def test_each_algorithm_against_torch_autograd(backend, algorithm, dtype):
+    """A layer with each algorithm (on torch, "auto" is torch's own convolution: the others are ours),
+    forward, dE/dX and the SGD step's gradients, equal PyTorch autograd; where the backend keeps the
+    forward's patches for the backward (torch, not NumPy), that path too."""
+    case = _layer_case(algorithm)
+    kw = {k: v for k, v in case["kwargs"].items() if k != "groups"}
+    layer = conv2d.ConvolutionLayer((case["c"], case["h"], case["w"]), (case["kh"], case["kw"]), case["o"],
+                                    activation="tanh", seed=5, backend=backend, algorithm=algorithm, dtype=dtype, **kw)
+    rng = np.random.default_rng(22)
+    layer.weights = backend.asarray(rng.normal(0, 0.5, tuple(layer.weights.shape)), dtype=dtype)
+    w0, b0 = _params(layer)
+    X = rng.standard_normal((case["n"], case["c"], case["h"], case["w"])).astype(dtype)
+    out = layer.forwardpass(X)
+    delta = rng.standard_normal(tuple(out.shape)).astype(dtype)
+    y, gx, gw, gb = torch_layer(X, w0, b0, delta, "tanh", **_torch_kw(kw))
+    assert_close(backend, out, y, dtype, "forwardpass")
+    lr = 0.25
+    grad_x = layer.backwardpass(lr, X, delta)
+    assert_close(backend, grad_x, gx, dtype, "dE/dX")
+    w1, b1 = _params(layer)
+    assert_close(conv2d.get_backend("numpy"), (w0 - w1) / lr, gw, dtype, "weight gradient")
+    assert_close(conv2d.get_backend("numpy"), (b0 - b1) / lr, gb, dtype, "bias gradient")
+
+
 def test_activation_table_is_what_the_tests_cover():
     """The activations tested here are exactly the layer's choices."""
     assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)
@@ -329,11 +367,21 @@ def test_float64_input_is_cast_to_a_float32_layer(backend):
     layer = conv2d.ConvolutionLayer((2, 6, 6), (3, 3), 3, 1, dtype="float32", seed=0, backend=backend)
     rng = np.random.default_rng(3)
     X = rng.standard_normal((2, 2, 6, 6))
+    w0, b0 = _params(layer)
     out = layer.forwardpass(X)
     assert backend.to_numpy(out).dtype == np.float32
-    grad_x = layer.backwardpass(0.1, X, rng.standard_normal(tuple(out.shape)))
+    delta = rng.standard_normal(tuple(out.shape))
+    lr = 0.25
+    grad_x = layer.backwardpass(lr, X, delta)
     assert backend.to_numpy(grad_x).dtype == np.float32
     assert backend.to_numpy(layer.weights).dtype == np.float32
+    # The values: PyTorch on the float32-rounded inputs (what the layer computes on), float32 tolerance.
+    y, gx, gw, gb = torch_layer(X.astype(np.float32), w0, b0, delta.astype(np.float32), "sigmoid", stride=1)
+    assert_close(backend, out, y, "float32", "forwardpass")
+    assert_close(backend, grad_x, gx, "float32", "dE/dX")
+    w1, b1 = _params(layer)
+    assert_close(conv2d.get_backend("numpy"), (w0 - w1) / lr, gw, "float32", "weight gradient")
+    assert_close(conv2d.get_backend("numpy"), (b0 - b1) / lr, gb, "float32", "bias gradient")
 
 
 @pytest.mark.parametrize("lr", [np.float64(0.05), np.float32(0.05)], ids=["np.float64", "np.float32"])
@@ -370,7 +418,7 @@ def test_numpy_scalar_learning_rate_keeps_dtype(backend, lr):
 @pytest.mark.parametrize("source", CPU_BACKENDS)
 def test_inputs_from_any_library_are_moved(backend, source):
     """X and delta from another library are moved in; output and dE/dX are in the layer's backend."""
-    pytest.importorskip(source)
+    require_or_skip(source)
     src = conv2d.get_backend(source)
     rng = np.random.default_rng(6)
     X = rng.standard_normal((2, 2, 6, 6))
@@ -393,7 +441,7 @@ def test_inputs_from_any_library_are_moved(backend, source):
 
 def test_numpy_input_to_torch_layer_gives_torch_output():
     """The concrete case: a NumPy batch into a torch layer comes back as a torch.Tensor, and vice versa."""
-    torch = pytest.importorskip("torch")
+    torch = require_or_skip("torch")
     rng = np.random.default_rng(0)
     layer = conv2d.ConvolutionLayer((1, 5, 5), (2, 2), 2, 1, seed=0, backend="torch")
     out = layer.forwardpass(rng.standard_normal((3, 1, 5, 5)))
@@ -690,7 +738,7 @@ def test_replaced_parameters_are_checked(make, attr, value, error, pattern, when
 
 
 def test_a_parameter_on_another_device_is_named():
-    pytest.importorskip("array_api_strict")
+    require_or_skip("array_api_strict")
     layer = _conv_layer("array_api_strict")
     layer.weights = conv2d.get_backend("array_api_strict:device1").asarray(np.ones((4, 3, 3, 3)))
     with pytest.raises(ValueError, match=r"ConvolutionLayer\.weights is on device 'array_api_strict:device1' but the "

@@ -11,12 +11,14 @@ import pytest
 
 import conv2d
 from conv2d import nn
+from conv2d._geometry import make_geometry
 from conv2d.nn._convolution import ACTIVATIONS
 
-from .conftest import CPU_BACKENDS
+from .algorithms import algorithm_names, applicable_to_all
+from .conftest import CPU_BACKENDS, require_or_skip
 from .oracle import assert_close
 
-torch = pytest.importorskip("torch")
+torch = require_or_skip("torch")
 F = torch.nn.functional
 
 NUMPY = conv2d.get_backend("numpy")
@@ -176,14 +178,26 @@ def test_dense_initial_weights(backend):
 
 
 def test_dense_float32_stays_float32(backend):
-    """A float32 layer fed float64 data computes in float32, and a NumPy-scalar lr does not promote it."""
-    layer = nn.DenseLayer(6, 2, dtype="float32", seed=0, backend=backend)
+    """A float32 layer fed float64 data computes in float32, and a NumPy-scalar lr does not promote it;
+    the values are PyTorch's (float64 autograd on the float32-rounded inputs, float32 tolerance)."""
+    layer = nn.DenseLayer(6, 2, activation=None, dtype="float32", seed=0, backend=backend)
     rng = np.random.default_rng(1)
     X = rng.standard_normal((3, 6))
+    delta = rng.standard_normal((3, 2))
+    w0, b0 = _np(backend, layer.weights), _np(backend, layer.biases)
     out = layer.forwardpass(X)
-    grad_x = layer.backwardpass(np.float64(0.1), X, rng.standard_normal((3, 2)))
+    lr = 0.125  # a power of two: (w0 - w1) / lr is exact up to the update's rounding
+    grad_x = layer.backwardpass(np.float64(lr), X, delta)
     for array in (out, grad_x, layer.weights, layer.biases):
         assert backend.to_numpy(array).dtype == np.float32
+    xt = _t(X.astype(np.float32).astype(np.float64))
+    wt, bt = _t(w0), _t(b0)
+    y = F.linear(xt, wt, bt)
+    y.backward(torch.tensor(delta.astype(np.float32).astype(np.float64)))
+    assert_close(backend, out, y.detach().numpy(), "float32", "output")
+    assert_close(backend, grad_x, xt.grad.numpy(), "float32", "dE/dX")
+    assert_close(NUMPY, (w0 - _np(backend, layer.weights)) / lr, wt.grad.numpy(), "float32", "weight gradient")
+    assert_close(NUMPY, (b0 - _np(backend, layer.biases)) / lr, bt.grad.numpy(), "float32", "bias gradient")
 
 
 def test_dense_errors():
@@ -344,14 +358,19 @@ def test_softmax_cross_entropy_jitted_labels_of_every_width():
 # --------------------------------------------------------------------------------------------
 
 
-def test_sequential_network_against_torch(backend):
+@pytest.mark.parametrize("algorithm", applicable_to_all(algorithm_names("auto"), [
+    make_geometry((4, 2, 8, 8), (4, 2, 3, 3), None, padding=1), make_geometry((4, 4, 4, 4), (5, 4, 3, 3), None, padding=1)]))
+def test_sequential_network_against_torch(backend, algorithm):
     """conv -> relu -> max-pool -> conv -> relu -> avg-pool -> flatten -> dense -> softmax CE:
-    dE/dX and every layer's SGD update equal PyTorch autograd on the same network (float64)."""
+    dE/dX and every layer's SGD update equal PyTorch autograd on the same network (float64), with
+    "auto" (torch's own convolution on torch) and each of our algorithms that computes its layers."""
     seq = nn.Sequential(
         [
-            conv2d.ConvolutionLayer((2, 8, 8), (3, 3), 4, padding=1, activation="relu", seed=1, backend=backend),
+            conv2d.ConvolutionLayer((2, 8, 8), (3, 3), 4, padding=1, activation="relu", seed=1, backend=backend,
+                                    algorithm=algorithm),
             nn.MaxPoolLayer((4, 8, 8), 2, backend=backend),
-            conv2d.ConvolutionLayer((4, 4, 4), (3, 3), 5, padding=1, activation="relu", seed=2, backend=backend),
+            conv2d.ConvolutionLayer((4, 4, 4), (3, 3), 5, padding=1, activation="relu", seed=2, backend=backend,
+                                    algorithm=algorithm),
             nn.AvgPoolLayer((5, 4, 4), 2, backend=backend),
             nn.FlattenLayer(),
             nn.DenseLayer(20, 3, seed=3, backend=backend),
@@ -397,7 +416,7 @@ def test_sequential_errors():
 @pytest.mark.parametrize("source", CPU_BACKENDS)
 def test_inputs_from_another_library_are_moved(source):
     """A pool or dense layer on NumPy accepts any library's arrays and answers in NumPy."""
-    pytest.importorskip(source)
+    require_or_skip(source)
     src = conv2d.get_backend(source)
     X = np.random.default_rng(1).standard_normal((2, 1, 4, 4))
     pool = nn.MaxPoolLayer((1, 4, 4), 2, backend="numpy")

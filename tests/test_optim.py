@@ -9,9 +9,10 @@ import conv2d
 import conv2d.optim
 from conv2d import nn
 
+from .conftest import require_or_skip
 from .oracle import assert_close
 
-torch = pytest.importorskip("torch")
+torch = require_or_skip("torch")
 
 STEPS = 4
 CASES = {

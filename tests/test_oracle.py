@@ -8,37 +8,22 @@ import pytest
 import conv2d
 from conv2d._geometry import make_geometry, normalize_padding
 
-from .oracle import PORTABLE_ALGORITHMS, assert_close, loop_conv, missing_algorithm, torch_conv
+from .algorithms import (
+    algorithm_cases,
+    algorithm_params,
+    applicable,
+    case_geometry,
+    case_id,
+    pair_params,
+    random_case,
+)
+from .conftest import require_or_skip
+from .oracle import assert_close, loop_conv, missing_algorithm, torch_conv
 
-pytest.importorskip("torch")
+require_or_skip("torch")
 
 
-def _random_case(rng: np.random.Generator) -> dict:
-    groups = int(rng.choice([1, 1, 2, 3]))
-    kh, kw = (int(k) for k in rng.integers(1, 5, size=2))
-    dilation = tuple(int(d) for d in rng.integers(1, 3, size=2))
-    stride = tuple(int(s) for s in rng.integers(1, 4, size=2))
-    padding = rng.choice(["int", "pair", "same", "valid"])
-    if padding == "same":
-        stride = (1, 1)
-        pad = "same"
-    elif padding == "valid":
-        pad = "valid"
-    elif padding == "int":
-        pad = int(rng.integers(0, 3))
-    else:
-        pad = tuple(int(p) for p in rng.integers(0, 3, size=2))
-    top, bottom, left, right = normalize_padding(pad, (kh, kw), stride, dilation)
-    reach_h, reach_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
-    h = int(rng.integers(max(1, reach_h - top - bottom), reach_h + 8))
-    w = int(rng.integers(max(1, reach_w - left - right), reach_w + 8))
-    return dict(
-        n=int(rng.integers(1, 4)),
-        c=groups * int(rng.integers(1, 4)),
-        o=groups * int(rng.integers(1, 4)),
-        h=h, w=w, kh=kh, kw=kw,
-        kwargs=dict(stride=stride, padding=pad, dilation=dilation, groups=groups),
-    )
+_random_case = random_case  # the general distribution of random layers (tests/algorithms.py)
 
 
 # Hand-picked corners, then random geometries from a fixed seed.
@@ -56,9 +41,13 @@ CASES = [
 
 
 def _ids(case: dict) -> str:
-    return f"n{case['n']}c{case['c']}o{case['o']}h{case['h']}w{case['w']}k{case['kh']}x{case['kw']}" + "".join(
-        f"-{k}={v}" for k, v in case["kwargs"].items()
-    )
+    return case_id(case)
+
+
+# Every registered algorithm with the corners it computes and random layers inside its domain, 20 in all
+# (tests/algorithms.py): a layer an algorithm does not compute is not an oracle item here, but an
+# error in test_inapplicable_pairs_raise.
+PAIRS = algorithm_cases(20, seed=100, fixed=CASES[:9])
 
 
 def _data(case: dict, seed: int):
@@ -70,24 +59,20 @@ def _data(case: dict, seed: int):
     return rng, x, w, b
 
 
-@pytest.mark.parametrize("algorithm", conv2d.ALGORITHMS)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize(("algorithm", "case"), pair_params(PAIRS))
 def test_matches_pytorch(backend, case, dtype, algorithm):
-    """Output and all three gradients agree with PyTorch (float64 reference), every backend and algorithm."""
+    """Output and all three gradients agree with PyTorch (float64 reference), every backend and algorithm,
+    on layers the algorithm computes (the backends without it: deselected, see tests/conftest.py)."""
     rng, x, w, b = _data(case, 1)
     geom = make_geometry(x.shape, w.shape, b.shape, **case["kwargs"])
+    assert applicable(algorithm, backend, geom)
     grad_out = rng.standard_normal((case["n"], case["o"], geom.out_h, geom.out_w))
     # Round the data to the tested dtype first, so the reference sees exactly what we see.
     x, w, b, grad_out = (a.astype(dtype).astype(np.float64) for a in (x, w, b, grad_out))
     y_ref, gx_ref, gw_ref, gb_ref = torch_conv(x, w, b, grad_out, **case["kwargs"])
 
     X, W, B, G = (backend.asarray(a, dtype=dtype) for a in (x, w, b, grad_out))
-    missing = missing_algorithm(algorithm, backend, geom)
-    if missing:  # kernels: CuPy's (on the CPU: tests/test_kernels.py); native: torch's and JAX's; winograd: 3x3 s1
-        with pytest.raises(ValueError, match=missing):
-            conv2d.conv2d(X, W, B, algorithm=algorithm, **case["kwargs"])
-        return
     y = conv2d.conv2d(X, W, B, algorithm=algorithm, **case["kwargs"])
     gx, gw, gb = conv2d.conv2d_backward(G, X, W, algorithm=algorithm, **case["kwargs"])
 
@@ -100,8 +85,43 @@ def test_matches_pytorch(backend, case, dtype, algorithm):
     assert_close(backend, gb, gb_ref, dtype, "grad_bias")
 
 
-@pytest.mark.parametrize("algorithm", PORTABLE_ALGORITHMS)
-@pytest.mark.parametrize("case", CASES[:9] + CASES[9:39:3], ids=_ids)
+@pytest.mark.parametrize("name", algorithm_params())
+def test_inapplicable_pairs_raise(backend, name):
+    """Where the rule (conv2d._conv.applicable) says an algorithm does not apply, conv2d and
+    conv2d_backward raise ValueError (the tests' oracle items leave those pairs out), and where it says
+    it applies, choosing it does not raise: on 200 random layers, whichever of them fall outside."""
+    from conv2d._conv import choose_algorithm
+
+    rng = np.random.default_rng(7)
+    outside = 0
+    for _ in range(200):
+        case = random_case(rng)
+        geom = case_geometry(case)
+        if applicable(name, backend, geom):
+            assert choose_algorithm(name, backend, geom=geom).name is not None
+            continue
+        outside += 1
+        if outside > 3:  # three calls each are enough; the rule is checked on the rest
+            with pytest.raises(ValueError, match=f"algorithm '{name}'"):
+                choose_algorithm(name, backend, geom=geom)
+            continue
+        _, x, w, b = _data(case, 8)
+        X, W, B = (backend.asarray(a) for a in (x, w, b))
+        with pytest.raises(ValueError, match=f"algorithm '{name}'"):
+            conv2d.conv2d(X, W, B, algorithm=name, **case["kwargs"])
+        G = backend.asarray(np.zeros((case["n"], case["o"], geom.out_h, geom.out_w)))
+        with pytest.raises(ValueError, match=f"algorithm '{name}'"):
+            conv2d.conv2d_backward(G, X, W, algorithm=name, **case["kwargs"])
+        expected = missing_algorithm(name, backend, geom)
+        assert expected is None or expected.startswith(f"algorithm '{name}'")
+
+
+# The algorithms NumPy runs, each on the hand-picked corners it computes and random layers, 8 in all.
+LOOP_PAIRS = [(name, case) for name, case in algorithm_cases(8, seed=200, fixed=CASES[:9])
+              if applicable(name, conv2d.get_backend("numpy"), case)]
+
+
+@pytest.mark.parametrize(("algorithm", "case"), pair_params(LOOP_PAIRS))
 def test_matches_loops(case, algorithm):
     """The same results by the definition, one multiply-add at a time: a reference without PyTorch."""
     rng, x, w, b = _data(case, 2)
@@ -121,11 +141,16 @@ def test_matches_loops(case, algorithm):
 
 def test_without_bias_equals_zero_bias(backend):
     """bias=None is the same as a bias of zeros, and the backward still returns grad_bias."""
-    _rng, x, w, b = _data(CASES[4], 3)
+    rng, x, w, b = _data(CASES[4], 3)
     X, W = backend.asarray(x), backend.asarray(w)
     Z = backend.asarray(np.zeros_like(b))
     kw = CASES[4]["kwargs"]
     np.testing.assert_array_equal(backend.to_numpy(conv2d.conv2d(X, W, **kw)), backend.to_numpy(conv2d.conv2d(X, W, Z, **kw)))
+    G = backend.asarray(rng.standard_normal(tuple(conv2d.conv2d(X, W, **kw).shape)))
+    gx, gw, gb = conv2d.conv2d_backward(G, X, W, **kw)
+    _, gx_ref, gw_ref, gb_ref = torch_conv(x, w, np.zeros_like(b), backend.to_numpy(G), **kw)
+    for name, ours, ref in (("grad_x", gx, gx_ref), ("grad_weight", gw, gw_ref), ("grad_bias", gb, gb_ref)):
+        assert_close(backend, ours, ref, "float64", name)
 
 
 def test_empty_batch(backend):

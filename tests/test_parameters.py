@@ -17,10 +17,10 @@ import pytest
 import conv2d
 from conv2d import nn
 
-from .conftest import CPU_BACKENDS
+from .conftest import CPU_BACKENDS, require_or_skip
 from .oracle import assert_close
 
-torch = pytest.importorskip("torch")
+torch = require_or_skip("torch")
 F = torch.nn.functional
 
 

@@ -10,9 +10,10 @@ from conv2d import _conv
 from conv2d._geometry import make_geometry
 from conv2d.algorithms.pointwise import Pointwise, _sample_scratch
 
+from .conftest import require_or_skip
 from .oracle import assert_close, layer_data, torch_conv
 
-pytest.importorskip("torch")
+require_or_skip("torch")
 
 
 def _random_layer(seed: int) -> dict:

@@ -24,11 +24,17 @@ from conv2d import _conv
 from conv2d._geometry import make_geometry
 from conv2d._workspace import plan_chunks, scratch_bytes
 
-from .conftest import _get
+from .algorithms import (
+    algorithm_names,
+    applicable,
+    backend_algorithm_params,
+    random_cases,
+)
+from .conftest import _get, require_or_skip
 from .kernel_harness import host_kernels_backend
-from .oracle import PORTABLE_ALGORITHMS, assert_close, torch_conv
+from .oracle import assert_close, torch_conv
 
-torch = pytest.importorskip("torch")
+torch = require_or_skip("torch")
 
 _CI_MAX_EXAMPLES = 100  # max_examples of the "ci" profile in tests/conftest.py
 
@@ -81,7 +87,30 @@ def convolutions(draw, batch=st.integers(0, 4), max_size: int = 20) -> dict:  # 
 
 
 DTYPES = st.sampled_from(["float32", "float64"])
-ALGORITHMS = st.sampled_from(PORTABLE_ALGORITHMS)  # "kernels": the GPU-path properties below
+
+def _case_geometry(case: dict):
+    return make_geometry(case["x"], case["weight"], None, **case["kwargs"])
+
+
+@st.composite
+def convolutions_for(draw, algorithm: str, batch=st.integers(0, 4), max_size: int = 20) -> dict:  # noqa: B008
+    """A convolution that `algorithm` computes: one of :func:`convolutions` where its rule
+    (conv2d._conv.applicable) accepts it, else a random layer inside its domain from
+    tests/algorithms.py (drawn by rejection from a seed hypothesis picks: a narrow domain, such as
+    winograd's 3x3 stride-1 layers, is found without naming it here)."""
+    case = draw(convolutions(batch=batch, max_size=max_size))
+    if applicable(algorithm, None, _case_geometry(case)):
+        return case
+    found = random_cases(algorithm, 1, draw(st.integers(0, 2**32 - 1)))[0]
+    groups = found["kwargs"]["groups"]
+    return dict(x=(draw(batch), found["c"], found["h"], found["w"]),
+                weight=(found["o"], found["c"] // groups, found["kh"], found["kw"]), kwargs=found["kwargs"])
+
+
+def _per_algorithm(ci_count: int) -> int:
+    """The examples of one algorithm's item where a property draws `ci_count` in all: shared over the
+    registered algorithms, so that the file's time stays near what it was as algorithms are registered."""
+    return _examples(max(1, -(-ci_count // len(algorithm_names()))))
 SEEDS = st.integers(0, 2**32 - 1)
 
 
@@ -128,49 +157,59 @@ def _check_against_pytorch(spec: str, case: dict, dtype: str, algorithm: str, se
         assert_close(backend, ours, ref, dtype, f"{name} ({spec}, {dtype}, {algorithm}, {case})")
 
 
-@settings(max_examples=_examples(300))
-@given(case=convolutions(), dtype=DTYPES, algorithm=ALGORITHMS, seed=SEEDS)
-def test_numpy_matches_pytorch(case, dtype, algorithm, seed):
+@pytest.mark.parametrize("algorithm", backend_algorithm_params("numpy"))
+@settings(max_examples=_per_algorithm(300))
+@given(data=st.data(), dtype=DTYPES, seed=SEEDS)
+def test_numpy_matches_pytorch(algorithm, data, dtype, seed):
     """NumPy: output and the three gradients equal PyTorch's for any legal geometry."""
+    case = data.draw(convolutions_for(algorithm), label="case")
     _check_against_pytorch("numpy", case, dtype, algorithm, seed)
 
 
-@settings(max_examples=_examples(120))
-@given(case=convolutions(), dtype=DTYPES, algorithm=ALGORITHMS, seed=SEEDS)
-def test_array_api_strict_matches_pytorch(case, dtype, algorithm, seed):
+@pytest.mark.parametrize("algorithm", backend_algorithm_params("array_api_strict"))
+@settings(max_examples=_per_algorithm(120))
+@given(data=st.data(), dtype=DTYPES, seed=SEEDS)
+def test_array_api_strict_matches_pytorch(algorithm, data, dtype, seed):
     """array-api-strict (the standard alone): output and the three gradients equal PyTorch's."""
+    case = data.draw(convolutions_for(algorithm), label="case")
     _check_against_pytorch("array_api_strict", case, dtype, algorithm, seed)
 
 
-@settings(max_examples=_examples(120))
-@given(case=convolutions(), dtype=DTYPES, algorithm=ALGORITHMS, seed=SEEDS)
-def test_torch_matches_pytorch(case, dtype, algorithm, seed):
+@pytest.mark.parametrize("algorithm", backend_algorithm_params("torch"))
+@settings(max_examples=_per_algorithm(120))
+@given(data=st.data(), dtype=DTYPES, seed=SEEDS)
+def test_torch_matches_pytorch(algorithm, data, dtype, seed):
     """torch (CPU) tensors: output and the three gradients equal PyTorch's own conv2d and autograd."""
+    case = data.draw(convolutions_for(algorithm), label="case")
     _check_against_pytorch("torch", case, dtype, algorithm, seed)
 
 
-@settings(max_examples=_examples(15))  # JAX compiles each new shape: fewer examples (thorough: 150)
-@given(case=convolutions(), dtype=DTYPES, algorithm=ALGORITHMS, seed=SEEDS)
-def test_jax_matches_pytorch(case, dtype, algorithm, seed):
+@pytest.mark.parametrize("algorithm", backend_algorithm_params("jax"))
+@settings(max_examples=_per_algorithm(15))  # JAX compiles each new shape: fewer examples (thorough: 10x)
+@given(data=st.data(), dtype=DTYPES, seed=SEEDS)
+def test_jax_matches_pytorch(algorithm, data, dtype, seed):
     """JAX (CPU): output and the three gradients equal PyTorch's for any legal geometry."""
+    case = data.draw(convolutions_for(algorithm), label="case")
     _check_against_pytorch("jax", case, dtype, algorithm, seed)
 
 
 @pytest.mark.gpu
-@settings(max_examples=_examples(60))
-@given(case=convolutions(), dtype=DTYPES, algorithm=st.sampled_from(["auto", *conv2d.ALGORITHMS]),
-       deterministic=st.booleans(), seed=SEEDS)
-def test_cupy_matches_pytorch(case, dtype, algorithm, deterministic, seed):
+@settings(max_examples=_per_algorithm(60))
+@pytest.mark.parametrize("algorithm", backend_algorithm_params("cupy", "auto"))
+@given(data=st.data(), dtype=DTYPES, deterministic=st.booleans(), seed=SEEDS)
+def test_cupy_matches_pytorch(algorithm, data, dtype, deterministic, seed):
     """CuPy (a GPU): every algorithm, kernels included, in both modes, equals PyTorch."""
+    case = data.draw(convolutions_for(algorithm), label="case")
     _check_against_pytorch("cupy", case, dtype, algorithm, seed, deterministic)
 
 
 @pytest.mark.gpu
-@settings(max_examples=_examples(60))
-@given(case=convolutions(), dtype=DTYPES, algorithm=st.sampled_from(["auto", *PORTABLE_ALGORITHMS]),
-       deterministic=st.booleans(), seed=SEEDS)
-def test_torch_cuda_matches_pytorch(case, dtype, algorithm, deterministic, seed):
-    """torch on CUDA: every algorithm in both modes equals PyTorch (on the CPU, float64)."""
+@settings(max_examples=_per_algorithm(60))
+@pytest.mark.parametrize("algorithm", backend_algorithm_params("torch:cuda", "auto"))
+@given(data=st.data(), dtype=DTYPES, deterministic=st.booleans(), seed=SEEDS)
+def test_torch_cuda_matches_pytorch(algorithm, data, dtype, deterministic, seed):
+    """torch on CUDA: every algorithm it has, in both modes, equals PyTorch (on the CPU, float64)."""
+    case = data.draw(convolutions_for(algorithm), label="case")
     _check_against_pytorch("torch:cuda", case, dtype, algorithm, seed, deterministic)
 
 
@@ -180,10 +219,11 @@ def test_torch_cuda_matches_pytorch(case, dtype, algorithm, deterministic, seed)
 
 
 @st.composite
-def split_convolutions(draw) -> tuple[dict, str, int, str]:
+def split_convolutions(draw, algorithm: str | None = None) -> tuple[dict, str, int, str]:
     """(case, dtype, limit, how): a batch of 2..4 and a workspace limit that forces splitting it
-    into smaller batches, or one sample into runs of output rows."""
-    case = draw(convolutions(batch=st.integers(2, 4), max_size=14))
+    into smaller batches, or one sample into runs of output rows (a layer `algorithm` computes)."""
+    batch = st.integers(2, 4)
+    case = draw(convolutions(batch=batch, max_size=14) if algorithm is None else convolutions_for(algorithm, batch, 14))
     dtype = draw(DTYPES)
     geom = make_geometry(case["x"], case["weight"], None, **case["kwargs"])
     n, itemsize = case["x"][0], np.dtype(dtype).itemsize
@@ -193,12 +233,14 @@ def split_convolutions(draw) -> tuple[dict, str, int, str]:
     return case, dtype, limit, how
 
 
-@settings(max_examples=_examples(50))  # three backends, whole and split: the suite's slowest property (thorough: 500)
-@given(split=split_convolutions(), backend=st.sampled_from(["numpy", "torch", "array_api_strict"]), algorithm=ALGORITHMS,
-       seed=SEEDS)
-def test_split_workspace_gives_the_same_results(split, backend, algorithm, seed):
+@settings(max_examples=_per_algorithm(50))  # three backends, whole and split: the suite's slowest property (thorough: 500)
+@pytest.mark.parametrize("algorithm", backend_algorithm_params("torch"))
+@given(data=st.data(), backend=st.sampled_from(["numpy", "torch", "array_api_strict"]), seed=SEEDS)
+def test_split_workspace_gives_the_same_results(algorithm, data, backend, seed):
     """A max_workspace_bytes that forces batch or row chunks changes only rounding, and stays right."""
-    case, dtype, limit, how = split
+    case, dtype, limit, how = data.draw(split_convolutions(algorithm), label="split")
+    if not applicable(algorithm, _get(backend)):  # native: torch's, not NumPy's
+        backend = "torch"
     geom = make_geometry(case["x"], case["weight"], None, **case["kwargs"])
     chunks = plan_chunks(geom, case["x"][0], np.dtype(dtype).itemsize, limit)
     assert len(chunks) > 1

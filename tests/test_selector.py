@@ -21,6 +21,8 @@ import conv2d
 import conv2d.backends as registry
 from conv2d import BackendUnavailableError
 
+from .conftest import require_or_skip
+
 CPU_SPECS = ["numpy", "torch", "jax", "array_api_strict"]
 _LIBRARY = {"numpy": "numpy", "torch": "torch", "jax": "jax", "array_api_strict": "array_api_strict"}
 
@@ -28,7 +30,7 @@ _LIBRARY = {"numpy": "numpy", "torch": "torch", "jax": "jax", "array_api_strict"
 def _need(spec: str) -> conv2d.Backend:
     """The backend `spec`, skipping the test where its library is not installed."""
     name = spec.split(":")[0].strip().lower().replace("-", "_")
-    pytest.importorskip(_LIBRARY[name])
+    require_or_skip(_LIBRARY[name])
     return conv2d.get_backend(spec)
 
 
@@ -100,7 +102,7 @@ VALID = [
 @pytest.mark.parametrize(("spec", "name", "canonical", "device_of"), VALID, ids=[repr(v[0]) for v in VALID])
 def test_valid_spec(spec, name, canonical, device_of):
     if name != "numpy":
-        pytest.importorskip(_LIBRARY[name])
+        require_or_skip(_LIBRARY[name])
     backend = conv2d.get_backend(spec)
     assert isinstance(backend, conv2d.Backend)
     assert backend.name == name
@@ -223,7 +225,7 @@ def test_unusable_device_names_spec_reason_and_fix(spec, reason):
 
 @pytest.mark.parametrize("spec", ["torch:cuda", "torch:cuda:0", "torch:cuda:1"])
 def test_torch_cuda_without_cuda(spec):
-    torch = pytest.importorskip("torch")
+    torch = require_or_skip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(BackendUnavailableError, match="this PyTorch build sees no CUDA device") as info:
@@ -247,7 +249,7 @@ def test_cupy_without_cupy_suggests_the_cuda_extra(spec):
 
 @pytest.mark.parametrize("spec", ["jax:gpu", "jax:gpu:0", "jax:cuda"])
 def test_jax_gpu_without_gpu(spec):
-    jax = pytest.importorskip("jax")
+    jax = require_or_skip("jax")
     if any(d.platform != "cpu" for d in jax.devices()):
         pytest.skip("JAX sees an accelerator here")
     with pytest.raises(BackendUnavailableError, match=r"JAX has no '(gpu|cuda)' devices") as info:
@@ -339,7 +341,7 @@ def test_env_var_is_not_read_at_import():
 
 
 def test_env_var_names_a_library_that_is_imported_only_when_needed():
-    pytest.importorskip("torch")
+    require_or_skip("torch")
     code = """
         import sys
         import conv2d
@@ -700,7 +702,7 @@ def test_dtype_with_an_unknown_name_names_it_and_lists_the_choices(spec):
 
 
 def test_end_to_end_with_env_array_api_strict():
-    pytest.importorskip("array_api_strict")
+    require_or_skip("array_api_strict")
     code = """
         import numpy as np
         import array_api_strict
@@ -750,3 +752,18 @@ def test_end_to_end_with_env_array_api_strict():
         print("ok")
     """
     assert _run_python(code, CONV2D_BACKEND="array_api_strict").stdout.strip() == "ok"
+
+
+def test_require_or_skip_fails_for_a_required_dependency(monkeypatch):
+    """An optional dependency that does not import skips, unless CONV2D_TEST_REQUIRE names it (or its
+    top-level package): then the ImportError fails the test, so that CI cannot go green by skipping."""
+    from . import conftest
+
+    monkeypatch.setattr(conftest, "REQUIRED", set())
+    with pytest.raises(pytest.skip.Exception):
+        conftest.require_or_skip("conv2d_no_such_module.sub")
+    for named in ("conv2d_no_such_module", "conv2d_no_such_module.sub"):
+        monkeypatch.setattr(conftest, "REQUIRED", {named})
+        with pytest.raises(ImportError):
+            conftest.require_or_skip("conv2d_no_such_module.sub")
+    assert conftest.require_or_skip("numpy") is np

@@ -14,7 +14,9 @@ import pytest
 
 import conv2d
 
-torch = pytest.importorskip("torch")
+from .conftest import require_or_skip
+
+torch = require_or_skip("torch")
 F = torch.nn.functional
 
 OPTIONS = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)

@@ -10,9 +10,10 @@ from conv2d import _conv
 from conv2d._geometry import make_geometry
 from conv2d.algorithms.winograd import _sample_scratch
 
+from .conftest import require_or_skip
 from .oracle import assert_close, layer_data, torch_conv
 
-pytest.importorskip("torch")
+require_or_skip("torch")
 
 
 def _random_layer(seed: int) -> dict:
@@ -124,7 +125,7 @@ def test_other_layers_are_refused_with_what_differs(kwargs, kernel, wrong):
 
 def test_layer_runs_winograd_and_matches_pytorch():
     """The layer class with algorithm="winograd": forward and the gradient backwardpass applies."""
-    torch = pytest.importorskip("torch")
+    torch = require_or_skip("torch")
     rng = np.random.default_rng(6)
     layer = conv2d.ConvolutionLayer((4, 6, 7), (3, 3), 5, padding=1, algorithm="winograd", seed=1)
     x = rng.standard_normal((3, 4, 6, 7))

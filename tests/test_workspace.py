@@ -12,6 +12,7 @@ import conv2d
 from conv2d._geometry import make_geometry
 from conv2d._workspace import parse_size, plan_chunks, resolve_limit, scratch_bytes
 
+from .algorithms import algorithm_params, case_geometry, in_domain
 from .oracle import assert_close, torch_conv
 
 GEOMETRY = dict(x=(5, 4, 9, 8), w=(6, 2, 3, 2), kwargs=dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2))
@@ -112,22 +113,37 @@ def test_the_row_search_finds_the_most_rows_that_fit(monkeypatch):
         monkeypatch.undo()
 
 
-@pytest.mark.parametrize("algorithm", ["gather", "slices"])
+def _split_case(algorithm: str) -> dict:
+    """GEOMETRY where `algorithm` computes it, else a random layer it computes, with 5 samples and at
+    least 4 output rows to split."""
+    fixed = dict(n=5, c=4, o=6, h=9, w=8, kh=3, kw=2, kwargs=GEOMETRY["kwargs"])
+    case = dict(in_domain(algorithm, fixed, seed=500), n=5)
+    while case_geometry(case).out_h < 4:  # a taller input is as legal, and has more output rows
+        case = dict(case, h=case["h"] + 2)
+    return case
+
+
+@pytest.mark.parametrize("algorithm", algorithm_params())
 @pytest.mark.parametrize("split", ["batch", "rows"])
 def test_split_results_equal_unsplit_and_pytorch(backend, algorithm, split):
-    """Splitting changes only the order of float additions: same results to rounding, and right."""
-    geom = _geom()
+    """Splitting changes only the order of float additions: same results to rounding, and right; every
+    algorithm (on GEOMETRY, or a layer it computes), whether it splits by these chunks or its own."""
+    case = _split_case(algorithm)
+    geom = case_geometry(case)
     limit = scratch_bytes(geom, 2, geom.out_h, 8) if split == "batch" else scratch_bytes(geom, 1, 2, 8)
-    assert len(plan_chunks(geom, GEOMETRY["x"][0], 8, limit)) > 2
+    assert len(plan_chunks(geom, case["n"], 8, limit)) > 2
     rng = np.random.default_rng(7)
-    x, w, b = rng.standard_normal(GEOMETRY["x"]), rng.standard_normal(GEOMETRY["w"]), rng.standard_normal(6)
-    g = rng.standard_normal((5, 6, geom.out_h, geom.out_w))
+    groups = case["kwargs"].get("groups", 1)
+    x = rng.standard_normal((case["n"], case["c"], case["h"], case["w"]))
+    w = rng.standard_normal((case["o"], case["c"] // groups, case["kh"], case["kw"]))
+    b = rng.standard_normal(case["o"])
+    g = rng.standard_normal((case["n"], case["o"], geom.out_h, geom.out_w))
     X, W, B, G = (backend.asarray(a) for a in (x, w, b, g))
-    kw = dict(GEOMETRY["kwargs"], algorithm=algorithm)
+    kw = dict(case["kwargs"], algorithm=algorithm)
     whole = [conv2d.conv2d(X, W, B, **kw), *conv2d.conv2d_backward(G, X, W, **kw)]
     split_ = [conv2d.conv2d(X, W, B, max_workspace_bytes=limit, **kw),
               *conv2d.conv2d_backward(G, X, W, max_workspace_bytes=limit, **kw)]
-    reference = torch_conv(x, w, b, g, **GEOMETRY["kwargs"])
+    reference = torch_conv(x, w, b, g, **case["kwargs"])
     for name, a, s, r in zip(("y", "grad_x", "grad_weight", "grad_bias"), whole, split_, reference):
         np.testing.assert_allclose(backend.to_numpy(s), backend.to_numpy(a), rtol=1e-12, atol=1e-12, err_msg=name)
         assert_close(backend, s, r, "float64", name)

@@ -179,7 +179,7 @@ def recheck(args: argparse.Namespace, backend: Backend, shapes: list[Shape], ext
             results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`results` after one more timing of each implementation with an implausible figure, on those shapes.
 
-    Each result carries ``implausible`` (:func:`~conv2d.bench.plausibility.implausible` of its
+    Each result carries ``implausible`` (:func:`~conv2d.tools.bench.plausibility.implausible` of its
     samples). An implementation with such a measurement is timed once more, as before (in a
     process of its own by default), over the shapes concerned only; its new samples replace all of
     its old ones there, and the result lists it in ``retimed``. What is still implausible after

@@ -1,4 +1,4 @@
-"""Figures that cannot be right: the rule (:func:`implausible`); :func:`~conv2d.bench.isolation.recheck` re-times them.
+"""Figures that cannot be right: the rule (:func:`implausible`); :func:`~conv2d.tools.bench.isolation.recheck` re-times them.
 
 A first ``bench --shapes seed --rounds 1`` once printed a forward pass of 506.9 ms beside a forward
 and backward pass of 90.0 ms of the same layer ("fwd/bare 25.78"), without a word; reruns gave
