@@ -60,7 +60,14 @@ def build(device: str | None) -> Backend:
     def scatter_add(target, indices, values):
         # Atomic adds: duplicates accumulate, float sums may vary in the last bits between runs.
         with target.device:
-            cupyx.scatter_add(target, indices, values)
+            if target.dtype.kind == "c":
+                # A complex sum is two real sums: scatter the real and imaginary parts through the
+                # (contiguous) target seen as interleaved reals, with CUDA's real atomicAdd.
+                parts = target.view(target.real.dtype)
+                pairs = cupy.stack([2 * indices, 2 * indices + 1], axis=-1).reshape(-1)
+                cupyx.scatter_add(parts, pairs, cupy.ascontiguousarray(values).view(parts.dtype))
+            else:
+                cupyx.scatter_add(target, indices, values)
         return target
 
     return Backend(
@@ -93,7 +100,7 @@ class CupyKernels:
         self._built: dict[tuple[str, str, str], Any] = {}
 
     def _kernel(self, name: str, dtype: Any, index: str) -> Any:
-        key = (name, _cuda_source.accumulator(np.dtype(dtype).name), index)  # CuPy's dtypes are NumPy's
+        key = (name, _cuda_source.accumulator_label(np.dtype(dtype).name), index)  # CuPy's dtypes are NumPy's
         if key not in self._built:
             # ElementwiseKernel specialises T per dtype itself; the accumulator and index types are
             # spelled into the source, so float16 and float32 share one (summing in float).

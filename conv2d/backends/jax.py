@@ -109,13 +109,13 @@ def build(device: str | None) -> Backend:
     def native_asarray(obj, dtype):
         if dtype is None and hasattr(obj, "dtype"):
             dtype = obj.dtype
-        wide = dtype is not None and np.dtype(dtype).name in ("float64", "int64", "uint64")
+        wide = dtype is not None and np.dtype(dtype).name in ("float64", "complex128", "int64", "uint64")
         if wide and not jax.config.jax_enable_x64:
             # JAX would silently give 32 bits instead.
             raise TypeError(
                 f"JAX has 64-bit types disabled, so {np.dtype(dtype)} would silently become 32-bit; "
                 "set JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True)) or use "
-                f"{np.dtype(dtype).name.replace('64', '32')}"
+                f"{np.dtype(dtype).name.replace('complex128', 'complex64').replace('64', '32')}"
             )
         return jax.device_put(jnp.asarray(obj, dtype=dtype), dev)
 
@@ -128,7 +128,7 @@ def build(device: str | None) -> Backend:
         return target.at[indices].add(values)  # functional update; duplicates accumulate
 
     def dtype_hint(name):
-        if name.endswith("64") and not jax.config.jax_enable_x64:
+        if name in ("float64", "complex128", "int64", "uint64") and not jax.config.jax_enable_x64:
             return "JAX has 64-bit types disabled: set JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True))"
         return ""
 
