@@ -91,7 +91,8 @@ def conv2d(
     Parameters
     ----------
     x : array, shape (N, C, H, W)
-        Input batch, a real floating array of NumPy, CuPy, torch, JAX or array-api-strict; or a
+        Input batch, a floating array (float16, float32, float64, complex64 or complex128; see
+        :doc:`/user_guide/complex`) of NumPy, CuPy, torch, JAX or array-api-strict; or a
         dask array of NumPy or CuPy chunks (then the result is a lazy dask array with the same
         batch chunks, one ordinary call per chunk; chunks along C, H or W are first merged into
         whole samples). Needs ``conv2d[dask]``; see :mod:`conv2d.distributed`.
@@ -145,7 +146,8 @@ def conv2d(
     Raises
     ------
     TypeError
-        An argument of the wrong type, a non-floating dtype, mixed dtypes or mixed libraries.
+        An argument of the wrong type, a non-floating dtype, mixed dtypes (real and complex
+        included: cast, e.g. ``weight.astype(x.dtype)``) or mixed libraries.
     ValueError
         Inconsistent shapes, a bad stride/padding/dilation/groups/algorithm, arrays on two
         devices, or a kernel larger than the padded input.
@@ -219,7 +221,10 @@ def conv2d_backward(
     grad_x : array, shape (N, C, H, W)
     grad_weight : array, shape (O, C // groups, kH, kW)
     grad_bias : array, shape (O,)
-        Returned whether or not the forward pass had a bias. With dask arrays (see
+        Returned whether or not the forward pass had a bias. For complex arrays the gradients are
+        PyTorch's (``torch.autograd.grad`` of complex tensors): `grad_x` is computed with the
+        conjugate of `weight`, `grad_weight` with the conjugate of `x`, `grad_bias` is the sum of
+        `grad_out` (:doc:`/user_guide/complex`). With dask arrays (see
         :func:`conv2d`): `grad_x` is chunked like `x` along the batch (C, H and W whole;
         `grad_out` is rechunked to match), and `grad_weight` and `grad_bias` are lazy tree sums
         of the per-chunk gradients, equal to the single-call ones to float rounding.

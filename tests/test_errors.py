@@ -192,7 +192,7 @@ ARRAY_CASES: list[tuple[str, Callable, type, str]] = [
     ("conv2d_backward: kernel larger than input", lambda: backward(G, X, np.zeros((4, 3, 9, 9))), ValueError, r"kernel spans 9x9"),
     ("conv2d_backward: int grad_out", lambda: backward(G.astype(np.int64), X, W), TypeError, r"grad_out has dtype int64; .*floating dtype"),
     ("conv2d_backward: bool x", lambda: backward(G, X > 0, W), TypeError, r"x has dtype bool; .*floating dtype"),
-    ("conv2d_backward: complex weight", lambda: backward(G, X, W.astype(np.complex128)), TypeError, r"weight has dtype complex128"),
+    ("conv2d_backward: complex weight", lambda: backward(G, X, W.astype(np.complex128)), TypeError, r"but weight has complex128; .*weight is complex and grad_out is not; cast weight"),
     ("conv2d_backward: float32 grad_out", lambda: backward(G32, X, W), TypeError, r"grad_out has dtype float32 but x has float64"),
     ("conv2d_backward: float32 weight", lambda: backward(G, X, W32), TypeError, r"grad_out has dtype float64 but weight has float32"),
     ("conv2d_backward: torch grad_out", lambda: backward(_torch().from_numpy(G), X, W), TypeError,

@@ -18,8 +18,9 @@ sample, output row (from ``row0``), output column.
 - ``col2im``: one thread per *input* pixel, which sums the patch elements that read it, in a
   fixed order (kernel row, kernel column) and in ``ACC`` precision (float for float16/float32,
   double for float64, ``complex<float>``/``complex<double>`` for complex64/complex128: im2col copies
-  and col2im adds, so complex data needs nothing but the element type). No two threads write one address, so there are no atomics and the result
-  is bitwise reproducible. It adds into its output, so chunks of output rows accumulate.
+  and col2im adds, so complex data needs nothing but the element type). No two threads write one
+  address, so there are no atomics and the result is bitwise reproducible. It adds into its
+  output, so chunks of output rows accumulate.
 
 Index arithmetic is in ``IDX``: 32-bit ``int`` when every index of the launch fits (the usual
 case), else 64-bit. The divisions that split a flat index are the kernels' main cost besides
