@@ -204,3 +204,30 @@ def test_layer_refuses_complex_and_points_to_the_functions():
     layer = conv2d.ConvolutionLayer((3, 8, 8), (3, 3), 4, activation=None)
     with pytest.raises(TypeError, match=r"complex128; the layer needs real floating data; the layer is real-only"):
         layer.forwardpass(np.zeros((1, 3, 8, 8), dtype=np.complex128))
+
+
+def test_jax_complex128_needs_64_bit_types():
+    """complex128 with JAX's 64-bit types off would silently become complex64: refused, naming the switch."""
+    jax = pytest.importorskip("jax")
+    backend = conv2d.get_backend("jax")
+    with jax.enable_x64(False):
+        with pytest.raises(TypeError, match=r"complex128 would silently become complex64; set JAX_ENABLE_X64=1 .*use complex64"):
+            backend.asarray(np.zeros(2, dtype=np.complex128))
+        with pytest.raises(TypeError, match=r"'complex128' is not available .*JAX has 64-bit types disabled"):
+            backend.dtype("complex128")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cupy_complex_scatter_add_as_real_pairs(dtype):
+    """CuPy's complex scatter-add (two real scatter-adds through interleaved parts), run on NumPy:
+    duplicates accumulate in both parts, as np.add.at does on the complex array."""
+    from conv2d.backends.cupy import scatter_add_parts
+
+    rng = np.random.default_rng(7)
+    indices = rng.integers(0, 5, size=40)
+    values = (rng.standard_normal(40) + 1j * rng.standard_normal(40)).astype(dtype)
+    target = np.zeros(5, dtype=dtype)
+    expected = target.copy()
+    np.add.at(expected, indices, values)
+    scatter_add_parts(np, lambda t, i, v: np.add.at(t, i, v), target, indices, values)
+    np.testing.assert_allclose(target, expected, rtol=1e-6)

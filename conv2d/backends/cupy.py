@@ -61,11 +61,7 @@ def build(device: str | None) -> Backend:
         # Atomic adds: duplicates accumulate, float sums may vary in the last bits between runs.
         with target.device:
             if target.dtype.kind == "c":
-                # A complex sum is two real sums: scatter the real and imaginary parts through the
-                # (contiguous) target seen as interleaved reals, with CUDA's real atomicAdd.
-                parts = target.view(target.real.dtype)
-                pairs = cupy.stack([2 * indices, 2 * indices + 1], axis=-1).reshape(-1)
-                cupyx.scatter_add(parts, pairs, cupy.ascontiguousarray(values).view(parts.dtype))
+                scatter_add_parts(cupy, cupyx.scatter_add, target, indices, values)
             else:
                 cupyx.scatter_add(target, indices, values)
         return target
@@ -82,6 +78,18 @@ def build(device: str | None) -> Backend:
         deterministic_scatter=False,
         kernels=CupyKernels(cupy, dev),
     )
+
+
+def scatter_add_parts(xp: Any, scatter_add: Any, target: Any, indices: Any, values: Any) -> None:
+    """Scatter-add complex `values` into the flat, contiguous complex `target` as two real sums.
+
+    The real and imaginary parts go through `target` seen as interleaved reals (2k and 2k+1), with
+    the real `scatter_add` (CUDA's real atomicAdd), which every CUDA GPU has for float and double.
+    `xp` is ``cupy`` (NumPy in the tests).
+    """
+    parts = target.view(target.real.dtype)
+    pairs = xp.stack([2 * indices, 2 * indices + 1], axis=-1).reshape(-1)
+    scatter_add(parts, pairs, xp.ascontiguousarray(values).view(parts.dtype))
 
 
 class CupyKernels:
