@@ -231,3 +231,15 @@ def test_cupy_complex_scatter_add_as_real_pairs(dtype):
     np.add.at(expected, indices, values)
     scatter_add_parts(np, lambda t, i, v: np.add.at(t, i, v), target, indices, values)
     np.testing.assert_allclose(target, expected, rtol=1e-6)
+
+
+def test_dask_hands_complex_chunks_through():
+    """Functions built on conv2d: the dask hand-off computes complex chunks and sums their gradients."""
+    da = pytest.importorskip("dask.array")
+    layer = dict(n=4, c=2, o=3, h=6, w=5, kernel=(3, 2), kwargs=dict(stride=1, padding=1, dilation=1, groups=1))
+    x, w, b, g = _complex_data(layer, "complex128", seed=11)
+    reference = torch_reference(x, w, b, g, padding=1)
+    lazy_x, lazy_g = da.from_array(x, chunks=(2, 2, 6, 5)), da.from_array(g, chunks=(2, 3, 6, 6))
+    ours = [conv2d.conv2d(lazy_x, da.from_array(w), da.from_array(b), padding=1),
+            *conv2d.conv2d_backward(lazy_g, lazy_x, da.from_array(w), padding=1)]
+    _assert_matches(conv2d.get_backend("numpy"), [a.compute() for a in ours], reference, "complex128")
