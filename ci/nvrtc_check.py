@@ -12,8 +12,8 @@ How the variants are found, from the library's own code rather than a list kept 
 ``ElementwiseKernel`` is CuPy's real one, wrapped to record each launch instead of running it, and
 with stand-in arrays of every size that changes the generated source: both sides of the 32-bit
 limits of our index width (``_cuda_source.index_width``) and of CuPy's own 32/64-bit indexing of
-arrays and of the launch range (``_cuda_source.launch_size``), for every real floating dtype that
-conv2d accepts and CuPy supports. Each recorded launch is turned into the argument descriptions CuPy
+arrays and of the launch range (``_cuda_source.launch_size``), for every real and complex floating
+dtype that conv2d accepts and CuPy supports. Each recorded launch is turned into the argument descriptions CuPy
 builds at call time, and CuPy's code generator makes the source; identical sources count once.
 
 CuPy builds and compiles that source only when a kernel is called, which needs a device, so this
@@ -190,13 +190,13 @@ def _boundary_sizes(itemsize: int) -> list[int]:
 
 
 def cuda_dtypes(internals: SimpleNamespace) -> list[np.dtype]:
-    """The real floating dtypes conv2d accepts (``isdtype(..., "real floating")``) that CuPy supports."""
+    """The real and complex floating dtypes conv2d accepts that CuPy supports."""
     import array_api_compat.cupy as xp
 
     dtypes = []
-    for code in np.typecodes["Float"]:
+    for code in np.typecodes["Float"] + np.typecodes["Complex"]:
         dtype = np.dtype(code)
-        if not xp.isdtype(dtype, "real floating"):
+        if not xp.isdtype(dtype, ("real floating", "complex floating")):
             continue
         try:
             internals.dtype_with_itemsize(dtype, True)
@@ -279,7 +279,8 @@ def _argument_infos(internals: SimpleNamespace, launch: Launch) -> tuple[tuple[A
 def _check_signature(code: str, kernel: Any, infos: tuple[Any, ...]) -> None:
     """Fail loudly if CuPy's argument kinds no longer mean what _ARG_KIND_* say."""
     signature = code[code.index(kernel.name):].split("{", 1)[0]
-    arrays = re.findall(r"CArray<[^>]*, (\d+), (\d+), (\d+)> (\w+)", signature)
+    # The element type may itself be a template (thrust::complex<float>): one level of <> inside.
+    arrays = re.findall(r"CArray<(?:[^<>]|<[^<>]*>)*, (\d+), (\d+), (\d+)> (\w+)", signature)
     expected_arrays = [(str(i.ndim), "1", str(int(i.index_32_bits))) for i in infos if i.arg_kind == _ARG_KIND_NDARRAY]
     indexer = infos[-1]
     if [a[:3] for a in arrays] != expected_arrays or f"CIndexer<1, {int(indexer.index_32_bits)}> _ind" not in signature:

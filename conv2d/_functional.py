@@ -7,6 +7,7 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from . import _conv, _dispatch
+from ._complex import conj, mixed_dtypes
 from ._determinism import resolve_deterministic
 from ._geometry import IntPair, Padding, check_output_shape, make_geometry
 from ._workspace import resolve_limit
@@ -15,7 +16,7 @@ from .backends import Backend, backend_of, compiler_op
 
 
 def check_arrays(named: dict[str, Any]) -> Backend:
-    """One library, one device, one real floating dtype for all of `named`; return their backend."""
+    """One library, one device, one floating dtype (real or complex) for all of `named`; return their backend."""
     backends = {name: backend_of(array, name) for name, array in named.items()}
     (first, backend), *rest = backends.items()
     for name, other in rest:
@@ -31,16 +32,13 @@ def check_arrays(named: dict[str, Any]) -> Backend:
     xp = array_namespace(*named.values())
     dtype = named[first].dtype
     for name, array in named.items():
-        if not xp.isdtype(array.dtype, "real floating"):
+        if not xp.isdtype(array.dtype, ("real floating", "complex floating")):
             raise TypeError(
-                f"{name} has dtype {array.dtype}; conv2d needs a real floating dtype "
-                f"(float16, float32 or float64): convert it, e.g. {name}.astype('float32')"
+                f"{name} has dtype {array.dtype}; conv2d needs a floating dtype (float16, float32, float64, "
+                f"complex64 or complex128): convert it, e.g. {name}.astype('float32')"
             )
         if array.dtype != dtype:
-            raise TypeError(
-                f"{first} has dtype {dtype} but {name} has {array.dtype}; conv2d does not promote silently: "
-                "cast them to one dtype"
-            )
+            raise TypeError(mixed_dtypes(xp, first, dtype, name, array.dtype))
     return backend
 
 
@@ -93,7 +91,8 @@ def conv2d(
     Parameters
     ----------
     x : array, shape (N, C, H, W)
-        Input batch, a real floating array of NumPy, CuPy, torch, JAX or array-api-strict; or a
+        Input batch, a floating array (float16, float32, float64, complex64 or complex128; see
+        :doc:`/user_guide/complex`) of NumPy, CuPy, torch, JAX or array-api-strict; or a
         dask array of NumPy or CuPy chunks (then the result is a lazy dask array with the same
         batch chunks, one ordinary call per chunk; chunks along C, H or W are first merged into
         whole samples). Needs ``conv2d[dask]``; see :mod:`conv2d.distributed`.
@@ -147,7 +146,8 @@ def conv2d(
     Raises
     ------
     TypeError
-        An argument of the wrong type, a non-floating dtype, mixed dtypes or mixed libraries.
+        An argument of the wrong type, a non-floating dtype, mixed dtypes (real and complex
+        included: cast, e.g. ``weight.astype(x.dtype)``) or mixed libraries.
     ValueError
         Inconsistent shapes, a bad stride/padding/dilation/groups/algorithm, arrays on two
         devices, or a kernel larger than the padded input.
@@ -221,7 +221,10 @@ def conv2d_backward(
     grad_x : array, shape (N, C, H, W)
     grad_weight : array, shape (O, C // groups, kH, kW)
     grad_bias : array, shape (O,)
-        Returned whether or not the forward pass had a bias. With dask arrays (see
+        Returned whether or not the forward pass had a bias. For complex arrays the gradients are
+        PyTorch's (``torch.autograd.grad`` of complex tensors): `grad_x` is computed with the
+        conjugate of `weight`, `grad_weight` with the conjugate of `x`, `grad_bias` is the sum of
+        `grad_out` (:doc:`/user_guide/complex`). With dask arrays (see
         :func:`conv2d`): `grad_x` is chunked like `x` along the batch (C, H and W whole;
         `grad_out` is rechunked to match), and `grad_weight` and `grad_bias` are lazy tree sums
         of the per-chunk gradients, equal to the single-call ones to float rounding.
@@ -253,8 +256,10 @@ def conv2d_backward(
         _shape(x), _shape(weight), None, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
     check_output_shape("grad_out", _shape(grad_out), _shape(x)[0], geom)
+    # PyTorch's convention for complex data: the raw maps of conj(x) and conj(w) (conv2d._complex).
+    xp = backend.xp
     return _conv.backward(
-        backend, grad_out, x, weight, geom, check_algorithm(algorithm), resolve_limit(max_workspace_bytes),
+        backend, grad_out, conj(xp, x), conj(xp, weight), geom, check_algorithm(algorithm), resolve_limit(max_workspace_bytes),
         deterministic=resolve_deterministic(deterministic),
     )
 

@@ -55,8 +55,13 @@ def resolve_limit(max_workspace_bytes: int | None) -> int:
 
 
 def bytes_per_item(array: Any) -> int:
-    """Bytes per element of a floating `array` of any array API library (the standard has no ``itemsize``)."""
-    return array_namespace(array).finfo(array.dtype).bits // 8
+    """Bytes per element of a floating `array` of any array API library (the standard has no ``itemsize``).
+
+    ``finfo`` of a complex dtype describes its real and imaginary parts: a complex element is two of them.
+    """
+    xp = array_namespace(array)
+    parts = 2 if xp.isdtype(array.dtype, "complex floating") else 1
+    return parts * xp.finfo(array.dtype).bits // 8
 
 
 @dataclass(frozen=True)

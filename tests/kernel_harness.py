@@ -8,7 +8,7 @@ kernel and dtype. So the real ``CupyKernels``, the real sources and the real ``"
 algorithm run here. What this checks without a GPU: the index arithmetic, padding, strides,
 dilation, groups, row chunks, the argument order of the launches and the fixed summation order.
 What it cannot check: CUDA compilation, launches, and CuPy's float16 type (it uses the host
-compiler's ``_Float16``); ``ci/gpu-check`` runs the suite on a GPU for those.
+compiler's ``_Float16``, and ``std::complex`` for CuPy's ``complex``); ``ci/gpu-check`` runs the suite on a GPU for those.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import conv2d
 from conv2d.backends import Backend
 from conv2d.backends.cupy import CupyKernels
 
-_CTYPES = {"float16": "_Float16", "float32": "float", "float64": "double"}
+_CTYPES = {"float16": "_Float16", "float32": "float", "float64": "double",
+           "complex64": "complex<float>", "complex128": "complex<double>"}
 # ElementwiseKernel's integer types -> (C type, ctypes type)
 _INTEGERS = {"int32": ("int", ctypes.c_int), "int64": ("long long", ctypes.c_longlong)}
 
@@ -70,6 +71,9 @@ class HostElementwiseKernel:
     def _library(self, dtype: str) -> ctypes.CDLL:
         if dtype not in self._libraries:
             text = "\n".join([
+                # The accumulator of complex types is spelled as CuPy spells it: complex<float>.
+                "#include <complex>",
+                "using std::complex;",
                 f"typedef {_CTYPES[dtype]} T;",
                 f'extern "C" void run({self._signature}, long long size) {{',
                 "    for (long long i = 0; i < size; ++i) {",

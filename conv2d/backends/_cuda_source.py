@@ -17,8 +17,10 @@ sample, output row (from ``row0``), output column.
   sides coalesced. Padding reads as zero.
 - ``col2im``: one thread per *input* pixel, which sums the patch elements that read it, in a
   fixed order (kernel row, kernel column) and in ``ACC`` precision (float for float16/float32,
-  double for float64). No two threads write one address, so there are no atomics and the result
-  is bitwise reproducible. It adds into its output, so chunks of output rows accumulate.
+  double for float64, ``complex<float>``/``complex<double>`` for complex64/complex128: im2col copies
+  and col2im adds, so complex data needs nothing but the element type). No two threads write one
+  address, so there are no atomics and the result is bitwise reproducible. It adds into its
+  output, so chunks of output rows accumulate.
 
 Index arithmetic is in ``IDX``: 32-bit ``int`` when every index of the launch fits (the usual
 case), else 64-bit. The divisions that split a flat index are the kernels' main cost besides
@@ -103,9 +105,21 @@ grad_x[j] = (T)((ACC)grad_x[j] + sum);
 _KERNELS = {"im2col": (IM2COL_PARAMS, IM2COL), "col2im": (COL2IM_PARAMS, COL2IM)}
 
 
+# The C type col2im sums in: float16 sums in float; a complex type in itself (CuPy's ``complex<T>``,
+# a thrust-style complex with the arithmetic the kernels use, constructible from 0 and from T).
+_ACCUMULATORS = {"float64": "double", "complex64": "complex<float>", "complex128": "complex<double>"}
+
+
 def accumulator(dtype_name: str) -> str:
-    """The C type col2im sums in: double for float64, float otherwise (float16 sums in float)."""
-    return "double" if dtype_name == "float64" else "float"
+    """The C type col2im sums in: double for float64, ``complex<float>``/``complex<double>`` for
+    complex64/complex128, float otherwise (float16 sums in float)."""
+    return _ACCUMULATORS.get(dtype_name, "float")
+
+
+def accumulator_label(dtype_name: str) -> str:
+    """:func:`accumulator` as a C identifier, for kernel names: ``float``, ``double``, ``cfloat``, ``cdouble``."""
+    name = accumulator(dtype_name)
+    return "c" + name[len("complex<"):-1] if name.startswith("complex<") else name
 
 
 def index_width(*sizes: int) -> str:

@@ -60,7 +60,10 @@ def build(device: str | None) -> Backend:
     def scatter_add(target, indices, values):
         # Atomic adds: duplicates accumulate, float sums may vary in the last bits between runs.
         with target.device:
-            cupyx.scatter_add(target, indices, values)
+            if target.dtype.kind == "c":
+                scatter_add_parts(cupy, cupyx.scatter_add, target, indices, values)
+            else:
+                cupyx.scatter_add(target, indices, values)
         return target
 
     return Backend(
@@ -75,6 +78,18 @@ def build(device: str | None) -> Backend:
         deterministic_scatter=False,
         kernels=CupyKernels(cupy, dev),
     )
+
+
+def scatter_add_parts(xp: Any, scatter_add: Any, target: Any, indices: Any, values: Any) -> None:
+    """Scatter-add complex `values` into the flat, contiguous complex `target` as two real sums.
+
+    The real and imaginary parts go through `target` seen as interleaved reals (2k and 2k+1), with
+    the real `scatter_add` (CUDA's real atomicAdd), which every CUDA GPU has for float and double.
+    `xp` is ``cupy`` (NumPy in the tests).
+    """
+    parts = target.view(target.real.dtype)
+    pairs = xp.stack([2 * indices, 2 * indices + 1], axis=-1).reshape(-1)
+    scatter_add(parts, pairs, xp.ascontiguousarray(values).view(parts.dtype))
 
 
 class CupyKernels:
@@ -93,7 +108,7 @@ class CupyKernels:
         self._built: dict[tuple[str, str, str], Any] = {}
 
     def _kernel(self, name: str, dtype: Any, index: str) -> Any:
-        key = (name, _cuda_source.accumulator(np.dtype(dtype).name), index)  # CuPy's dtypes are NumPy's
+        key = (name, _cuda_source.accumulator_label(np.dtype(dtype).name), index)  # CuPy's dtypes are NumPy's
         if key not in self._built:
             # ElementwiseKernel specialises T per dtype itself; the accumulator and index types are
             # spelled into the source, so float16 and float32 share one (summing in float).

@@ -109,13 +109,13 @@ def build(device: str | None) -> Backend:
     def native_asarray(obj, dtype):
         if dtype is None and hasattr(obj, "dtype"):
             dtype = obj.dtype
-        wide = dtype is not None and np.dtype(dtype).name in ("float64", "int64", "uint64")
-        if wide and not jax.config.jax_enable_x64:
-            # JAX would silently give 32 bits instead.
+        name = None if dtype is None else np.dtype(dtype).name
+        # JAX would silently give 32 bits (complex64 for complex128: 32-bit parts) instead.
+        narrow = {"float64": "float32", "complex128": "complex64", "int64": "int32", "uint64": "uint32"}.get(name or "")
+        if narrow and not jax.config.jax_enable_x64:
             raise TypeError(
-                f"JAX has 64-bit types disabled, so {np.dtype(dtype)} would silently become 32-bit; "
-                "set JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True)) or use "
-                f"{np.dtype(dtype).name.replace('64', '32')}"
+                f"JAX has 64-bit types disabled, so {name} would silently become {narrow}; "
+                f"set JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True)) or use {narrow}"
             )
         return jax.device_put(jnp.asarray(obj, dtype=dtype), dev)
 
@@ -128,7 +128,7 @@ def build(device: str | None) -> Backend:
         return target.at[indices].add(values)  # functional update; duplicates accumulate
 
     def dtype_hint(name):
-        if name.endswith("64") and not jax.config.jax_enable_x64:
+        if name in ("float64", "complex128", "int64", "uint64") and not jax.config.jax_enable_x64:
             return "JAX has 64-bit types disabled: set JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True))"
         return ""
 

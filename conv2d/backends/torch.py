@@ -71,15 +71,43 @@ class TorchNative:
 
     def backward(self, grad_out: Any, x: Any, weight: Any, geom: Any, deterministic: bool = False) -> tuple[Any, Any, Any]:
         padded, padding = self._arguments(x, geom)
-        with self._flags(deterministic):
-            grad_x, grad_w, grad_b = self.torch.ops.aten.convolution_backward(
-                grad_out, padded, weight, [weight.shape[0]], list(geom.stride), padding, list(geom.dilation),
-                False, [0, 0], geom.groups, [True, True, True],
+
+        def raw(grad_out: Any, x: Any, weight: Any, mask: list[bool]) -> tuple[Any, Any, Any]:
+            return self.torch.ops.aten.convolution_backward(
+                grad_out, x, weight, [weight.shape[0]], list(geom.stride), padding, list(geom.dilation),
+                False, [0, 0], geom.groups, mask,
             )
+
+        with self._flags(deterministic):
+            if grad_out.is_complex():
+                grad_x, grad_w, grad_b = self._complex_backward(raw, grad_out, padded, weight)
+            else:
+                grad_x, grad_w, grad_b = raw(grad_out, padded, weight, [True, True, True])
         if padded is not x:
             top, _, left, _ = geom.padding
             grad_x = grad_x[:, :, top : top + geom.height, left : left + geom.width]
         return grad_x, grad_w, grad_b
+
+
+    def _complex_backward(self, raw: Callable[..., Any], grad_out: Any, x: Any, weight: Any) -> tuple[Any, Any, Any]:
+        """The raw (unconjugated) gradients of complex tensors from four real ``convolution_backward`` calls.
+
+        PyTorch's ``aten.convolution_backward`` has no complex kernels (CPU: "not implemented for
+        'ComplexDouble'"; cuDNN has none either), while its forward and autograd split a complex
+        convolution into real ones. The raw gradients are bilinear: grad_x in (grad_out, weight) and
+        grad_w in (grad_out, x), so each real call with real parts (r) or imaginary parts (i) gives
+        one term of both: (g_r, x_r, w_r), (g_i, x_i, w_i), (g_r, x_i, w_i), (g_i, x_r, w_r). Four
+        products, not Gauss's three, keep the rounding of a true complex product.
+        """
+        g_r, g_i = grad_out.real.contiguous(), grad_out.imag.contiguous()
+        x_r, x_i = x.real.contiguous(), x.imag.contiguous()
+        w_r, w_i = weight.real.contiguous(), weight.imag.contiguous()
+        both = [True, True, False]
+        rr, ii = raw(g_r, x_r, w_r, both), raw(g_i, x_i, w_i, both)
+        ri, ir = raw(g_r, x_i, w_i, both), raw(g_i, x_r, w_r, both)
+        grad_x = self.torch.complex(rr[0] - ii[0], ri[0] + ir[0])
+        grad_w = self.torch.complex(rr[1] - ii[1], ri[1] + ir[1])
+        return grad_x, grad_w, grad_out.sum(dim=(0, 2, 3))
 
 
 def build(device: str | None) -> Backend:

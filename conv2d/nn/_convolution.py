@@ -49,13 +49,26 @@ ACTIVATIONS: dict[str | None, tuple[Callable[[Any, Any], Any], Callable[[Any, An
 }
 
 
+def _complex_hint(dtype: Any) -> str:
+    """What to do instead, where `dtype` is complex: the layer is real-only, the functions are not.
+
+    A complex layer would need complex initialisation, optimisers and checkpoints, and its
+    activations (ReLU, sigmoid, tanh's saturation) order or bound real numbers: refused rather
+    than half-supported.
+    """
+    if "complex" not in str(dtype):
+        return ""
+    return ("; the layer is real-only (its activations, initialisation, optimisers and checkpoints are), "
+            "but conv2d.conv2d and conv2d.conv2d_backward take complex64 and complex128 arrays")
+
+
 def to_floating(backend: Backend, name: str, array: Any, dtype: Any = None) -> Any:
     """`array` moved to `backend`; TypeError unless it is real floating; cast to `dtype` if given."""
     if is_array_api_obj(array):
         backend_of(array, name)  # an unsupported array (a masked one) is refused under its own name
     array = backend.asarray(array)
     if not backend.xp.isdtype(array.dtype, "real floating"):
-        raise TypeError(f"{name} has dtype {array.dtype}; the layer needs real floating data")
+        raise TypeError(f"{name} has dtype {array.dtype}; the layer needs real floating data{_complex_hint(array.dtype)}")
     return array if dtype is None else backend.xp.astype(array, dtype, copy=False)
 
 
@@ -227,7 +240,7 @@ class ConvolutionLayer(Parameterized):
         filter_size = positive_ints("filter_size", filter_size, "(rows, cols)")
         numfilters = positive_int("numfilters", numfilters)
         if dtype not in ("float16", "float32", "float64"):
-            raise TypeError(f"dtype must be 'float16', 'float32' or 'float64', got {dtype!r}")
+            raise TypeError(f"dtype must be 'float16', 'float32' or 'float64', got {dtype!r}{_complex_hint(dtype)}")
         self.algorithm = check_algorithm(algorithm)
         self.max_workspace_bytes = max_workspace_bytes
         resolve_limit(max_workspace_bytes)  # a bad limit fails here, not at the first batch
