@@ -208,7 +208,7 @@ def conv2d(
     >>> conv2d.conv2d(x, w, padding="same").shape
     (2, 4, 8, 8)
     """
-    options = dict(
+    options: dict[str, Any] = dict(
         stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
         max_workspace_bytes=max_workspace_bytes, deterministic=deterministic,
     )
@@ -294,7 +294,7 @@ def conv2d_backward(
     >>> gx.shape, gw.shape, gb.shape
     ((2, 3, 8, 8), (4, 3, 3, 3), (4,))
     """
-    options = dict(
+    options: dict[str, Any] = dict(
         stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
         max_workspace_bytes=max_workspace_bytes, deterministic=deterministic,
     )

@@ -66,7 +66,7 @@ def test_same_with_even_kernel_matches_torch_layer(mode):
     x, w, b = layer_arrays(rng, layer, "float64")
     y_ref, g, grads_ref = torch_layer(x, w, b, mode, rng, "float64", **layer["kwargs"])
     y = conv2d.conv2d(x, w, b, padding_mode=mode, **layer["kwargs"])
-    assert y.shape == x.shape[:1] + (3,) + x.shape[2:]
+    assert y.shape == (x.shape[0], 3, *x.shape[2:])
     assert_close(y, y_ref, "float64", "y")
     for got, want in zip(conv2d.conv2d_backward(g, x, w, padding_mode=mode, **layer["kwargs"]), grads_ref):
         assert_close(got, want, "float64", "grads")
