@@ -114,3 +114,18 @@ def test_bad_padding_mode(bad, error, message):
         conv2d.conv2d(x, w, padding_mode=bad)
     with pytest.raises(error, match=message):
         conv2d.conv2d_backward(x, x, w, padding_mode=bad)
+
+
+def test_dask_arrays_in_a_mode_and_layout():
+    """The explicit pad and transpose run on the dask array; the convolution of the result goes to conv2d.distributed."""
+    da = pytest.importorskip("dask.array")
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal((4, 6, 5, 3)), rng.standard_normal((2, 3, 3, 3))  # NHWC
+    kw = dict(padding=(2, 1), padding_mode="circular", data_format="NHWC")
+    y = conv2d.conv2d(da.from_array(x, chunks=(2, 6, 5, 3)), w, **kw)
+    assert isinstance(y, da.Array)
+    np.testing.assert_allclose(y.compute(), conv2d.conv2d(x, w, **kw), rtol=1e-12, atol=1e-12)
+    g = rng.standard_normal(y.shape)
+    lazy = conv2d.conv2d_backward(da.from_array(g, chunks=(2, *g.shape[1:])), da.from_array(x, chunks=(2, 6, 5, 3)), w, **kw)
+    for got, want in zip(lazy, conv2d.conv2d_backward(g, x, w, **kw)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
