@@ -6,6 +6,7 @@ from typing import Any as _Any
 
 from . import _dispatch, nn, optim
 from ._cache import clear_caches
+from ._conv1d import conv1d, conv1d_backward
 from ._functional import conv2d, conv2d_backward
 from .algorithms import ALGORITHMS as _ALGORITHM_TABLE
 from .backends import (
@@ -51,6 +52,8 @@ __all__ = [
     "ConvolutionLayer",
     "available_backends",
     "clear_caches",
+    "conv1d",
+    "conv1d_backward",
     "conv2d",
     "conv2d_backward",
     "get_backend",

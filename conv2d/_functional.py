@@ -9,7 +9,9 @@ from array_api_compat import array_namespace
 from . import _conv, _dispatch
 from ._complex import conj, mixed_dtypes
 from ._determinism import resolve_deterministic
-from ._geometry import IntPair, Padding, check_output_shape, make_geometry
+from ._geometry import Geometry, IntPair, Padding, check_output_shape, make_geometry
+from ._layout import channels_first_shape, check_data_format, shape_in, to_channels_first, to_data_format
+from ._padding import check_mode_fits, check_padding_mode, fold, pad
 from ._workspace import resolve_limit
 from .algorithms import ALGORITHMS
 from .backends import Backend, backend_of, compiler_op
@@ -73,6 +75,37 @@ def _shape(array: Any) -> tuple[int, ...]:
     return tuple(array.shape)
 
 
+def _channels_first_padded(
+    x: Any, weight: Any, bias: Any | None, padding_mode: str, data_format: str, options: dict[str, Any]
+) -> tuple[Any, Any, Padding, Geometry]:
+    """`x` channels-first and padded in `padding_mode`, the padding left for the convolution, the geometry.
+
+    Every argument is checked here, on the shapes the caller gave, so a message quotes the
+    caller's padding and layout; the convolution of the result (an ordinary NCHW call, which
+    dask and ``torch.compile`` take as usual) checks the arrays' library and dtype.
+    """
+    xp = array_namespace(x)
+    geom = make_geometry(
+        channels_first_shape("x", _shape(x), data_format), _shape(weight), None if bias is None else _shape(bias),
+        stride=options["stride"], padding=options["padding"], dilation=options["dilation"], groups=options["groups"],
+    )
+    x = to_channels_first(xp, x, data_format)
+    if padding_mode == "zeros":
+        return xp, x, options["padding"], geom
+    check_mode_fits(padding_mode, geom.padding, (geom.height, geom.width), options["padding"])
+    return xp, pad(xp, x, geom.padding, padding_mode), 0, geom
+
+
+def _check_grad_out(grad_out: Any, batch: int, geom: Geometry, data_format: str) -> None:
+    """`grad_out` must have the forward output's shape in `data_format`."""
+    expected = shape_in((batch, geom.out_channels, geom.out_h, geom.out_w), data_format)
+    if _shape(grad_out) != expected:
+        raise ValueError(
+            f"grad_out must have the forward output's shape {expected} ({', '.join(data_format.replace('C', 'O'))} "
+            f"for data_format={data_format!r}), got {_shape(grad_out)}"
+        )
+
+
 def conv2d(
     x: Any,
     weight: Any,
@@ -85,6 +118,8 @@ def conv2d(
     algorithm: str = "auto",
     max_workspace_bytes: int | None = None,
     deterministic: bool | None = None,
+    padding_mode: str = "zeros",
+    data_format: str = "NCHW",
 ) -> Any:
     """2-D convolution (cross-correlation, as in PyTorch) of a batch of images.
 
@@ -136,11 +171,21 @@ def conv2d(
         Make the backward pass bitwise reproducible on every backend (see
         :func:`conv2d_backward`); accepted here so one set of keyword arguments serves both.
         Default: ``CONV2D_DETERMINISTIC`` (``1`` on, ``0`` or unset off).
+    padding_mode : {"zeros", "reflect", "replicate", "circular"}, default "zeros"
+        What the padding holds, as in ``torch.nn.Conv2d(padding_mode=...)``: zeros, the input
+        mirrored about its edge pixel, the edge pixel repeated, or the opposite side (periodic).
+        A non-zero mode pads `x` explicitly (``torch.nn.functional.pad(x, ..., mode=...)``), then
+        convolves without padding. ``"reflect"`` needs each padding smaller than the input axis,
+        ``"circular"`` at most the axis. ``padding="same"`` works with every mode, the odd extra
+        row or column after, as ``torch.nn.Conv2d`` pads it.
+    data_format : {"NCHW", "NHWC"}, default "NCHW"
+        Layout of `x` and of the result: ``"NHWC"`` is channels-last, (N, H, W, C) in and
+        (N, OH, OW, O) out. The weight keeps its shape (O, C // groups, kH, kW) in both.
 
     Returns
     -------
     array, shape (N, O, OH, OW)
-        In the library and on the device of `x`, where
+        (N, OH, OW, O) with ``data_format="NHWC"``. In the library and on the device of `x`, where
         ``OH = (H + pad_top + pad_bottom - dilation*(kH-1) - 1) // stride + 1`` (likewise OW).
 
     Raises
@@ -163,10 +208,14 @@ def conv2d(
     >>> conv2d.conv2d(x, w, padding="same").shape
     (2, 4, 8, 8)
     """
-    options = dict(
+    options: dict[str, Any] = dict(
         stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
         max_workspace_bytes=max_workspace_bytes, deterministic=deterministic,
     )
+    if check_padding_mode(padding_mode) != "zeros" or check_data_format(data_format) != "NCHW":
+        xp, x_first, options["padding"], _ = _channels_first_padded(
+            x, weight, bias, padding_mode, data_format, options)
+        return to_data_format(xp, conv2d(x_first, weight, bias, **options), data_format)
     delegated = _delegated("conv2d", (x, weight, bias), options)
     if delegated is not None:
         return delegated
@@ -195,6 +244,8 @@ def conv2d_backward(
     algorithm: str = "auto",
     max_workspace_bytes: int | None = None,
     deterministic: bool | None = None,
+    padding_mode: str = "zeros",
+    data_format: str = "NCHW",
 ) -> tuple[Any, Any, Any]:
     """Gradients of a loss through :func:`conv2d`, given the gradient of its output.
 
@@ -204,8 +255,10 @@ def conv2d_backward(
         dLoss/dy for ``y = conv2d(x, weight, bias, ...)`` with the same arguments.
     x, weight : arrays
         The forward pass's input and filters.
-    stride, padding, dilation, groups, algorithm, max_workspace_bytes
-        As given to :func:`conv2d`.
+    stride, padding, dilation, groups, algorithm, max_workspace_bytes, padding_mode, data_format
+        As given to :func:`conv2d`; `grad_out` and `grad_x` are in `data_format` too. With a
+        non-zero `padding_mode` the gradient of each padding pixel is added onto the input pixel
+        it copies (for ``"circular"`` it wraps around to the opposite side).
     deterministic : bool, optional
         If True, `grad_x` is summed in a fixed order, so repeated calls give bitwise-identical
         gradients: ``algorithm="gather"`` then sums by a gather instead of the backend's atomic
@@ -218,7 +271,7 @@ def conv2d_backward(
 
     Returns
     -------
-    grad_x : array, shape (N, C, H, W)
+    grad_x : array, shape (N, C, H, W) (or (N, H, W, C) with ``data_format="NHWC"``)
     grad_weight : array, shape (O, C // groups, kH, kW)
     grad_bias : array, shape (O,)
         Returned whether or not the forward pass had a bias. For complex arrays the gradients are
@@ -244,10 +297,19 @@ def conv2d_backward(
     >>> gx.shape, gw.shape, gb.shape
     ((2, 3, 8, 8), (4, 3, 3, 3), (4,))
     """
-    options = dict(
+    options: dict[str, Any] = dict(
         stride=stride, padding=padding, dilation=dilation, groups=groups, algorithm=algorithm,
         max_workspace_bytes=max_workspace_bytes, deterministic=deterministic,
     )
+    if check_padding_mode(padding_mode) != "zeros" or check_data_format(data_format) != "NCHW":
+        xp, x_first, options["padding"], geom = _channels_first_padded(
+            x, weight, None, padding_mode, data_format, options)
+        _check_grad_out(grad_out, _shape(x)[0], geom, data_format)
+        grad_first = to_channels_first(xp, grad_out, data_format)
+        grad_x, grad_weight, grad_bias = conv2d_backward(grad_first, x_first, weight, **options)
+        if padding_mode != "zeros":
+            grad_x = fold(xp, grad_x, geom.padding, padding_mode)
+        return to_data_format(xp, grad_x, data_format), grad_weight, grad_bias
     delegated = _delegated("conv2d_backward", (grad_out, x, weight), options)
     if delegated is not None:
         return delegated

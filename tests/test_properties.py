@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import conv2d
@@ -332,3 +332,30 @@ def test_valid_output_shape_is_the_seeds_rule(n, depth, size, filter_size, strid
         layer = conv2d.ConvolutionLayer((depth, *size), filter_size, 2, stride, seed=0)
         assert (layer.out_row, layer.out_col) == seed_rule
         assert tuple(layer.forwardpass(x).shape) == (n, 2, *seed_rule)
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding modes and layouts (issue #19): NumPy only, few examples; tests/test_padding_modes.py and
+# tests/test_data_format.py cover every backend
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=_examples(20))
+@given(case=convolutions(batch=st.integers(1, 3), max_size=10), mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+       layout=st.sampled_from(["NCHW", "NHWC"]), seed=SEEDS)
+def test_padding_mode_and_layout_match_pytorch(case, mode, layout, seed):
+    """conv2d and its gradients in any padding mode and layout are torch.nn.Conv2d(padding_mode=...)'s."""
+    from .modes_oracle import first, last, torch_layer
+
+    geom = make_geometry(case["x"], case["weight"], None, **case["kwargs"])
+    widest = (max(geom.padding[:2]), max(geom.padding[2:]))
+    assume(mode != "reflect" or (widest[0] < geom.height and widest[1] < geom.width))
+    assume(mode != "circular" or (widest[0] <= geom.height and widest[1] <= geom.width))
+    x, w, b, _ = _data(case, seed, "float64")
+    y_ref, g, grads_ref = torch_layer(x, w, b, mode, np.random.default_rng(seed), "float64", **case["kwargs"])
+    to, back = (last, first) if layout == "NHWC" else (np.asarray, np.asarray)
+    kw = dict(case["kwargs"], padding_mode=mode, data_format=layout)
+    np.testing.assert_allclose(back(conv2d.conv2d(to(x), w, b, **kw)), y_ref, rtol=1e-9, atol=1e-10)
+    gx, gw, gb = conv2d.conv2d_backward(to(g), to(x), w, **kw)
+    for ours, ref in zip((back(gx), gw, gb), grads_ref):
+        np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-10)

@@ -49,7 +49,8 @@ _short.maxlevel, _short.maxstring, _short.maxother, _short.maxlist, _short.maxdi
 # The constructor arguments a file may give each layer class (what its architecture() writes):
 # nothing else reaches a constructor, so a file cannot choose a backend, an algorithm or a seed.
 ARGUMENTS = {
-    "ConvolutionLayer": {"in_channels", "filter_size", "numfilters", "stride", "padding", "dilation", "activation", "dtype"},
+    "ConvolutionLayer": {"in_channels", "filter_size", "numfilters", "stride", "padding", "dilation", "activation", "dtype",
+                         "padding_mode", "data_format"},
     "MaxPoolLayer": {"in_channels", "pool_size", "stride"},
     "AvgPoolLayer": {"in_channels", "pool_size", "stride"},
     "FlattenLayer": set(),

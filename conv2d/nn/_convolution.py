@@ -15,7 +15,9 @@ from .. import _conv
 from .._conv import choose_algorithm
 from .._determinism import resolve_deterministic
 from .._functional import check_algorithm
-from .._geometry import IntPair, Padding, check_output_shape, make_geometry, positive_int, positive_ints
+from .._geometry import IntPair, Padding, make_geometry, positive_int, positive_ints
+from .._layout import check_data_format, shape_in, to_channels_first, to_data_format
+from .._padding import check_mode_fits, check_padding_mode, fold, pad
 from .._workspace import resolve_limit
 from ..backends import Backend, backend_of, get_backend
 from ._parameters import Parameterized, dtype_name
@@ -182,6 +184,12 @@ class ConvolutionLayer(Parameterized):
         standard deviation 0.1) on the host, so that a seed gives the same weights on every backend.
     backend : str or Backend, optional
         Where the layer lives; default: the active backend (see :func:`conv2d.get_backend`).
+    padding_mode : {"zeros", "reflect", "replicate", "circular"}, default "zeros"
+        What the padding holds, as in :func:`conv2d.conv2d` and ``torch.nn.Conv2d``.
+    data_format : {"NCHW", "NHWC"}, default "NCHW"
+        Layout of `X`, of the output and of the deltas. `input_shape` stays (depth, rows, cols)
+        and the weights (numfilters, depth, rows, cols) in both, as in PyTorch's channels-last
+        layers, so a checkpoint's parameters do not depend on the layout.
     algorithm, max_workspace_bytes, deterministic
         As in :func:`conv2d.conv2d`. The patch matrix built by `forwardpass` is kept for
         `backwardpass` when the batch fits in the workspace in one piece. ``deterministic=None``
@@ -233,6 +241,8 @@ class ConvolutionLayer(Parameterized):
         max_workspace_bytes: int | None = None,
         deterministic: bool | None = None,
         in_channels: Sequence[int] | None = None,
+        padding_mode: str = "zeros",
+        data_format: str = "NCHW",
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
@@ -257,6 +267,15 @@ class ConvolutionLayer(Parameterized):
             (1, *input_shape), weight_shape, None, stride=stride, padding=padding, dilation=dilation, groups=1
         )
         self.out_row, self.out_col = self._geom.out_h, self._geom.out_w
+        self.padding_mode = check_padding_mode(padding_mode)
+        self.data_format = check_data_format(data_format)
+        # What the arithmetic sees: with a non-zero mode the input is padded explicitly, then convolved unpadded.
+        self._inner = self._geom
+        if padding_mode != "zeros":
+            check_mode_fits(padding_mode, self._geom.padding, (self.in_row, self.in_col), padding)
+            top, bottom, left, right = self._geom.padding
+            self._inner = make_geometry((1, self.in_depth, self.in_row + top + bottom, self.in_col + left + right),
+                                        weight_shape, None, stride=stride, padding=0, dilation=dilation, groups=1)
         self.activation = activation
         self.dtype = self.backend.dtype(dtype)
         rng = np.random.default_rng(seed)
@@ -284,27 +303,36 @@ class ConvolutionLayer(Parameterized):
             "dilation": list(self._geom.dilation),
             "activation": self.activation,
             "dtype": dtype_name(self.backend, self.dtype),
+            # Written only where not the default, so that files of default layers stay readable by earlier versions.
+            **({"padding_mode": self.padding_mode} if self.padding_mode != "zeros" else {}),
+            **({"data_format": self.data_format} if self.data_format != "NCHW" else {}),
         }
 
     def forwardpass(self, X: Any) -> Any:
         """Return activation(conv(X) + biases), shape (n, out_depth, out_row, out_col).
 
         `X` (n, in_depth, in_row, in_col) may come from any supported library; it is moved to
-        the layer's backend. The patch matrix is kept for :meth:`backwardpass`.
+        the layer's backend. The patch matrix is kept for :meth:`backwardpass`. With
+        ``data_format="NHWC"``, `X` is (n, in_row, in_col, in_depth) and the output
+        (n, out_row, out_col, out_depth).
         """
         X = to_floating(self.backend, "X", X, self.dtype)
-        expected = (self._geom.in_channels, self._geom.height, self._geom.width)
+        expected = shape_in((0, self._geom.in_channels, self._geom.height, self._geom.width), self.data_format)[1:]
         if X.ndim != 4 or tuple(X.shape[1:]) != expected:
-            raise ValueError(f"X must have shape (n, {', '.join(map(str, expected))}), got {tuple(X.shape)}")
+            layout = "" if self.data_format == "NCHW" else " (the layer's data_format='NHWC': n, rows, cols, depth)"
+            raise ValueError(f"X must have shape (n, {', '.join(map(str, expected))}), got {tuple(X.shape)}{layout}")
         self._check_current_parameters()
         limit = resolve_limit(self.max_workspace_bytes)
+        xp = array_namespace(X)
+        X = to_channels_first(xp, X, self.data_format)
+        if self.padding_mode != "zeros":
+            X = pad(xp, X, self._geom.padding, self.padding_mode)
         pre, cols = _conv.forward(
-            self.backend, X, self.weights, self.biases, self._geom, self.algorithm, limit,
+            self.backend, X, self.weights, self.biases, self._inner, self.algorithm, limit,
             resolve_deterministic(self.deterministic), keep_patches=True,
         )
-        xp = array_namespace(pre)
         activation, derivative = ACTIVATIONS[self.activation]
-        out = activation(xp, pre)
+        out = to_data_format(xp, activation(xp, pre), self.data_format)
         # Keep only arrays the layer owns (see Notes): a chunk's patch matrix no larger than its
         # samples may be a view of them (a 1x1 kernel's), and X itself is the caller's (or shares its memory).
         if cols is not None:
@@ -339,15 +367,21 @@ class ConvolutionLayer(Parameterized):
         batch, cols, X, slope = forward_state(self._saved)
         check_batch(activation_prev, batch)
         delta = to_floating(self.backend, "delta", delta, self.dtype)
-        check_output_shape("delta", tuple(delta.shape), batch, self._geom)
+        expected = shape_in((batch, self.out_depth, self.out_row, self.out_col), self.data_format)
+        if tuple(delta.shape) != expected:
+            raise ValueError(f"delta must have the forward output's shape {expected} "
+                             f"({', '.join(self.data_format.replace('C', 'O'))}), got {tuple(delta.shape)}")
         self._check_current_parameters()
         grad_pre = delta if slope is None else delta * slope
+        xp = array_namespace(grad_pre)
         limit = resolve_limit(self.max_workspace_bytes)
         grad_x, grad_w, grad_b = _conv.backward(
-            self.backend, grad_pre, X, self.weights, self._geom, self.algorithm, limit, cols,
-            resolve_deterministic(self.deterministic),
+            self.backend, to_channels_first(xp, grad_pre, self.data_format), X, self.weights, self._inner,
+            self.algorithm, limit, cols, resolve_deterministic(self.deterministic),
         )
-        return grad_x, {"weights": grad_w, "biases": grad_b}
+        if self.padding_mode != "zeros":
+            grad_x = fold(xp, grad_x, self._geom.padding, self.padding_mode)
+        return to_data_format(xp, grad_x, self.data_format), {"weights": grad_w, "biases": grad_b}
 
     def backwardpass(self, lr: float, activation_prev: Any, delta: Any) -> Any:
         """Update weights and biases by SGD and return dE/dX.
