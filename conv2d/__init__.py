@@ -7,6 +7,7 @@ from typing import Any as _Any
 from . import _dispatch, nn, optim
 from ._cache import clear_caches
 from ._functional import conv2d, conv2d_backward
+from ._transposed import conv_transpose2d, conv_transpose2d_backward
 from .algorithms import ALGORITHMS as _ALGORITHM_TABLE
 from .backends import (
     Backend,
@@ -53,6 +54,8 @@ __all__ = [
     "clear_caches",
     "conv2d",
     "conv2d_backward",
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
     "get_backend",
     "nn",
     "optim",

@@ -69,12 +69,14 @@ class TorchNative:
             return self.torch.nn.functional.conv2d(x, weight, bias, list(geom.stride), padding, list(geom.dilation),
                                                    geom.groups)
 
-    def backward(self, grad_out: Any, x: Any, weight: Any, geom: Any, deterministic: bool = False) -> tuple[Any, Any, Any]:
+    def backward(self, grad_out: Any, x: Any, weight: Any, geom: Any, deterministic: bool = False,
+                 needs_weight: bool = True) -> tuple[Any, Any, Any]:
+        """All three gradients; without `needs_weight`, grad_weight is None and `x` is read for its shape only."""
         padded, padding = self._arguments(x, geom)
         with self._flags(deterministic):
             grad_x, grad_w, grad_b = self.torch.ops.aten.convolution_backward(
                 grad_out, padded, weight, [weight.shape[0]], list(geom.stride), padding, list(geom.dilation),
-                False, [0, 0], geom.groups, [True, True, True],
+                False, [0, 0], geom.groups, [True, needs_weight, True],
             )
         if padded is not x:
             top, _, left, _ = geom.padding
