@@ -18,6 +18,7 @@ from .backends import (
     use_backend,
 )
 from .nn._convolution import ConvolutionLayer
+from .nn._transposed import TransposedConvolutionLayer
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "ConvolutionLayer",
+    "TransposedConvolutionLayer",
     "available_backends",
     "clear_caches",
     "conv2d",

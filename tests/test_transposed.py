@@ -180,3 +180,69 @@ def test_bad_arrays_and_grad_out_shape():
         conv2d.conv_transpose2d(x, w.astype(np.float32))
     with pytest.raises(ValueError, match=r"grad_out must have the forward output's shape \(1, 2, 7, 7\)"):
         conv2d.conv_transpose2d_backward(np.ones((1, 2, 6, 7)), x, w)
+
+
+# --- TransposedConvolutionLayer ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", [None, "sigmoid"])
+def test_layer_matches_torch_conv_transpose2d(cpu_backend, activation):
+    """Forward, the three gradients and one SGD step against torch.nn.ConvTranspose2d."""
+    kw = dict(stride=(2, 1), padding=(1, 0), output_padding=(1, 0), dilation=(1, 2))
+    layer = conv2d.TransposedConvolutionLayer((3, 4, 5), (3, 2), 2, kw["stride"], kw["padding"], kw["output_padding"],
+                                              dilation=kw["dilation"], activation=activation, seed=3, backend=cpu_backend)
+    reference = torch.nn.ConvTranspose2d(3, 2, (3, 2), **kw).double()
+    with torch.no_grad():
+        reference.weight.copy_(torch.tensor(cpu_backend.to_numpy(layer.weights)))
+        reference.bias.copy_(torch.tensor(cpu_backend.to_numpy(layer.biases)))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 4, 5))
+    xt = torch.tensor(x, requires_grad=True)
+    yt = reference(xt) if activation is None else torch.sigmoid(reference(xt))
+    out = layer.forwardpass(cpu_backend.asarray(x))
+    assert (layer.out_depth, layer.out_row, layer.out_col) == tuple(yt.shape[1:]) == (2, 8, 7)
+    np.testing.assert_allclose(cpu_backend.to_numpy(out), yt.detach().numpy(), rtol=1e-10, atol=1e-12)
+    delta = rng.standard_normal(tuple(yt.shape))
+    grads_t = torch.autograd.grad(yt, (xt, reference.weight, reference.bias), torch.tensor(delta))
+    grad_x, grads = layer.backward(cpu_backend.asarray(x), cpu_backend.asarray(delta))
+    for ours, theirs in zip((grad_x, grads["weights"], grads["biases"]), grads_t):
+        np.testing.assert_allclose(cpu_backend.to_numpy(ours), theirs.numpy(), rtol=1e-10, atol=1e-12)
+    before = cpu_backend.to_numpy(layer.weights)
+    step = layer.backwardpass(0.5, cpu_backend.asarray(x), cpu_backend.asarray(delta))
+    np.testing.assert_allclose(cpu_backend.to_numpy(step), grads_t[0].numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cpu_backend.to_numpy(layer.weights), before - 0.5 * grads_t[1].numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cpu_backend.to_numpy(layer.biases),
+                               reference.bias.detach().numpy() - 0.5 * grads_t[2].numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_layer_in_sequential_saves_and_loads(tmp_path):
+    from conv2d import nn
+
+    net = nn.Sequential([
+        conv2d.ConvolutionLayer((1, 8, 8), (3, 3), 4, 2, padding=1, activation="relu", seed=0),
+        conv2d.TransposedConvolutionLayer((4, 4, 4), 3, 1, stride=2, padding=1, output_padding=1, seed=1),
+    ])
+    x = np.random.default_rng(5).random((3, 1, 8, 8))
+    out = net.forwardpass(x)
+    assert out.shape == (3, 1, 8, 8)
+    net.backwardpass(0.1, x, out - x)  # trained a step: the file must hold the new weights
+    expected = net.forwardpass(x)
+    loaded = nn.load(nn.save(net, tmp_path / "net"))
+    assert loaded.layers[1].architecture() == net.layers[1].architecture()
+    np.testing.assert_array_equal(loaded.forwardpass(x), expected)
+    assert loaded.state_dict()["1.weights"].shape == (4, 1, 3, 3)
+
+
+def test_layer_refuses_bad_arguments_and_state():
+    with pytest.raises(ValueError, match="output_padding must be smaller than the stride or the dilation"):
+        conv2d.TransposedConvolutionLayer((2, 4, 4), 3, 2, stride=1, output_padding=1)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        conv2d.TransposedConvolutionLayer((2, 4, 4), 3, 2, activation="gelu")
+    layer = conv2d.TransposedConvolutionLayer((2, 4, 4), 3, 2, seed=0)
+    with pytest.raises(RuntimeError, match="needs a forwardpass first"):
+        layer.backward(np.ones((1, 2, 4, 4)), np.ones((1, 2, 6, 6)))
+    layer.forwardpass(np.ones((1, 2, 4, 4)))
+    with pytest.raises(ValueError, match=r"delta must have the forward output's shape \(1, 2, 6, 6\)"):
+        layer.backward(np.ones((1, 2, 4, 4)), np.ones((1, 2, 5, 6)))
+    with pytest.raises(ValueError, match=r"X must have shape \(n, 2, 4, 4\)"):
+        layer.forwardpass(np.ones((1, 3, 4, 4)))
