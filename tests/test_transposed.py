@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -246,3 +248,28 @@ def test_layer_refuses_bad_arguments_and_state():
         layer.backward(np.ones((1, 2, 4, 4)), np.ones((1, 2, 5, 6)))
     with pytest.raises(ValueError, match=r"X must have shape \(n, 2, 4, 4\)"):
         layer.forwardpass(np.ones((1, 3, 4, 4)))
+
+
+# --- python -m conv2d demo --model autoencoder ------------------------------------------------------------
+
+
+def test_autoencoder_demo_lowers_the_error_and_writes_the_picture(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from conv2d.__main__ import main
+
+    out = tmp_path / "out"
+    assert main(["demo", "--model", "autoencoder", "--epochs", "1", "--out", str(out), "--save", str(tmp_path / "net")]) == 0
+    line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("reconstruction error"))
+    before, after = map(float, re.search(r"([\d.]+) untrained, ([\d.]+) after", line).groups())
+    assert after < before / 2, line
+    assert (out / "reconstructions.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert type(conv2d.nn.load(tmp_path / "net").layers[1]).__name__ == "TransposedConvolutionLayer"
+
+
+def test_autoencoder_demo_refuses_dask(capsys):
+    pytest.importorskip("sklearn")
+    from conv2d.__main__ import main
+
+    assert main(["demo", "--model", "autoencoder", "--no-plots", "--dask", "tcp://nowhere:1"]) == 2
+    assert "--dask trains the classifier only" in capsys.readouterr().err
