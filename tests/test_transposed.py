@@ -273,3 +273,29 @@ def test_autoencoder_demo_refuses_dask(capsys):
 
     assert main(["demo", "--model", "autoencoder", "--no-plots", "--dask", "tcp://nowhere:1"]) == 2
     assert "--dask trains the classifier only" in capsys.readouterr().err
+
+
+# --- python -m conv2d bench --op conv_transpose2d ---------------------------------------------------------
+
+
+def test_bench_times_conv_transpose2d_against_pytorch(tmp_path):
+    import json
+
+    from conv2d.__main__ import main
+    from conv2d.tools.bench.calls import Case, torch_calls, transposed_calls
+    from conv2d.tools.bench.shapes import parse_shape
+
+    shape = parse_shape("2,4,9,8,6,3,3,2,1")  # odd sizes: output_padding restores the 9th row
+    case = Case.make(conv2d.get_backend("numpy"), shape, "float64", op="conv_transpose2d")
+    ours, theirs = transposed_calls(case)["ours_fwdbwd"](), torch_calls(case)["torch_fwdbwd"]()
+    assert ours[0].shape == (2, 4, 9, 8)  # the shape's input size
+    for mine, reference in zip(ours[1], theirs):  # the bench times the same gradients as PyTorch's
+        np.testing.assert_allclose(mine, reference.numpy(), rtol=1e-10, atol=1e-10)
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--op", "conv_transpose2d", "--shapes", shape.spec, "--repeat", "1", "--rounds", "1",
+                 "--warmup", "0", "--no-seed", "--isolation", "none", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["settings"]["op"] == "conv_transpose2d"
+    (result,) = report["results"]
+    assert result["ms"]["ours_fwdbwd"] > 0 and result["ms"]["torch_fwdbwd"] > 0
+    assert "conv2d only" in result["skipped"]["floor"]
