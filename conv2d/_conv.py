@@ -260,6 +260,8 @@ def backward(
     """
     xp = array_namespace(grad_out, weight)
     want_x, want_w = "x" in needs, "weight" in needs
+    if want_w and x is None and cols is None:
+        raise ValueError("the weight gradient reads x (or the forward's kept patches): pass x")
     algo = choose_algorithm(algorithm, backend, deterministic, geom)
     read = tuple(a for a in (grad_out, x, weight) if a is not None)
     algo = _whole_call_or_patches(_finite_or_slices(backend, algorithm, algo, read), grad_out, geom, limit)
@@ -285,7 +287,8 @@ def backward(
             grad_y = xp.permute_dims(grad_out[start:stop, :, rows[0] : rows[1], :], (1, 0, 2, 3))
             grad_y = xp.reshape(grad_y, (geom.groups, geom.filters_per_group, -1))
             if want_w:
-                patches = kept[index] if kept is not None else algo.patches(backend, x[start:stop, ...], geom, rows)
+                source: Any = x  # not None: checked above
+                patches = kept[index] if kept is not None else algo.patches(backend, source[start:stop, ...], geom, rows)
                 part = xp.matmul(grad_y, xp.matrix_transpose(patches))
                 # Summed in place over the chunks where the backend allows it (a new array on JAX).
                 grad_weight = part if grad_weight is None else backend.slice_add(grad_weight, (...,), part)

@@ -68,8 +68,9 @@ RENAMED = {"ConvolutionLayer": {"in_channels": "input_shape"}}
 
 
 def _layer_classes() -> dict[str, Any]:
-    return {cls.__name__: cls for cls in (ConvolutionLayer, TransposedConvolutionLayer, _layers.MaxPoolLayer, _layers.AvgPoolLayer,
-                                          _layers.FlattenLayer, _layers.DenseLayer, _layers.Sequential)}
+    return {cls.__name__: cls for cls in (ConvolutionLayer, _layers.MaxPoolLayer, _layers.AvgPoolLayer,
+                                          _layers.FlattenLayer, _layers.DenseLayer, _layers.Sequential,
+                                          TransposedConvolutionLayer)}
 
 
 def _write_new(folder: Path, prefix: str, write: Any) -> Path:

@@ -194,7 +194,7 @@ def torch_calls(case: Case) -> dict[str, Callable[[], Any]] | str:
         return reason or "no torch device"
     t = {key: torch.as_tensor(value, device=device) for key, value in case.host.items()}
     kw: dict[str, Any] = dict(case.shape.conv_kwargs)
-    conv = torch.nn.functional.conv2d
+    conv: Callable[..., Any] = torch.nn.functional.conv2d
     x, bias, grad_out = t["x"], t["bias"], t["grad_out"]
     if case.op == "conv_transpose2d":  # as transposed_calls: the roles of x and grad_out swapped
         kw = transposed_kwargs(case.shape)
