@@ -253,7 +253,7 @@ def backward(
 
     `needs` names the gradients wanted ("x", "weight"); the others come back as None where skipping
     them saves work: the im2col algorithms skip the patch gradient or the patches and the weight
-    product, the native ones ask their library for the input gradient alone. Without "weight", `x`
+    product, the native ones ask their library for the wanted gradient alone. Without "weight", `x`
     may be None (it is read only for the weight gradient): a whole-call algorithm that computes
     both gradients together (direct, winograd, pointwise) then reads a zero array of its shape.
     ``conv2d.conv_transpose2d`` is the input gradient alone.
@@ -269,8 +269,8 @@ def backward(
         if x is None:
             shape = (grad_out.shape[0], geom.in_channels, geom.height, geom.width)
             x = xp.zeros(shape, dtype=grad_out.dtype, device=device_of(grad_out))
-        if algo is ALGORITHMS["native"] and not want_w:
-            return backend.native.backward(grad_out, x, weight, geom, deterministic, needs_weight=False)
+        if algo is ALGORITHMS["native"] and not (want_x and want_w):
+            return backend.native.backward(grad_out, x, weight, geom, deterministic, needs=needs)
         return algo.backward(backend, grad_out, x, weight, geom, limit, deterministic)
     n = grad_out.shape[0]
     # The forward's chunks where it kept their patches: the same chunks, whatever the limit is now.

@@ -70,15 +70,16 @@ class TorchNative:
                                                    geom.groups)
 
     def backward(self, grad_out: Any, x: Any, weight: Any, geom: Any, deterministic: bool = False,
-                 needs_weight: bool = True) -> tuple[Any, Any, Any]:
-        """All three gradients; without `needs_weight`, grad_weight is None and `x` is read for its shape only."""
+                 needs: tuple[str, ...] = ("x", "weight")) -> tuple[Any, Any, Any]:
+        """The three gradients, those of x and weight only where `needs` names them (else None); without
+        "weight", `x` is read for its shape only."""
         padded, padding = self._arguments(x, geom)
         with self._flags(deterministic):
             grad_x, grad_w, grad_b = self.torch.ops.aten.convolution_backward(
                 grad_out, padded, weight, [weight.shape[0]], list(geom.stride), padding, list(geom.dilation),
-                False, [0, 0], geom.groups, [True, needs_weight, True],
+                False, [0, 0], geom.groups, ["x" in needs, "weight" in needs, True],
             )
-        if padded is not x:
+        if padded is not x and grad_x is not None:
             top, _, left, _ = geom.padding
             grad_x = grad_x[:, :, top : top + geom.height, left : left + geom.width]
         return grad_x, grad_w, grad_b
