@@ -274,6 +274,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     _print_table(results)
+    if args.op != "conv2d":
+        print(f"--op {args.op}: ours is conv2d.{args.op} and PyTorch's torch.nn.functional.{args.op}, each with its "
+              "backward, on each shape's convolution transposed (its output size back to its input size)")
     summ = summary(results, args.dtype, _on_gpu(backend))
     for line in summary_lines(summ):
         print(line)
