@@ -8,6 +8,7 @@ from . import _dispatch, nn, optim
 from ._cache import clear_caches
 from ._conv1d import conv1d, conv1d_backward
 from ._functional import conv2d, conv2d_backward
+from ._transposed import conv_transpose2d, conv_transpose2d_backward
 from .algorithms import ALGORITHMS as _ALGORITHM_TABLE
 from .backends import (
     Backend,
@@ -18,6 +19,7 @@ from .backends import (
     use_backend,
 )
 from .nn._convolution import ConvolutionLayer
+from .nn._transposed import TransposedConvolutionLayer
 
 __version__ = "0.1.0"
 
@@ -50,12 +52,15 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "ConvolutionLayer",
+    "TransposedConvolutionLayer",
     "available_backends",
     "clear_caches",
     "conv1d",
     "conv1d_backward",
     "conv2d",
     "conv2d_backward",
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
     "get_backend",
     "nn",
     "optim",

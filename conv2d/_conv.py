@@ -264,20 +264,38 @@ def forward(
 def backward(
     backend: Backend,
     grad_out: Any,
-    x: Any,
+    x: Any | None,
     weight: Any,
     geom: Geometry,
     algorithm: str,
     limit: int,
     cols: Any | None = None,
     deterministic: bool = False,
+    needs: tuple[str, ...] = ("x", "weight"),
 ) -> tuple[Any, Any, Any]:
     """Return (grad_x, grad_weight, grad_bias). `cols` are the forward's kept patches (see
-    :func:`forward`); if given, `x` is not read."""
+    :func:`forward`); if given, `x` is not read.
+
+    `needs` names the gradients wanted ("x", "weight"); the others come back as None where skipping
+    them saves work: the im2col algorithms skip the patch gradient or the patches and the weight
+    product, the native ones ask their library for the wanted gradient alone. Without "weight", `x`
+    may be None (it is read only for the weight gradient): a whole-call algorithm that computes
+    both gradients together (direct, winograd, pointwise) then reads a zero array of its shape.
+    ``conv2d.conv_transpose2d`` is the input gradient alone.
+    """
     xp = array_namespace(grad_out, weight)
+    want_x, want_w = "x" in needs, "weight" in needs
+    if want_w and x is None and cols is None:
+        raise ValueError("the weight gradient reads x (or the forward's kept patches): pass x")
     algo = choose_algorithm(algorithm, backend, deterministic, geom)
-    algo = _whole_call_or_patches(_finite_or_slices(backend, algorithm, algo, (grad_out, x, weight)), x, geom, limit)
+    read = tuple(a for a in (grad_out, x, weight) if a is not None)
+    algo = _whole_call_or_patches(_finite_or_slices(backend, algorithm, algo, read), grad_out, geom, limit)
     if hasattr(algo, "backward"):
+        if x is None:
+            shape = (grad_out.shape[0], geom.in_channels, geom.height, geom.width)
+            x = xp.zeros(shape, dtype=grad_out.dtype, device=device_of(grad_out))
+        if algo is ALGORITHMS["native"] and not (want_x and want_w):
+            return backend.native.backward(grad_out, x, weight, geom, deterministic, needs=needs)
         return algo.backward(backend, grad_out, x, weight, geom, limit, deterministic)
     n = grad_out.shape[0]
     # The forward's chunks where it kept their patches: the same chunks, whatever the limit is now.
@@ -287,17 +305,21 @@ def backward(
     grad_weight = None
     grad_x = None
     for (start, stop), row_chunks in groupby(enumerate(chunks), key=lambda c: (c[1].start, c[1].stop)):
-        acc = algo.grad_start(backend, grad_out, stop - start, geom)
+        acc = algo.grad_start(backend, grad_out, stop - start, geom) if want_x else None
         for index, chunk in row_chunks:
             rows = (chunk.row_start, chunk.row_stop)
-            patches = kept[index] if kept is not None else algo.patches(backend, x[start:stop, ...], geom, rows)
             # (n, O, rows, OW) -> (groups, O/groups, n*rows*OW): the layout of the patch columns.
             grad_y = xp.permute_dims(grad_out[start:stop, :, rows[0] : rows[1], :], (1, 0, 2, 3))
             grad_y = xp.reshape(grad_y, (geom.groups, geom.filters_per_group, -1))
-            part = xp.matmul(grad_y, xp.matrix_transpose(patches))
-            # Summed in place over the chunks where the backend allows it (a new array on JAX).
-            grad_weight = part if grad_weight is None else backend.slice_add(grad_weight, (...,), part)
-            acc = algo.grad_add(backend, acc, _grad_patches(xp, w, grad_y), geom, rows)
-        piece = algo.grad_finish(acc, stop - start, geom)
-        grad_x = _place(backend, grad_x, (n, geom.in_channels, geom.height, geom.width), (slice(start, stop), ...), piece)
-    return grad_x, xp.reshape(grad_weight, weight.shape), grad_bias
+            if want_w:
+                source: Any = x  # not None: checked above
+                patches = kept[index] if kept is not None else algo.patches(backend, source[start:stop, ...], geom, rows)
+                part = xp.matmul(grad_y, xp.matrix_transpose(patches))
+                # Summed in place over the chunks where the backend allows it (a new array on JAX).
+                grad_weight = part if grad_weight is None else backend.slice_add(grad_weight, (...,), part)
+            if want_x:
+                acc = algo.grad_add(backend, acc, _grad_patches(xp, w, grad_y), geom, rows)
+        if want_x:
+            piece = algo.grad_finish(acc, stop - start, geom)
+            grad_x = _place(backend, grad_x, (n, geom.in_channels, geom.height, geom.width), (slice(start, stop), ...), piece)
+    return grad_x, None if grad_weight is None else xp.reshape(grad_weight, weight.shape), grad_bias

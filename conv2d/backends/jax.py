@@ -75,9 +75,21 @@ class JaxNative:
         y = self._conv(geom)(x, weight)
         return y if bias is None else y + bias.reshape(1, -1, 1, 1)
 
-    def backward(self, grad_out: Any, x: Any, weight: Any, geom: Any, deterministic: bool = False) -> tuple[Any, Any, Any]:
+    def backward(self, grad_out: Any, x: Any, weight: Any, geom: Any, deterministic: bool = False,
+                 needs: tuple[str, ...] = ("x", "weight")) -> tuple[Any, Any, Any]:
+        """The three gradients, those of x and weight only where `needs` names them (else None); without
+        "weight", `x` is read for its shape only."""
         self._check(deterministic)
-        _, pullback = self.jax.vjp(self._conv(geom), x, weight)
+        conv = self._conv(geom)
+        if "weight" not in needs:
+            _, pullback = self.jax.vjp(lambda x: conv(x, weight), x)
+            (grad_x,) = pullback(grad_out)
+            return grad_x, None, grad_out.sum(axis=(0, 2, 3))
+        if "x" not in needs:
+            _, pullback = self.jax.vjp(lambda weight: conv(x, weight), weight)
+            (grad_w,) = pullback(grad_out)
+            return None, grad_w, grad_out.sum(axis=(0, 2, 3))
+        _, pullback = self.jax.vjp(conv, x, weight)
         grad_x, grad_w = pullback(grad_out)
         return grad_x, grad_w, grad_out.sum(axis=(0, 2, 3))
 

@@ -69,7 +69,10 @@ class TorchNative:
             return self.torch.nn.functional.conv2d(x, weight, bias, list(geom.stride), padding, list(geom.dilation),
                                                    geom.groups)
 
-    def backward(self, grad_out: Any, x: Any, weight: Any, geom: Any, deterministic: bool = False) -> tuple[Any, Any, Any]:
+    def backward(self, grad_out: Any, x: Any, weight: Any, geom: Any, deterministic: bool = False,
+                 needs: tuple[str, ...] = ("x", "weight")) -> tuple[Any, Any, Any]:
+        """The three gradients, those of x and weight only where `needs` names them (else None); without
+        "weight", `x` is read for its shape only."""
         padded, padding = self._arguments(x, geom)
 
         def raw(grad_out: Any, x: Any, weight: Any, mask: list[bool]) -> tuple[Any, Any, Any]:
@@ -82,12 +85,11 @@ class TorchNative:
             if grad_out.is_complex():
                 grad_x, grad_w, grad_b = self._complex_backward(raw, grad_out, padded, weight)
             else:
-                grad_x, grad_w, grad_b = raw(grad_out, padded, weight, [True, True, True])
-        if padded is not x:
+                grad_x, grad_w, grad_b = raw(grad_out, padded, weight, ["x" in needs, "weight" in needs, True])
+        if padded is not x and grad_x is not None:
             top, _, left, _ = geom.padding
             grad_x = grad_x[:, :, top : top + geom.height, left : left + geom.width]
         return grad_x, grad_w, grad_b
-
 
     def _complex_backward(self, raw: Callable[..., Any], grad_out: Any, x: Any, weight: Any) -> tuple[Any, Any, Any]:
         """The raw (unconjugated) gradients of complex tensors from four real ``convolution_backward`` calls.

@@ -30,6 +30,7 @@ from .._geometry import positive_int, positive_ints
 from ..backends import Backend
 from . import _layers, _npz
 from ._convolution import ConvolutionLayer
+from ._transposed import TransposedConvolutionLayer
 
 FORMAT = "conv2d.nn"
 VERSION = 1
@@ -51,6 +52,8 @@ _short.maxlevel, _short.maxstring, _short.maxother, _short.maxlist, _short.maxdi
 ARGUMENTS = {
     "ConvolutionLayer": {"in_channels", "filter_size", "numfilters", "stride", "padding", "dilation", "activation", "dtype",
                          "padding_mode", "data_format"},
+    "TransposedConvolutionLayer": {"input_shape", "kernel_size", "out_channels", "stride", "padding", "output_padding",
+                                   "dilation", "activation", "dtype"},
     "MaxPoolLayer": {"in_channels", "pool_size", "stride"},
     "AvgPoolLayer": {"in_channels", "pool_size", "stride"},
     "FlattenLayer": set(),
@@ -67,7 +70,8 @@ RENAMED = {"ConvolutionLayer": {"in_channels": "input_shape"}}
 
 def _layer_classes() -> dict[str, Any]:
     return {cls.__name__: cls for cls in (ConvolutionLayer, _layers.MaxPoolLayer, _layers.AvgPoolLayer,
-                                          _layers.FlattenLayer, _layers.DenseLayer, _layers.Sequential)}
+                                          _layers.FlattenLayer, _layers.DenseLayer, _layers.Sequential,
+                                          TransposedConvolutionLayer)}
 
 
 def _write_new(folder: Path, prefix: str, write: Any) -> Path:
@@ -203,6 +207,11 @@ def _parameter_shapes(name: str, spec: dict[str, Any]) -> dict[str, tuple[int, .
         rows, cols = positive_ints("filter_size", spec.get("filter_size"), "(rows, cols)")
         filters = positive_int("numfilters", spec.get("numfilters"))
         return {"weights": (filters, depth, rows, cols), "biases": (filters,)}
+    if name == "TransposedConvolutionLayer":
+        depth = positive_ints("input_shape", spec.get("input_shape"), "(depth, rows, cols)")[0]
+        rows, cols = positive_ints("kernel_size", spec.get("kernel_size"), "(rows, cols)")
+        filters = positive_int("out_channels", spec.get("out_channels"))
+        return {"weights": (depth, filters, rows, cols), "biases": (filters,)}
     if name == "DenseLayer":
         inputs = positive_int("in_features", spec.get("in_features"))
         outputs = positive_int("out_features", spec.get("out_features"))

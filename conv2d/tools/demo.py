@@ -290,7 +290,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--epochs", type=int, default=d["epochs"], help=f"passes over the training set (default {d['epochs']})")
     add("--batch-size", type=int, default=d["batch_size"], help=f"SGD mini-batch size (default {d['batch_size']})")
     add("--lr", type=float, help=f"learning rate (default {OPTIMIZER_LR['sgd']} for sgd, {OPTIMIZER_LR['adam']} for adam)")
-    add("--optimizer", choices=list(OPTIMIZER_LR), default="sgd", help="sgd (plain, as backwardpass) or adam (default sgd)")
+    add("--model", choices=["classifier", "autoencoder"], default="classifier",
+        help="classifier (a CNN that labels the digits) or autoencoder (a strided convolution and a transposed "
+             "one that reproduce them; writes reconstructions.png) (default classifier)")
+    add("--optimizer", choices=list(OPTIMIZER_LR),
+        help="sgd (plain, as backwardpass) or adam (default sgd; adam for the autoencoder)")
     add("--no-jit", action="store_true", help="with the JAX backend, run the training step op by op instead of jitted")
     add("--save", type=Path, metavar="PATH",
         help="write the trained network to the folder PATH (architecture.json + state.npz; conv2d.nn.load reads it)")
@@ -357,6 +361,13 @@ def run(args: argparse.Namespace) -> int:
         problem = _unwritable(args.save, "--save", "or leave --save out")
     if problem:
         return _error(problem)
+    if args.model == "autoencoder":
+        if args.dask is not None:
+            return _error("--dask trains the classifier only; leave it out with --model autoencoder")
+        from . import autoencoder
+
+        return autoencoder.run_demo(args, backend, load_digits(args.seed))
+    args.optimizer = args.optimizer or "sgd"
 
     client = started = None
     if args.dask is not None:

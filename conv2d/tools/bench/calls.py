@@ -11,6 +11,7 @@ import numpy as np
 
 from ..._functional import conv2d, conv2d_backward
 from ..._geometry import make_geometry
+from ..._transposed import conv_transpose2d, conv_transpose2d_backward
 from ...algorithms import ALGORITHMS
 from ...backends import Backend
 from .shapes import Shape
@@ -27,9 +28,11 @@ class Case:
     host: dict[str, np.ndarray]
     arrays: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # algorithm=, when one is asked for
+    op: str = "conv2d"  # or "conv_transpose2d": the shape's convolution transposed (see transposed_kwargs)
 
     @classmethod
-    def make(cls, backend: Backend, shape: Shape, dtype: str, extra: dict[str, Any] | None = None) -> Case:
+    def make(cls, backend: Backend, shape: Shape, dtype: str, extra: dict[str, Any] | None = None,
+             op: str = "conv2d") -> Case:
         # Random data, never zeros or ones: a GEMM library may shortcut those. Drawn in the dtype
         # itself: the GPU preset's arrays are large, and float64 draws would take twice the time.
         rng = np.random.default_rng(0)
@@ -39,10 +42,11 @@ class Case:
             "weight": (s.o, s.c // s.groups, s.kh, s.kw),
             "bias": (s.o,),
             "grad_out": (s.n, s.o, s.out_h, s.out_w),
+            "bias_t": (s.c,),  # the transposed convolution's bias (--op conv_transpose2d)
         }
         host = {key: rng.standard_normal(size, dtype=np.dtype(dtype)) for key, size in sizes.items()}
         arrays = {key: backend.asarray(value, dtype=dtype) for key, value in host.items()}
-        return cls(backend, shape, dtype, host, arrays, dict(extra or {}))
+        return cls(backend, shape, dtype, host, arrays, dict(extra or {}), op)
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -96,6 +100,31 @@ def ours_calls(case: Case, deterministic: bool = False,
     if as_layer and seed_skip_reason(case.shape) is None:
         calls["ours_layer_fwdbwd"] = _layer_forward_backward(case)
     return calls
+
+
+def transposed_kwargs(shape: Shape) -> dict[str, Any]:
+    """The arguments of the shape's convolution transposed: from its output (N, O, OH, OW) back to (N, C, H, W).
+
+    The weight (O, C/groups, KH, KW) is read as the transposed convolution's (C_in, C_out/groups, KH, KW);
+    `output_padding` restores the rows and columns that the strided convolution dropped.
+    """
+    reach_h, reach_w = (shape.dilation * (k - 1) + 1 for k in (shape.kh, shape.kw))
+    extra = ((shape.h + 2 * shape.pad - reach_h) % shape.stride, (shape.w + 2 * shape.pad - reach_w) % shape.stride)
+    return {**shape.conv_kwargs, "output_padding": extra}
+
+
+def transposed_calls(case: Case) -> dict[str, Callable[[], Any]]:
+    """conv_transpose2d forward, backward and forward then backward (x: the convolution's output gradient)."""
+    a = case.arrays
+    kw = {**transposed_kwargs(case.shape), **case.extra}
+
+    def forward() -> Any:
+        return conv_transpose2d(a["grad_out"], a["weight"], a["bias_t"], **kw)
+
+    def backward() -> Any:
+        return conv_transpose2d_backward(a["x"], a["grad_out"], a["weight"], **kw)
+
+    return {"ours_fwd": forward, "ours_bwd": backward, "ours_fwdbwd": lambda: (forward(), backward())}
 
 
 def _layer_forward_backward(case: Case) -> Callable[[], Any]:
@@ -164,17 +193,22 @@ def torch_calls(case: Case) -> dict[str, Callable[[], Any]] | str:
     if device is None:
         return reason or "no torch device"
     t = {key: torch.as_tensor(value, device=device) for key, value in case.host.items()}
-    kw = case.shape.conv_kwargs
-    conv = torch.nn.functional.conv2d
-    leaves = [t["x"].clone().requires_grad_(), t["weight"].clone().requires_grad_(), t["bias"].clone().requires_grad_()]
+    kw: dict[str, Any] = dict(case.shape.conv_kwargs)
+    conv: Callable[..., Any] = torch.nn.functional.conv2d
+    x, bias, grad_out = t["x"], t["bias"], t["grad_out"]
+    if case.op == "conv_transpose2d":  # as transposed_calls: the roles of x and grad_out swapped
+        kw = transposed_kwargs(case.shape)
+        conv = torch.nn.functional.conv_transpose2d
+        x, bias, grad_out = t["grad_out"], t["bias_t"], t["x"]
+    leaves = [x.clone().requires_grad_(), t["weight"].clone().requires_grad_(), bias.clone().requires_grad_()]
 
     def forward() -> Any:
-        return conv(t["x"], t["weight"], t["bias"], **kw)
+        return conv(x, t["weight"], bias, **kw)
 
     def forward_backward() -> Any:
         y = conv(leaves[0], leaves[1], leaves[2], **kw)
         # autograd.grad rather than .backward(): fresh gradients, no accumulation into .grad between repeats.
-        return torch.autograd.grad(y, leaves, t["grad_out"])
+        return torch.autograd.grad(y, leaves, grad_out)
 
     return {"torch_fwd": forward, "torch_fwdbwd": forward_backward}
 

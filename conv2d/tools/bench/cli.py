@@ -93,6 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="summary of the repeats: median (default), or min, the least disturbed on a busy machine")
     parser.add_argument("--algorithm", default="auto",
                         help="conv2d's algorithm= (one of conv2d.ALGORITHMS, or auto); default auto")
+    parser.add_argument("--op", default="conv2d", choices=("conv2d", "conv_transpose2d"),
+                        help="what is timed: conv2d (default), or conv_transpose2d, each shape's convolution "
+                             "transposed (from its output size back to its input size; against PyTorch's "
+                             "conv_transpose2d, without the seed, the bare products or the peak memory)")
     parser.add_argument("--deterministic", action="store_true",
                         help="also time forward+backward with deterministic=True, and its cost over the default "
                              "(column det/dflt)")
@@ -164,7 +168,8 @@ def _print_header(args: argparse.Namespace, backend: Backend, info: dict[str, An
                   precision: dict[str, Any], hint: str | None) -> None:
     det = "; also deterministic=True" if args.deterministic else ""
     seed = f"seed: {min(args.repeat, SEED_REPEAT)} after 1, float64" if args.seed else "no seed"
-    print(f"conv2d {__version__} bench: backend {backend.spec}, {args.dtype}, algorithm {args.algorithm}{det}; "
+    op = "" if args.op == "conv2d" else f", op {args.op}"
+    print(f"conv2d {__version__} bench{op}: backend {backend.spec}, {args.dtype}, algorithm {args.algorithm}{det}; "
           f"{args.stat} of {args.repeat} after {warmup} warm-up{'s' if warmup != 1 else ''} ({seed})")
     print(f"CPU: {info['cpu_model'] or info['processor'] or info['machine']}, {info['cpus_usable']} usable cores; "
           f"{_blas_line(info)}")
@@ -269,6 +274,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     _print_table(results)
+    if args.op != "conv2d":
+        print(f"--op {args.op}: ours is conv2d.{args.op} and PyTorch's torch.nn.functional.{args.op}, each with its "
+              "backward, on each shape's convolution transposed (its output size back to its input size)")
     summ = summary(results, args.dtype, _on_gpu(backend))
     for line in summary_lines(summ):
         print(line)
@@ -289,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
             "command": sys.argv,
             "settings": {"backend": backend.spec, "dtype": args.dtype, "repeat": args.repeat,
                          "seed_repeat": min(args.repeat, SEED_REPEAT), "warmup": warmup, "seed_warmup": 1,
-                         "stat": args.stat, "algorithm": args.algorithm, "on_gpu": _on_gpu(backend),
+                         "stat": args.stat, "algorithm": args.algorithm, "op": args.op, "on_gpu": _on_gpu(backend),
                          "timer": "cuda_events" if isinstance(backend_timer(backend), EventTimer) else "perf_counter",
                          "gpu_precision": precision, "deterministic": args.deterministic, "seed": args.seed,
                          "small_limit_bytes": SMALL_LIMIT,

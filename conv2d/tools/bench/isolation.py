@@ -70,7 +70,7 @@ def time_group(args: argparse.Namespace, backend: Backend, shapes: list[Shape], 
     """Time one implementation over every shape, in this process: its samples, skips and peak memory."""
     per_shape = []
     for shape in shapes:
-        case = Case.make(backend, shape, args.dtype, extra)
+        case = Case.make(backend, shape, args.dtype, extra, op=getattr(args, "op", "conv2d"))
         result = measure(case, args.repeat, args.stat, warmup, args.deterministic, args.seed, groups=(group,))
         del case  # free the device memory of this shape before the next one is made
         per_shape.append({"samples": {name: [t / 1e3 for t in values] for name, values in result["samples_ms"].items()},
@@ -88,6 +88,8 @@ def child_command(args: argparse.Namespace, shapes: list[Shape], group: str, pat
         command += ["--backend", args.backend]
     if args.warmup is not None:
         command += ["--warmup", str(args.warmup)]
+    if getattr(args, "op", "conv2d") != "conv2d":
+        command += ["--op", args.op]
     if args.deterministic:
         command.append("--deterministic")
     if not args.seed:

@@ -19,6 +19,7 @@ from .calls import (
     ours_calls,
     seed_calls,
     torch_calls,
+    transposed_calls,
 )
 from .memory import LIMITS, SMALL_LIMIT, peak_memory
 from .plausibility import implausible
@@ -77,7 +78,10 @@ def time_group(case: Case, group: str, repeat: int, warmup: int, deterministic: 
         seed = seed_calls(case)
         # NumPy on the CPU, and slow: one warm-up call whatever the device, and fewer repeats.
         return seed if isinstance(seed, str) else time_calls(seed, min(repeat, SEED_REPEAT))
-    calls = {"ours": lambda: ours_calls(case, deterministic, as_layer=with_seed),
+    if case.op != "conv2d" and group in ("floor", "seed"):
+        return f"times conv2d only, not {case.op}"
+    calls = {"ours": lambda: (ours_calls(case, deterministic, as_layer=with_seed) if case.op == "conv2d"
+                              else transposed_calls(case)),
              "floor": lambda: floor_calls(case),
              "torch": lambda: torch_calls(case)}[group]()
     if isinstance(calls, str):
@@ -124,7 +128,7 @@ def measure(case: Case, repeat: int, stat: str = "median", warmup: int | None = 
             samples.update(timed)
     peaks: dict[str, int | None] | None = None
     if "ours" in groups and "ours" not in skipped:
-        measured = peak_memory(case)
+        measured = peak_memory(case) if case.op == "conv2d" else f"measured for conv2d only, not {case.op}"
         if isinstance(measured, str):
             skipped["memory"] = measured
             measured = dict.fromkeys(LIMITS)
