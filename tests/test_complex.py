@@ -13,9 +13,10 @@ from conv2d import _complex
 from conv2d._geometry import make_geometry
 from conv2d._workspace import bytes_per_item
 
+from .conftest import require_or_skip
 from .kernel_harness import host_kernels_backend
 
-torch = pytest.importorskip("torch")
+torch = require_or_skip("torch")
 
 DTYPES = ["complex64", "complex128"]
 # Relative to the largest magnitude of the reference; complex64 rounds like float32 in each part.
@@ -208,7 +209,7 @@ def test_layer_refuses_complex_and_points_to_the_functions():
 
 def test_jax_complex128_needs_64_bit_types():
     """complex128 with JAX's 64-bit types off would silently become complex64: refused, naming the switch."""
-    jax = pytest.importorskip("jax")
+    jax = require_or_skip("jax")
     backend = conv2d.get_backend("jax")
     with jax.enable_x64(False):
         with pytest.raises(TypeError, match=r"complex128 would silently become complex64; set JAX_ENABLE_X64=1 .*use complex64"):
@@ -235,7 +236,7 @@ def test_cupy_complex_scatter_add_as_real_pairs(dtype):
 
 def test_dask_hands_complex_chunks_through():
     """Functions built on conv2d: the dask hand-off computes complex chunks and sums their gradients."""
-    da = pytest.importorskip("dask.array")
+    da = require_or_skip("dask.array")
     layer = dict(n=4, c=2, o=3, h=6, w=5, kernel=(3, 2), kwargs=dict(stride=1, padding=1, dilation=1, groups=1))
     x, w, b, g = _complex_data(layer, "complex128", seed=11)
     reference = torch_reference(x, w, b, g, padding=1)

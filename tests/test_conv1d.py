@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 import conv2d
+from tests.conftest import require_or_skip
 from tests.modes_oracle import MODES, assert_close, first, last, layer_arrays, random_layer, torch_layer
 
-pytest.importorskip("torch")
+require_or_skip("torch")
 
 LAYERS = {"jax": 1}  # JAX compiles every new shape (4-8 s a layer here)
 DEFAULT_LAYERS = 8

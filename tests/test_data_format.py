@@ -8,7 +8,9 @@ import pytest
 import conv2d
 from tests.modes_oracle import MODES, assert_close, first, last, layer_arrays, random_layer, torch_layer
 
-pytest.importorskip("torch")
+from .conftest import require_or_skip
+
+require_or_skip("torch")
 
 LAYERS = {"jax": 1}  # JAX compiles every new shape (9 s a layer here)
 DEFAULT_LAYERS = 8

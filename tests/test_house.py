@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
+
+from .conftest import require_or_skip
 
 PACKAGE = "conv2d"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
@@ -181,7 +182,7 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
 
 def test_a_dask_array_reaches_conv2d_distributed_without_the_user_importing_it():
     """The dask hand-off is registered by conv2d itself: ``conv2d.distributed`` loads when a dask array arrives."""
-    pytest.importorskip("dask.array")
+    require_or_skip("dask.array")
     code = (
         "import sys, numpy as np, dask.array as da, conv2d\n"
         "assert 'conv2d.distributed' not in sys.modules\n"
@@ -202,6 +203,6 @@ def test_a_backend_still_finds_other_backends_and_unpickles():
 
     backend = conv2d.get_backend("numpy")
     assert pickle.loads(pickle.dumps(backend)) is backend
-    strict = pytest.importorskip("array_api_strict")
+    strict = require_or_skip("array_api_strict")
     values = np.arange(6.0).reshape(2, 3)
     assert np.array_equal(backend.asarray(strict.asarray(values)), values)

@@ -12,7 +12,9 @@ import conv2d
 from conv2d import nn
 from tests.modes_oracle import assert_close, first, last
 
-torch = pytest.importorskip("torch")
+from .conftest import require_or_skip
+
+torch = require_or_skip("torch")
 
 # (padding_mode, data_format, stride, padding, dilation): every mode, both layouts, "same" with an even kernel.
 CASES = [

@@ -327,7 +327,7 @@ def test_softmax_cross_entropy_range_checks_labels_of_every_width(backend, dtype
 
 def test_softmax_cross_entropy_int64_labels_on_jax_need_no_64_bit_types():
     """The README's research example: rng.integers labels with CONV2D_BACKEND=jax (64-bit types off)."""
-    jax = pytest.importorskip("jax")
+    jax = require_or_skip("jax")
     backend = conv2d.get_backend("jax")
     labels = np.random.default_rng(0).integers(0, 4, size=6)
     assert labels.dtype == np.int64
@@ -344,7 +344,7 @@ def test_softmax_cross_entropy_int64_labels_on_jax_need_no_64_bit_types():
 
 def test_softmax_cross_entropy_jitted_labels_of_every_width():
     """Inside jax.jit the labels are traced: no range check, but any integer width."""
-    jax = pytest.importorskip("jax")
+    jax = require_or_skip("jax")
     backend = conv2d.get_backend("jax")
     logits = backend.asarray(np.random.default_rng(1).standard_normal((4, 3)), dtype="float32")
     step = jax.jit(lambda z, y: nn.softmax_cross_entropy(z, y)[0])

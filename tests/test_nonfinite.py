@@ -13,7 +13,9 @@ import conv2d
 from conv2d import nn
 from conv2d.nn._convolution import ACTIVATIONS
 
-torch = pytest.importorskip("torch")
+from .conftest import require_or_skip
+
+torch = require_or_skip("torch")
 F = torch.nn.functional
 
 NAN, INF = float("nan"), float("inf")

@@ -9,7 +9,9 @@ import conv2d
 from conv2d._padding import fold, pad
 from tests.modes_oracle import MODES, assert_close, layer_arrays, random_layer, torch_layer
 
-pytest.importorskip("torch")
+from .conftest import require_or_skip
+
+require_or_skip("torch")
 
 # JAX compiles every new shape (5 s a layer here): it checks one layer per mode, in one dtype per mode
 # (both dtypes across the modes); the other backends check 6 layers per mode and dtype.
@@ -118,7 +120,7 @@ def test_bad_padding_mode(bad, error, message):
 
 def test_dask_arrays_in_a_mode_and_layout():
     """The explicit pad and transpose run on the dask array; the convolution of the result goes to conv2d.distributed."""
-    da = pytest.importorskip("dask.array")
+    da = require_or_skip("dask.array")
     rng = np.random.default_rng(6)
     x, w = rng.standard_normal((4, 6, 5, 3)), rng.standard_normal((2, 3, 3, 3))  # NHWC
     kw = dict(padding=(2, 1), padding_mode="circular", data_format="NHWC")

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from array_api_compat import is_array_api_obj
 
+from .conftest import require_or_skip
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
 
@@ -35,13 +37,38 @@ def test_readme_block_results_are_what_the_comments_say():
     exec(compile(BLOCKS[0], "README.md python block 0", "exec"), first)
     assert first["y"].shape == (8, 16, 32, 32) and first["grad_x"].shape == first["x"].shape
     second: dict = {"__name__": "readme_network"}
-    exec(compile(BLOCKS[1], "README.md python block 1", "exec"), second)
+    network = next(block for block in BLOCKS if "softmax_cross_entropy(logits" in block)
+    exec(compile(network, "README.md network block", "exec"), second)
     assert second["logits"].shape == (32, 10) and 0 < float(second["loss"]) < 10
+
+
+def test_readme_family_block_matches_pytorch():
+    """The convolution family's block: each line's result is PyTorch's (the last one, complex, is checked)."""
+    torch = require_or_skip("torch")
+    block = next(block for block in BLOCKS if "conv_transpose2d" in block)
+    lines = block.splitlines()
+    namespace: dict = {"__name__": "readme_family"}
+    exec(compile("\n".join(lines[:5]), "README.md family block", "exec"), namespace)
+    x, w = namespace["x"], namespace["w"]
+    F = torch.nn.functional
+    expected = {
+        "circular": F.conv2d(F.pad(torch.tensor(x), (1, 1, 1, 1), mode="circular"), torch.tensor(w)).numpy(),
+        "NHWC": F.conv2d(torch.tensor(x), torch.tensor(w), padding=1).numpy().transpose(0, 2, 3, 1),
+    }
+    results = []
+    for line in lines[5:]:
+        exec(compile(line, "README.md family block", "exec"), namespace)
+        results.append(np.asarray(namespace["y"]))
+    np.testing.assert_allclose(results[0], expected["circular"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(results[1], expected["NHWC"], rtol=1e-10, atol=1e-10)
+    assert results[2].shape == (8, 3, 14, 14) and results[3].shape == (8, 4, 100)
+    xc = torch.tensor(x + 1j * x)
+    np.testing.assert_allclose(results[4], F.conv2d(xc, torch.tensor(w + 0j), padding=1).numpy(), rtol=1e-10, atol=1e-10)
 
 
 def test_readme_torch_block_computes_the_weight_gradient():
     """The PyTorch block's autograd reaches the weights through conv2d.conv2d."""
-    torch = pytest.importorskip("torch")
+    torch = require_or_skip("torch")
     block = next(block for block in BLOCKS if "import torch" in block)
     namespace: dict = {"__name__": "readme_torch"}
     exec(compile(block, "README.md torch block", "exec"), namespace)

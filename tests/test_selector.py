@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -767,3 +768,12 @@ def test_require_or_skip_fails_for_a_required_dependency(monkeypatch):
         with pytest.raises(ImportError):
             conftest.require_or_skip("conv2d_no_such_module.sub")
     assert conftest.require_or_skip("numpy") is np
+
+
+def test_no_test_file_bypasses_require_or_skip():
+    """``pytest.importorskip`` skips whatever CONV2D_TEST_REQUIRE says: every test file goes through
+    require_or_skip instead (the conftest's own backend loader checks REQUIRED itself)."""
+    here, call = Path(__file__).parent, "pytest." + "importorskip("  # split: this file names it too
+    bypassing = sorted(path.name for path in here.glob("*.py")
+                       if path.name != "conftest.py" and call in path.read_text())
+    assert not bypassing, f"use require_or_skip (tests/conftest.py) instead of pytest.importorskip in {bypassing}"

@@ -11,7 +11,9 @@ import conv2d
 from conv2d import _conv
 from conv2d._transposed import transposed_geometry
 
-torch = pytest.importorskip("torch")
+from .conftest import require_or_skip
+
+torch = require_or_skip("torch")
 
 
 def _draw_case(rng: np.random.Generator) -> dict:
@@ -254,8 +256,8 @@ def test_layer_refuses_bad_arguments_and_state():
 
 
 def test_autoencoder_demo_lowers_the_error_and_writes_the_picture(tmp_path, capsys):
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
+    require_or_skip("sklearn")
+    require_or_skip("matplotlib")
     from conv2d.__main__ import main
 
     out = tmp_path / "out"
@@ -268,7 +270,7 @@ def test_autoencoder_demo_lowers_the_error_and_writes_the_picture(tmp_path, caps
 
 
 def test_autoencoder_demo_refuses_dask(capsys):
-    pytest.importorskip("sklearn")
+    require_or_skip("sklearn")
     from conv2d.__main__ import main
 
     assert main(["demo", "--model", "autoencoder", "--no-plots", "--dask", "tcp://nowhere:1"]) == 2

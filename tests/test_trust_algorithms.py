@@ -14,9 +14,10 @@ import pytest
 import conv2d
 from conv2d._geometry import make_geometry
 
+from .conftest import require_or_skip
 from .oracle import assert_close, missing_algorithm, torch_conv
 
-torch = pytest.importorskip("torch")
+torch = require_or_skip("torch")
 
 ALL_ALGORITHMS = ("auto", *(name for name in conv2d.ALGORITHMS if name != "kernels"))  # kernels: CuPy only
 
@@ -67,7 +68,7 @@ def test_empty_batch_through_the_layer_and_a_dask_chunk():
     """The layer (auto: winograd on this wide layer) and a dask array with an empty batch chunk."""
     layer = conv2d.ConvolutionLayer((64, 8, 8), (3, 3), 64, padding=1, seed=0)
     assert layer.forwardpass(np.zeros((0, 64, 8, 8))).shape == (0, 64, 8, 8)
-    da = pytest.importorskip("dask.array")
+    da = require_or_skip("dask.array")
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal((2, 64, 6, 6)), rng.standard_normal((64, 64, 3, 3))
     y = conv2d.conv2d(da.from_array(x, chunks=((0, 2), 64, 6, 6)), w, padding=1).compute()
