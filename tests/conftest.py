@@ -192,38 +192,70 @@ def _backend_lacks(spec: str, algorithm: str) -> bool:
     return backend is not None and algorithm != "auto" and not _conv.applicable(algorithm, backend)
 
 
+# Under the default profile JAX runs one item in JAX_SHARE of each test (and at least one per algorithm);
+# a test module may choose its own JAX items instead with ``jax_keeps(test_name, params) -> bool | None``
+# (None: the default for that test).
+JAX_SHARE = 3
+
+
+def _spread(group: list) -> list:
+    """The items of one test that JAX runs by default: one in :data:`JAX_SHARE`, and each algorithm's first."""
+    seen: set = set()
+    kept = []
+    for index, item in enumerate(group):
+        algorithm = item.callspec.params.get("algorithm")
+        if index % JAX_SHARE == 0 or (algorithm is not None and algorithm not in seen):
+            kept.append(item)
+        seen.add(algorithm)
+    return kept
+
+
+def _jax_default_items(on_jax: list) -> set[int]:
+    """ids of the JAX items the default profile runs: per module's ``jax_keeps`` where it has one, else
+    :func:`_spread` over each test's items (a test with fewer than JAX_SHARE of them runs them all)."""
+    groups: dict[tuple[str, str], list] = {}
+    for item in on_jax:
+        groups.setdefault((item.module.__name__, item.originalname), []).append(item)
+    kept: set[int] = set()
+    for group in groups.values():
+        keeps = getattr(group[0].module, "jax_keeps", lambda test, params: None)
+        answers = [keeps(item.originalname, item.callspec.params) for item in group]
+        chosen = _spread(group) if None in answers else [item for item, keep in zip(group, answers) if keep]
+        kept.update(map(id, chosen))
+    return kept
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Leaves out the (algorithm, backend) items where the backend cannot run the algorithm at all, and,
-    under the default profile, thins JAX's share of the oracle and of the random winograd and pointwise layers.
+    under the default profile, most of JAX's items.
 
     An item with an ``algorithm`` parameter and a ``backend`` or ``cpu_backend`` one whose backend lacks
     what the algorithm needs (tests/algorithms.py) is not an oracle item: it is deselected rather than
     skipped or passed (test_oracle.py's ``test_inapplicable_pairs_raise`` checks those pairs raise).
 
-    JAX compiles every new shape of every operation, so ``test_matches_pytorch`` cost most of the suite's
-    time on it (about 200 of 500 s from a cold compile cache). Its item ``i`` (the place of its
-    (algorithm, layer) pair in the module's ``PAIRS``) runs on JAX when ``i % 3 == 0``, in both dtypes: a
-    third of every algorithm's layers, and every other backend runs them all. Likewise layer ``i`` of
-    ``test_winograd_matches_pytorch`` and ``test_pointwise_matches_pytorch`` runs on JAX in float64 when
-    ``i`` is even and in float32 when odd (those two tests took 34 of the 37 s of their files on JAX). The
-    ``thorough`` profile runs everything on JAX too. Left out items are reported as deselected, not skipped.
+    JAX compiles every new shape of every operation: from a cold compile cache it took three quarters of
+    the suite's time (about 770 of 1000 s). By default it runs one item in :data:`JAX_SHARE` of each test
+    parametrized over backends, and every algorithm's first (:func:`_spread`), or the items the test's
+    module picks with ``jax_keeps``: every other backend runs every item, every algorithm still runs on
+    JAX, and the ``thorough`` profile runs everything. Left out items are reported as deselected, not skipped.
     """
     thorough = config.getoption("hypothesis_profile", None) == "thorough"
-    dtypes = ["float64", "float32"]
-    kept, dropped = [], []
+    kept, dropped, on_jax = [], [], []
     for item in items:
         spec = getattr(item, "callspec", None)
         params = spec.params if spec is not None else {}
         backend_spec = str(params.get("backend", params.get("cpu_backend", "")))
-        lacks = "algorithm" in params and backend_spec != "" and _backend_lacks(backend_spec, params["algorithm"])
-        on_jax = backend_spec.split(":")[0] == "jax" and "backend" in params
-        thinned = not thorough and on_jax and (
-            (item.originalname == "test_matches_pytorch"
-             and _position(item.module.PAIRS, (params["algorithm"], params["case"])) % 3 != 0)
-            or (item.originalname in ("test_winograd_matches_pytorch", "test_pointwise_matches_pytorch")
-                and (_position(item.module.LAYERS, params["layer"]) + dtypes.index(params["dtype"])) % 2 != 0)
-        )
-        (dropped if lacks or thinned else kept).append(item)
+        if "algorithm" in params and backend_spec != "" and _backend_lacks(backend_spec, params["algorithm"]):
+            dropped.append(item)
+            continue
+        kept.append(item)
+        if backend_spec.split(":")[0] == "jax":
+            on_jax.append(item)
+    if not thorough and on_jax:
+        chosen = _jax_default_items(on_jax)
+        dropped += [item for item in on_jax if id(item) not in chosen]
+        jax_ids = set(map(id, on_jax))
+        kept = [item for item in kept if id(item) in chosen or id(item) not in jax_ids]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
