@@ -128,9 +128,11 @@ def test_transposed_matches_pytorch(backend, case, dtype):
         _check(backend, case, dtype, algorithm, seed=index)
 
 
-# Complex: four random geometries and the winograd and pointwise ones, in both complex dtypes; JAX one geometry
-# in complex128 (it compiles every shape).
-COMPLEX_CASES = [*CASES[2:6], CASES[-3], CASES[-2]]
+# Complex: four random geometries and the three fixed ones (winograd's, pointwise's, output_padding at least the
+# stride), in both complex dtypes; JAX one strided geometry with an output_padding, in complex128 (it compiles
+# every shape).
+COMPLEX_CASES = [*CASES[2:6], *CASES[-3:]]
+JAX_COMPLEX_CASE = 1
 
 
 @pytest.mark.parametrize("dtype", ["complex128", "complex64"])
@@ -138,7 +140,7 @@ COMPLEX_CASES = [*CASES[2:6], CASES[-3], CASES[-2]]
 def test_transposed_complex_matches_pytorch(backend, case, dtype):
     """'auto' and one explicit algorithm that applies (a different one per case and dtype)."""
     index = COMPLEX_CASES.index(case)
-    if backend.name == "jax" and (index, dtype) != (0, "complex128"):
+    if backend.name == "jax" and (index, dtype) != (JAX_COMPLEX_CASE, "complex128"):
         pytest.skip("JAX runs one complex geometry (it compiles every shape)")
     applicable = [a for a in conv2d.ALGORITHMS if _applies(a, backend, case)]
     explicit = applicable[(index + (dtype == "complex64")) % len(applicable)]
