@@ -79,10 +79,12 @@ def convolutions(draw, batch=st.integers(0, 4), max_size: int = 20) -> dict:  # 
     )
     stride = (1, 1) if padding == "same" else (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     pad_h, pad_w = _padding_rows_cols(padding, kernel, dilation)
-    # The smallest legal input: the dilated kernel just fits in the padded input.
+    # The smallest legal input: the dilated kernel just fits in the padded input (above max_size where the
+    # kernel's reach is: a small max_size must not make the strategy invalid).
     reach_h, reach_w = dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1
-    h = draw(st.integers(max(1, reach_h - pad_h), max_size))
-    w = draw(st.integers(max(1, reach_w - pad_w), max_size))
+    smallest_h, smallest_w = max(1, reach_h - pad_h), max(1, reach_w - pad_w)
+    h = draw(st.integers(smallest_h, max(smallest_h, max_size)))
+    w = draw(st.integers(smallest_w, max(smallest_w, max_size)))
     kwargs = dict(stride=draw(st.sampled_from([stride, stride[0]])) if stride[0] == stride[1] else stride,
                   padding=padding, dilation=dilation, groups=groups)
     return dict(x=(draw(batch), c, h, w), weight=(o, c // groups, *kernel), kwargs=kwargs)
