@@ -2,7 +2,8 @@
 
 The reference is ``torch.nn.Conv1d`` / ``torch.nn.Conv2d`` itself (its ``padding_mode``, its
 ``padding="same"``), in float64, with ``torch.autograd.grad`` for the three gradients; channels-last
-arrays are compared after a plain NumPy transpose.
+arrays are compared after a plain NumPy transpose. Complex dtypes get a complex128 reference (PyTorch's
+complex ``Conv1d``/``Conv2d`` in every padding mode, and its conjugate convention in autograd).
 """
 
 from __future__ import annotations
@@ -47,21 +48,38 @@ def _pads(padding: object, kernel, dilation, spatial) -> tuple[int, ...]:
     return tuple(padding)  # type: ignore[arg-type]
 
 
+def _exact(dtype: str) -> type:
+    """The reference's dtype for `dtype`: complex128 for the complex ones, float64 for the real ones."""
+    return np.complex128 if np.dtype(dtype).kind == "c" else np.float64
+
+
+def _normal(rng: np.random.Generator, shape, dtype: str) -> np.ndarray:
+    """Standard normal values of `shape`, with a random imaginary part where `dtype` is complex (the real
+    draws are the same as before complex dtypes existed, so the real tests keep their geometries)."""
+    values = rng.standard_normal(shape)
+    if np.dtype(dtype).kind == "c":
+        values = values + 1j * rng.standard_normal(shape)
+    return values
+
+
 def layer_arrays(rng: np.random.Generator, layer: dict, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x, weight, bias, rounded to `dtype` and back to float64 (the reference sees what is computed on)."""
-    x = rng.standard_normal((layer["n"], layer["c"], *layer["sizes"]))
-    w = rng.standard_normal((layer["o"], layer["c"] // layer["kwargs"]["groups"], *layer["kernel"]))
-    b = rng.standard_normal(layer["o"])
-    return tuple(a.astype(dtype).astype(np.float64) for a in (x, w, b))  # type: ignore[return-value]
+    """x, weight, bias, rounded to `dtype` and back to float64 or complex128 (the reference sees what is computed on)."""
+    x = _normal(rng, (layer["n"], layer["c"], *layer["sizes"]), dtype)
+    w = _normal(rng, (layer["o"], layer["c"] // layer["kwargs"]["groups"], *layer["kernel"]), dtype)
+    b = _normal(rng, layer["o"], dtype)
+    return tuple(a.astype(dtype).astype(_exact(dtype)) for a in (x, w, b))  # type: ignore[return-value]
 
 
 def torch_layer(x, w, b, mode: str, rng: np.random.Generator, dtype: str, **kwargs):
-    """y, a random grad_out (rounded to `dtype`), and torch's (grad_x, grad_w, grad_b), channels-first, float64."""
+    """y, a random grad_out (rounded to `dtype`), and torch's (grad_x, grad_w, grad_b), channels-first, in
+    float64 (complex128 where `dtype` is complex: PyTorch pads and convolves complex tensors in every mode)."""
     import torch
 
     spatial = x.ndim - 2
+    complex_ = np.dtype(dtype).kind == "c"
     conv = (torch.nn.Conv1d if spatial == 1 else torch.nn.Conv2d)(
-        x.shape[1], w.shape[0], w.shape[2:], padding_mode=mode, dtype=torch.float64, **kwargs)
+        x.shape[1], w.shape[0], w.shape[2:], padding_mode=mode, dtype=torch.complex128 if complex_ else torch.float64,
+        **kwargs)
     xt = torch.tensor(x, requires_grad=True)
     with torch.no_grad():
         conv.weight.copy_(torch.tensor(w))
@@ -69,7 +87,7 @@ def torch_layer(x, w, b, mode: str, rng: np.random.Generator, dtype: str, **kwar
     with warnings.catch_warnings():  # PyTorch warns that asymmetric "same" padding costs it a copy
         warnings.filterwarnings("ignore", message="Using padding='same'", category=UserWarning)
         y = conv(xt)
-    g = rng.standard_normal(tuple(y.shape)).astype(dtype).astype(np.float64)
+    g = _normal(rng, tuple(y.shape), dtype).astype(dtype).astype(_exact(dtype))
     grads = torch.autograd.grad(y, (xt, conv.weight, conv.bias), torch.tensor(g))
     return y.detach().numpy(), g, tuple(t.numpy() for t in grads)
 
@@ -85,7 +103,8 @@ def first(a: np.ndarray) -> np.ndarray:
 
 
 def assert_close(actual, expected, dtype: str, what: str) -> None:
-    """Equal to float rounding of `dtype`, scaled by the size of the reference (sums of many terms)."""
-    tol = 1e-10 if dtype == "float64" else 2e-5
+    """Equal to float rounding of `dtype` (complex64 rounds like float32 in each part), scaled by the size of
+    the reference (sums of many terms)."""
+    tol = 1e-10 if dtype in ("float64", "complex128") else 2e-5
     scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
-    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=tol * 10, atol=tol * scale, err_msg=what)
+    np.testing.assert_allclose(np.asarray(actual, dtype=_exact(dtype)), expected, rtol=tol * 10, atol=tol * scale, err_msg=what)

@@ -46,6 +46,36 @@ def test_matches_torch(backend, dtype):
         assert_close(backend.to_numpy(grad_b), gb_ref, dtype, f"grad_b of {layer}, {kwargs}")
 
 
+# Complex: PyTorch's complex Conv1d in every padding mode, with its conjugate convention in autograd, is the reference
+# as it is. Four layers per dtype (each mode once, both layouts); JAX one layer, in complex128 only.
+COMPLEX_LAYERS = {"jax": 1}
+DEFAULT_COMPLEX_LAYERS = 4
+
+
+@pytest.mark.parametrize("dtype", ["complex128", "complex64"])
+def test_complex_matches_torch(backend, dtype):
+    if backend.name == "jax" and dtype != "complex128":
+        pytest.skip("JAX checks complex in complex128 only (compile time)")
+    rng = np.random.default_rng([17, len(dtype)])
+    for index in range(COMPLEX_LAYERS.get(backend.name, DEFAULT_COMPLEX_LAYERS)):
+        mode, layout = MODES[(index + 1) % len(MODES)], ("NCW", "NWC")[(index + (dtype == "complex64")) % 2]
+        layer = random_layer(rng, 1, mode)
+        x, w, b = layer_arrays(rng, layer, dtype)
+        y_ref, g, (gx_ref, gw_ref, gb_ref) = torch_layer(x, w, b, mode, rng, dtype, **layer["kwargs"])
+        to, back = (last, first) if layout == "NWC" else (np.asarray, np.asarray)
+        kwargs = dict(layer["kwargs"], padding_mode=mode, data_format=layout)
+        xb, gb = backend.asarray(to(x).astype(dtype)), backend.asarray(to(g).astype(dtype))
+        wb, bb = backend.asarray(w.astype(dtype)), backend.asarray(b.astype(dtype))
+        y = conv2d.conv1d(xb, wb, bb, **kwargs)
+        assert y.dtype == xb.dtype
+        assert_close(back(backend.to_numpy(y)), y_ref, dtype, f"y of {layer}, {kwargs}")
+        grad_x, grad_w, grad_b = conv2d.conv1d_backward(gb, xb, wb, **kwargs)
+        assert grad_x.dtype == grad_w.dtype == grad_b.dtype == xb.dtype
+        assert_close(back(backend.to_numpy(grad_x)), gx_ref, dtype, f"grad_x of {layer}, {kwargs}")
+        assert_close(backend.to_numpy(grad_w), gw_ref, dtype, f"grad_w of {layer}, {kwargs}")
+        assert_close(backend.to_numpy(grad_b), gb_ref, dtype, f"grad_b of {layer}, {kwargs}")
+
+
 def test_same_with_even_kernel_and_circular_matches_torch():
     rng = np.random.default_rng(4)
     layer = dict(n=2, c=2, o=2, sizes=(7,), kernel=(4,), kwargs=dict(stride=1, padding="same", dilation=2, groups=2))

@@ -38,6 +38,35 @@ def test_matches_torch(backend, dtype):
         assert_close(backend.to_numpy(grad_b), gb_ref, dtype, f"grad_b of {layer}, {mode}")
 
 
+# Complex: PyTorch's complex Conv2d in every padding mode, with its conjugate convention in autograd, is the reference
+# as it is (on the channels-first arrays). Four layers per dtype (each mode once); JAX one layer, in complex128 only.
+COMPLEX_LAYERS = {"jax": 1}
+DEFAULT_COMPLEX_LAYERS = 4
+
+
+@pytest.mark.parametrize("dtype", ["complex128", "complex64"])
+def test_complex_matches_torch(backend, dtype):
+    if backend.name == "jax" and dtype != "complex128":
+        pytest.skip("JAX checks complex in complex128 only (compile time)")
+    rng = np.random.default_rng([19, len(dtype)])
+    for index in range(COMPLEX_LAYERS.get(backend.name, DEFAULT_COMPLEX_LAYERS)):
+        mode = MODES[(index + 2) % len(MODES)]
+        layer = random_layer(rng, 2, mode)
+        x, w, b = layer_arrays(rng, layer, dtype)
+        y_ref, g, (gx_ref, gw_ref, gb_ref) = torch_layer(x, w, b, mode, rng, dtype, **layer["kwargs"])
+        xb, gb = backend.asarray(last(x).astype(dtype)), backend.asarray(last(g).astype(dtype))
+        wb, bb = backend.asarray(w.astype(dtype)), backend.asarray(b.astype(dtype))
+        kwargs = dict(layer["kwargs"], padding_mode=mode, data_format="NHWC")
+        y = conv2d.conv2d(xb, wb, bb, **kwargs)
+        assert tuple(y.shape) == last(y_ref).shape and y.dtype == xb.dtype
+        assert_close(first(backend.to_numpy(y)), y_ref, dtype, f"y of {layer}, {mode}")
+        grad_x, grad_w, grad_b = conv2d.conv2d_backward(gb, xb, wb, **kwargs)
+        assert grad_x.dtype == grad_w.dtype == grad_b.dtype == xb.dtype
+        assert_close(first(backend.to_numpy(grad_x)), gx_ref, dtype, f"grad_x of {layer}, {mode}")
+        assert_close(backend.to_numpy(grad_w), gw_ref, dtype, f"grad_w of {layer}, {mode}")
+        assert_close(backend.to_numpy(grad_b), gb_ref, dtype, f"grad_b of {layer}, {mode}")
+
+
 @pytest.mark.parametrize("algorithm", ["gather", "slices", "direct", "winograd", "pointwise"])
 def test_every_numpy_algorithm_reads_nhwc(algorithm):
     """The channels-last view (not contiguous) goes through each algorithm unchanged."""

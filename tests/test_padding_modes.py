@@ -44,6 +44,32 @@ def test_matches_torch(backend, mode, dtype):
             assert_close(backend.to_numpy(got), want, dtype, f"{name} of {layer}")
 
 
+# Complex: PyTorch's complex Conv2d pads in every mode and its autograd follows the conjugate convention, so it is
+# the reference as it is. Each backend checks 2 layers per mode and dtype; JAX one layer, complex128 in reflect.
+COMPLEX_LAYERS = 2
+JAX_COMPLEX = ("reflect", "complex128")
+
+
+@pytest.mark.parametrize("dtype", ["complex128", "complex64"])
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_complex_matches_torch(backend, mode, dtype):
+    if backend.name == "jax" and (mode, dtype) != JAX_COMPLEX:
+        pytest.skip(f"JAX checks complex in {JAX_COMPLEX} only (compile time)")
+    rng = np.random.default_rng([MODES.index(mode), len(dtype), 1])
+    for _ in range(1 if backend.name == "jax" else COMPLEX_LAYERS):
+        layer = random_layer(rng, 2, mode)
+        x, w, b = layer_arrays(rng, layer, dtype)
+        y_ref, g, grads_ref = torch_layer(x, w, b, mode, rng, dtype, **layer["kwargs"])
+        xb, wb, bb, gb = (backend.asarray(a.astype(dtype)) for a in (x, w, b, g))
+        y = conv2d.conv2d(xb, wb, bb, padding_mode=mode, **layer["kwargs"])
+        assert y.dtype == xb.dtype
+        assert_close(backend.to_numpy(y), y_ref, dtype, f"y of {layer}")
+        grads = conv2d.conv2d_backward(gb, xb, wb, padding_mode=mode, **layer["kwargs"])
+        for name, got, want in zip(("grad_x", "grad_w", "grad_b"), grads, grads_ref):
+            assert got.dtype == xb.dtype
+            assert_close(backend.to_numpy(got), want, dtype, f"{name} of {layer}")
+
+
 @pytest.mark.parametrize("mode", MODES[1:])
 def test_pad_and_fold_match_torch_pad(mode):
     """The pad itself (asymmetric, up to the largest each mode allows) and its transpose, on NumPy."""

@@ -1,6 +1,8 @@
 """Properties over random geometries (hypothesis): conv2d and its three gradients agree with PyTorch on
 every backend (the GPU ones where a device answers), algorithm and float dtype; splitting the work to fit a small workspace changes
-nothing; and the output size is the seed's rule for valid padding and PyTorch's in general.
+nothing; and the output size is the seed's rule for valid padding and PyTorch's in general. On NumPy, with
+few examples (issue #19): padding modes and layouts, conv_transpose2d (any stride, padding, output_padding,
+dilation, groups), and complex64/complex128 conv2d against PyTorch's complex autograd.
 
 The geometries span batch 0..4, channels 1..8 with groups dividing both channel counts (depthwise
 included), rectangular kernels 1..5, strides 1..4 (often larger than the kernel), dilation 1..3,
@@ -77,10 +79,12 @@ def convolutions(draw, batch=st.integers(0, 4), max_size: int = 20) -> dict:  # 
     )
     stride = (1, 1) if padding == "same" else (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     pad_h, pad_w = _padding_rows_cols(padding, kernel, dilation)
-    # The smallest legal input: the dilated kernel just fits in the padded input.
+    # The smallest legal input: the dilated kernel just fits in the padded input (above max_size where the
+    # kernel's reach is: a small max_size must not make the strategy invalid).
     reach_h, reach_w = dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1
-    h = draw(st.integers(max(1, reach_h - pad_h), max_size))
-    w = draw(st.integers(max(1, reach_w - pad_w), max_size))
+    smallest_h, smallest_w = max(1, reach_h - pad_h), max(1, reach_w - pad_w)
+    h = draw(st.integers(smallest_h, max(smallest_h, max_size)))
+    w = draw(st.integers(smallest_w, max(smallest_w, max_size)))
     kwargs = dict(stride=draw(st.sampled_from([stride, stride[0]])) if stride[0] == stride[1] else stride,
                   padding=padding, dilation=dilation, groups=groups)
     return dict(x=(draw(batch), c, h, w), weight=(o, c // groups, *kernel), kwargs=kwargs)
@@ -359,3 +363,83 @@ def test_padding_mode_and_layout_match_pytorch(case, mode, layout, seed):
     gx, gw, gb = conv2d.conv2d_backward(to(g), to(x), w, **kw)
     for ours, ref in zip((back(gx), gw, gb), grads_ref):
         np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transposed convolution and complex dtypes (issue #19): NumPy only, few examples; tests/test_transposed.py
+# and tests/test_complex.py cover every backend
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def transposed_convolutions(draw) -> dict:
+    """Shapes and keyword arguments of one legal conv_transpose2d: output_padding below the stride or the
+    dilation (PyTorch's rule), and an input just large enough for an output of at least one pixel, or larger."""
+    groups = draw(st.integers(1, 4))
+    c_in, c_out = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    stride = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+    output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
+    # out = (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1 >= 1
+    smallest = [1 + max(0, -(-(2 * p - d * (k - 1) - op) // s))
+                for s, p, d, k, op in zip(stride, padding, dilation, kernel, output_padding)]
+    h, w = (draw(st.integers(m, m + 6)) for m in smallest)
+    kwargs = dict(stride=stride, padding=padding, output_padding=output_padding, dilation=dilation, groups=groups)
+    return dict(x=(draw(st.integers(0, 3)), c_in, h, w), weight=(c_in, c_out // groups, *kernel), kwargs=kwargs)
+
+
+def _numpy_algorithms(geom) -> list[str]:
+    """'auto' and every algorithm that computes the convolution `geom` on NumPy."""
+    numpy = _get("numpy")
+    return ["auto", *(name for name in algorithm_names() if applicable(name, numpy, geom))]
+
+
+@settings(max_examples=_examples(20))
+@given(case=transposed_convolutions(), dtype=DTYPES, data=st.data(), seed=SEEDS)
+def test_conv_transpose2d_matches_pytorch(case, dtype, data, seed):
+    """conv_transpose2d and its three gradients are F.conv_transpose2d's and autograd's for any legal geometry."""
+    from conv2d._transposed import transposed_geometry
+
+    geom = transposed_geometry(case["x"], case["weight"], None, **case["kwargs"])
+    algorithm = data.draw(st.sampled_from(_numpy_algorithms(geom)), label="algorithm")
+    rng = np.random.default_rng(seed)
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in (case["x"], case["weight"], case["weight"][1] * case["kwargs"]["groups"]))
+    leaves = [torch.tensor(a.astype(np.float64), requires_grad=True) for a in (x, w, b)]
+    y_ref = torch.nn.functional.conv_transpose2d(*leaves, **case["kwargs"])
+    assert tuple(y_ref.shape) == (case["x"][0], b.shape[0], geom.height, geom.width)
+    g = rng.standard_normal(tuple(y_ref.shape)).astype(dtype)
+    refs = [y_ref.detach().numpy(), *(t.numpy() for t in torch.autograd.grad(y_ref, leaves, torch.tensor(g.astype(np.float64))))]
+    kw = dict(case["kwargs"], algorithm=algorithm)
+    ours = [conv2d.conv_transpose2d(x, w, b, **kw), *conv2d.conv_transpose2d_backward(g, x, w, **kw)]
+    for name, got, ref in zip(("y", "grad_x", "grad_weight", "grad_bias"), ours, refs):
+        assert got.dtype == np.dtype(dtype), f"{name}: {got.dtype}"
+        assert_close(_get("numpy"), got, ref, dtype, f"{name} ({algorithm}, {case})")
+
+
+@settings(max_examples=_examples(20))
+@given(case=convolutions(batch=st.integers(0, 3), max_size=12), dtype=st.sampled_from(["complex64", "complex128"]),
+       data=st.data(), seed=SEEDS)
+def test_complex_matches_pytorch(case, dtype, data, seed):
+    """complex conv2d and its gradients are PyTorch's complex conv2d and torch.autograd.grad (the conjugate
+    convention) for any legal geometry."""
+    geom = _case_geometry(case)
+    algorithm = data.draw(st.sampled_from(_numpy_algorithms(geom)), label="algorithm")
+    rng = np.random.default_rng(seed)
+
+    def draw(shape):
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
+
+    x, w, b, g = (draw(s) for s in (case["x"], case["weight"], case["weight"][0], _output_shape_pytorch(case)))
+    leaves = [torch.tensor(a.astype(np.complex128), requires_grad=True) for a in (x, w, b)]
+    with warnings.catch_warnings():  # PyTorch warns that asymmetric "same" padding costs it a copy
+        warnings.filterwarnings("ignore", message="Using padding='same'", category=UserWarning)
+        y_ref = torch.nn.functional.conv2d(*leaves, **case["kwargs"])
+    refs = [y_ref.detach().numpy(), *(t.numpy() for t in torch.autograd.grad(y_ref, leaves, torch.tensor(g.astype(np.complex128))))]
+    kw = dict(case["kwargs"], algorithm=algorithm)
+    ours = [conv2d.conv2d(x, w, b, **kw), *conv2d.conv2d_backward(g, x, w, **kw)]
+    tolerance = {"complex64": "float32", "complex128": "float64"}[dtype]  # each part rounds like the real dtype
+    for name, got, ref in zip(("y", "grad_x", "grad_weight", "grad_bias"), ours, refs):
+        assert got.dtype == np.dtype(dtype), f"{name}: {got.dtype}"
+        assert_close(_get("numpy"), got, ref, tolerance, f"{name} ({algorithm}, {case})")

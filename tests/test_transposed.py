@@ -61,18 +61,26 @@ def _case_id(case: dict) -> str:
 
 
 def _data(case: dict, dtype: str, seed: int) -> tuple[np.ndarray, ...]:
-    """x, weight, bias and an output gradient, rounded to `dtype` (the float64 oracle sees the same values)."""
+    """x, weight, bias and an output gradient, rounded to `dtype` (the float64 or complex128 oracle sees the same
+    values); complex dtypes get a random imaginary part too."""
     rng = np.random.default_rng(seed)
+    complex_ = np.dtype(dtype).kind == "c"
+
+    def draw(shape):
+        values = rng.standard_normal(shape)
+        return values + 1j * rng.standard_normal(shape) if complex_ else values
+
     groups = case["kwargs"]["groups"]
-    x = rng.standard_normal((case["n"], case["c_in"], case["h"], case["w"]))
-    w = rng.standard_normal((case["c_in"], case["c_out"] // groups, *case["kernel"]))
-    b = rng.standard_normal(case["c_out"])
-    g = rng.standard_normal((case["n"], case["c_out"], _out_size(case, 0), _out_size(case, 1)))
-    return tuple(a.astype(dtype).astype(np.float64) for a in (x, w, b, g))
+    x = draw((case["n"], case["c_in"], case["h"], case["w"]))
+    w = draw((case["c_in"], case["c_out"] // groups, *case["kernel"]))
+    b = draw(case["c_out"])
+    g = draw((case["n"], case["c_out"], _out_size(case, 0), _out_size(case, 1)))
+    return tuple(a.astype(dtype).astype(np.complex128 if complex_ else np.float64) for a in (x, w, b, g))
 
 
 def _oracle(x, w, b, g, kwargs) -> tuple[np.ndarray, ...]:
-    """PyTorch's output and autograd's gradients of x, weight and bias, in float64."""
+    """PyTorch's output and autograd's gradients of x, weight and bias, in float64 (complex128 for complex data:
+    PyTorch's conv_transpose2d takes complex tensors, and its autograd follows the conjugate convention)."""
     xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
     y = torch.nn.functional.conv_transpose2d(xt, wt, bt, **kwargs)
     grads = torch.autograd.grad(y, (xt, wt, bt), torch.tensor(g))
@@ -101,7 +109,7 @@ def _check(backend, case: dict, dtype: str, algorithm: str, seed: int) -> None:
     if not case["bias"]:
         y = y + backend.asarray(b.astype(dtype).reshape(1, -1, 1, 1))  # compared with the oracle's biased output
     grads = conv2d.conv_transpose2d_backward(G, X, W, **kw)
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == "float64" else dict(rtol=2e-4, atol=2e-4)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype in ("float64", "complex128") else dict(rtol=2e-4, atol=2e-4)
     for name, ours, theirs in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, *grads), expected):
         got = backend.to_numpy(ours)
         assert got.dtype == np.dtype(dtype), name
@@ -127,6 +135,26 @@ def test_transposed_matches_pytorch(backend, case, dtype):
     explicit = applicable[(index + (dtype == "float32")) % len(applicable)]
     for algorithm in ("auto", explicit):
         _check(backend, case, dtype, algorithm, seed=index)
+
+
+# Complex: four random geometries and the three fixed ones (winograd's, pointwise's, output_padding at least the
+# stride), in both complex dtypes; JAX one strided geometry with an output_padding, in complex128 (it compiles
+# every shape).
+COMPLEX_CASES = [*CASES[2:6], *CASES[-3:]]
+JAX_COMPLEX_CASE = 1
+
+
+@pytest.mark.parametrize("dtype", ["complex128", "complex64"])
+@pytest.mark.parametrize("case", COMPLEX_CASES, ids=_case_id)
+def test_transposed_complex_matches_pytorch(backend, case, dtype):
+    """'auto' and one explicit algorithm that applies (a different one per case and dtype)."""
+    index = COMPLEX_CASES.index(case)
+    if backend.name == "jax" and (index, dtype) != (JAX_COMPLEX_CASE, "complex128"):
+        pytest.skip("JAX runs one complex geometry (it compiles every shape)")
+    applicable = [a for a in conv2d.ALGORITHMS if _applies(a, backend, case)]
+    explicit = applicable[(index + (dtype == "complex64")) % len(applicable)]
+    for algorithm in ("auto", explicit):
+        _check(backend, case, dtype, algorithm, seed=100 + index)
 
 
 # For each algorithm, a geometry in its domain: 3x3 stride 1 for winograd, 1x1 for pointwise, strided otherwise.
