@@ -54,8 +54,6 @@ DEFAULT_COMPLEX_LAYERS = 4
 
 @pytest.mark.parametrize("dtype", ["complex128", "complex64"])
 def test_complex_matches_torch(backend, dtype):
-    if backend.name == "jax" and dtype != "complex128":
-        pytest.skip("JAX checks complex in complex128 only (compile time)")
     rng = np.random.default_rng([17, len(dtype)])
     for index in range(COMPLEX_LAYERS.get(backend.name, DEFAULT_COMPLEX_LAYERS)):
         mode, layout = MODES[(index + 1) % len(MODES)], ("NCW", "NWC")[(index + (dtype == "complex64")) % 2]

@@ -46,8 +46,6 @@ DEFAULT_COMPLEX_LAYERS = 4
 
 @pytest.mark.parametrize("dtype", ["complex128", "complex64"])
 def test_complex_matches_torch(backend, dtype):
-    if backend.name == "jax" and dtype != "complex128":
-        pytest.skip("JAX checks complex in complex128 only (compile time)")
     rng = np.random.default_rng([19, len(dtype)])
     for index in range(COMPLEX_LAYERS.get(backend.name, DEFAULT_COMPLEX_LAYERS)):
         mode = MODES[(index + 2) % len(MODES)]

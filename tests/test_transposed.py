@@ -121,6 +121,8 @@ def jax_keeps(test: str, params: dict) -> bool | None:
     """JAX runs the first JAX_CASES geometries of test_transposed_matches_pytorch under the default profile
     (tests/conftest.py; it compiles every shape, and test_every_algorithm covers each algorithm there);
     every other test: the default."""
+    if test == "test_transposed_complex_matches_pytorch":
+        return (COMPLEX_CASES.index(params["case"]), params["dtype"]) == (JAX_COMPLEX_CASE, "complex128")
     if test != "test_transposed_matches_pytorch":
         return None
     return CASES.index(params["case"]) < JAX_CASES
@@ -149,8 +151,6 @@ JAX_COMPLEX_CASE = 1
 def test_transposed_complex_matches_pytorch(backend, case, dtype):
     """'auto' and one explicit algorithm that applies (a different one per case and dtype)."""
     index = COMPLEX_CASES.index(case)
-    if backend.name == "jax" and (index, dtype) != (JAX_COMPLEX_CASE, "complex128"):
-        pytest.skip("JAX runs one complex geometry (it compiles every shape)")
     applicable = [a for a in conv2d.ALGORITHMS if _applies(a, backend, case)]
     explicit = applicable[(index + (dtype == "complex64")) % len(applicable)]
     for algorithm in ("auto", explicit):
