@@ -189,7 +189,7 @@ def test_torch_matches_pytorch(algorithm, data, dtype, seed):
 
 
 @pytest.mark.parametrize("algorithm", backend_algorithm_params("jax"))
-@settings(max_examples=_per_algorithm(15))  # JAX compiles each new shape: fewer examples (thorough: 10x)
+@settings(max_examples=_per_algorithm(8))  # JAX compiles each new shape: fewer examples (thorough: 10x)
 @given(data=st.data(), dtype=DTYPES, seed=SEEDS)
 def test_jax_matches_pytorch(algorithm, data, dtype, seed):
     """JAX (CPU): output and the three gradients equal PyTorch's for any legal geometry."""

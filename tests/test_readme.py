@@ -47,8 +47,9 @@ def test_readme_family_block_matches_pytorch():
     torch = require_or_skip("torch")
     block = next(block for block in BLOCKS if "conv_transpose2d" in block)
     lines = block.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("y = "))
     namespace: dict = {"__name__": "readme_family"}
-    exec(compile("\n".join(lines[:5]), "README.md family block", "exec"), namespace)
+    exec(compile("\n".join(lines[:first]), "README.md family block", "exec"), namespace)
     x, w = namespace["x"], namespace["w"]
     F = torch.nn.functional
     expected = {
@@ -56,7 +57,7 @@ def test_readme_family_block_matches_pytorch():
         "NHWC": F.conv2d(torch.tensor(x), torch.tensor(w), padding=1).numpy().transpose(0, 2, 3, 1),
     }
     results = []
-    for line in lines[5:]:
+    for line in lines[first:]:
         exec(compile(line, "README.md family block", "exec"), namespace)
         results.append(np.asarray(namespace["y"]))
     np.testing.assert_allclose(results[0], expected["circular"], rtol=1e-10, atol=1e-10)

@@ -10,7 +10,7 @@ from conv2d import _conv
 from conv2d._geometry import make_geometry
 from conv2d.algorithms.winograd import _sample_scratch
 
-from .conftest import one_dtype_per_layer, require_or_skip
+from .conftest import one_layer_in_three, require_or_skip
 from .oracle import assert_close, layer_data, torch_conv
 
 require_or_skip("torch")
@@ -33,8 +33,8 @@ LAYERS = [_random_layer(seed) for seed in range(15)]
 
 
 def jax_keeps(test: str, params: dict) -> bool | None:
-    """JAX's share of test_winograd_matches_pytorch under the default profile: each layer in one dtype."""
-    return one_dtype_per_layer(test, "test_winograd_matches_pytorch", LAYERS, params)
+    """JAX's share of test_winograd_matches_pytorch under the default profile: a third of the layers, each in one dtype."""
+    return one_layer_in_three(test, "test_winograd_matches_pytorch", LAYERS, params)
 
 
 def _ids(layer: dict) -> str:
