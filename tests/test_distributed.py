@@ -33,6 +33,9 @@ from .oracle import TOLERANCE, assert_close, torch_conv  # noqa: E402
 
 WAIT = 60  # seconds: the bound on every wait for the cluster
 
+# One pytest-xdist worker runs this whole module, so that its module-scoped cluster starts once (pyproject.toml).
+pytestmark = pytest.mark.xdist_group("dask")
+
 
 @pytest.fixture(scope="module")
 def cluster_client():
