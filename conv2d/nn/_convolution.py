@@ -155,6 +155,31 @@ def _input_shape(input_shape: Any, in_channels: Any, filter_size: Any, numfilter
     return positive_ints(name, input_shape, "(depth, rows, cols)")
 
 
+def call_settings(dtype: str, algorithm: str, max_workspace_bytes: int | None, backend: str | Backend | None,
+                  deterministic: bool | None) -> tuple[str, int | None, Backend, bool | None]:
+    """A convolution layer's checked settings, (algorithm, max_workspace_bytes, backend, deterministic):
+    the dtype and every setting it passes to its calls fail here, not at the first batch."""
+    if dtype not in ("float16", "float32", "float64"):
+        raise TypeError(f"dtype must be 'float16', 'float32' or 'float64', got {dtype!r}{_complex_hint(dtype)}")
+    algorithm = check_algorithm(algorithm)
+    resolve_limit(max_workspace_bytes)
+    resolved = get_backend(backend)
+    choose_algorithm(algorithm, resolved)  # 'kernels' on a backend without them fails here
+    resolve_deterministic(deterministic)
+    return algorithm, max_workspace_bytes, resolved, deterministic
+
+
+def initial_parameters(backend: Backend, dtype: str, seed: int | None, weight_shape: tuple[int, ...],
+                       filters: int) -> tuple[Any, Any, Any]:
+    """(dtype, weights, biases) of a new convolution layer: weights then biases drawn (normal, mean 0,
+    standard deviation 0.1) from one NumPy Generator seeded with `seed`, on the host, so that a seed
+    gives the same parameters on every backend."""
+    resolved = backend.dtype(dtype)
+    rng = np.random.default_rng(seed)
+    weights = backend.asarray(rng.normal(0.0, 0.1, weight_shape), dtype=resolved)
+    return resolved, weights, backend.asarray(rng.normal(0.0, 0.1, filters), dtype=resolved)
+
+
 class ConvolutionLayer(Parameterized):
     """A 2-D convolution layer followed by an activation, trained by plain SGD.
 
@@ -249,15 +274,8 @@ class ConvolutionLayer(Parameterized):
         input_shape = _input_shape(input_shape, in_channels, filter_size, numfilters)
         filter_size = positive_ints("filter_size", filter_size, "(rows, cols)")
         numfilters = positive_int("numfilters", numfilters)
-        if dtype not in ("float16", "float32", "float64"):
-            raise TypeError(f"dtype must be 'float16', 'float32' or 'float64', got {dtype!r}{_complex_hint(dtype)}")
-        self.algorithm = check_algorithm(algorithm)
-        self.max_workspace_bytes = max_workspace_bytes
-        resolve_limit(max_workspace_bytes)  # a bad limit fails here, not at the first batch
-        self.backend = get_backend(backend)
-        choose_algorithm(self.algorithm, self.backend)  # 'kernels' on a backend without them fails here
-        resolve_deterministic(deterministic)
-        self.deterministic = deterministic
+        self.algorithm, self.max_workspace_bytes, self.backend, self.deterministic = call_settings(
+            dtype, algorithm, max_workspace_bytes, backend, deterministic)
         self.in_depth, self.in_row, self.in_col = input_shape
         self.filter_row, self.filter_col = filter_size
         self.out_depth = numfilters
@@ -277,10 +295,7 @@ class ConvolutionLayer(Parameterized):
             self._inner = make_geometry((1, self.in_depth, self.in_row + top + bottom, self.in_col + left + right),
                                         weight_shape, None, stride=stride, padding=0, dilation=dilation, groups=1)
         self.activation = activation
-        self.dtype = self.backend.dtype(dtype)
-        rng = np.random.default_rng(seed)
-        self.weights = self.backend.asarray(rng.normal(0.0, 0.1, weight_shape), dtype=self.dtype)
-        self.biases = self.backend.asarray(rng.normal(0.0, 0.1, numfilters), dtype=self.dtype)
+        self.dtype, self.weights, self.biases = initial_parameters(self.backend, dtype, seed, weight_shape, numfilters)
         # (batch size, patches or None when they exceed the workspace limit, a copy of X in that case,
         # activation derivative or None for no activation) of the last forwardpass
         self._saved: tuple[int, Any | None, Any | None, Any | None] | None = None

@@ -5,16 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from .._conv import choose_algorithm
-from .._determinism import resolve_deterministic
-from .._functional import check_algorithm
 from .._geometry import IntPair, int_pair, positive_int, positive_ints
 from .._transposed import conv_transpose2d, conv_transpose2d_backward, transposed_geometry
-from .._workspace import resolve_limit
-from ..backends import Backend, get_backend
-from ._convolution import ACTIVATIONS, check_batch, check_lr, forward_state, sgd_update, to_floating
+from ..backends import Backend
+from ._convolution import (
+    ACTIVATIONS,
+    call_settings,
+    check_batch,
+    check_lr,
+    forward_state,
+    initial_parameters,
+    sgd_update,
+    to_floating,
+)
 from ._parameters import Parameterized, dtype_name
 
 
@@ -90,15 +93,8 @@ class TransposedConvolutionLayer(Parameterized):
         self.in_depth, self.in_row, self.in_col = positive_ints("input_shape", input_shape, "(depth, rows, cols)")
         self.filter_row, self.filter_col = int_pair("kernel_size", kernel_size, minimum=1)
         self.out_depth = positive_int("out_channels", out_channels)
-        if dtype not in ("float16", "float32", "float64"):
-            raise TypeError(f"dtype must be 'float16', 'float32' or 'float64', got {dtype!r}")
-        self.algorithm = check_algorithm(algorithm)
-        self.max_workspace_bytes = max_workspace_bytes
-        resolve_limit(max_workspace_bytes)  # a bad limit fails here, not at the first batch
-        self.backend = get_backend(backend)
-        choose_algorithm(self.algorithm, self.backend)  # 'kernels' on a backend without them fails here
-        resolve_deterministic(deterministic)
-        self.deterministic = deterministic
+        self.algorithm, self.max_workspace_bytes, self.backend, self.deterministic = call_settings(
+            dtype, algorithm, max_workspace_bytes, backend, deterministic)
         self.stride = int_pair("stride", stride, minimum=1)
         self.padding = int_pair("padding", padding, minimum=0)
         self.output_padding = int_pair("output_padding", output_padding, minimum=0)
@@ -109,10 +105,7 @@ class TransposedConvolutionLayer(Parameterized):
                                    **self._options(), groups=1)
         self.out_row, self.out_col = geom.height, geom.width
         self.activation = activation
-        self.dtype = self.backend.dtype(dtype)
-        rng = np.random.default_rng(seed)
-        self.weights = self.backend.asarray(rng.normal(0.0, 0.1, weight_shape), dtype=self.dtype)
-        self.biases = self.backend.asarray(rng.normal(0.0, 0.1, self.out_depth), dtype=self.dtype)
+        self.dtype, self.weights, self.biases = initial_parameters(self.backend, dtype, seed, weight_shape, self.out_depth)
         # (a copy of the input, activation derivative or None for no activation) of the last forwardpass
         self._saved: tuple[Any, Any | None] | None = None
 
