@@ -22,28 +22,37 @@ def _int_or_tuple(rng, value):
     return (value[0],) if rng.random() < 0.5 else value[0]
 
 
+def _check_1d_layer(backend, rng, mode: str, layout: str, dtype: str, int_or_tuple: bool) -> None:
+    """One random 1-D layer in padding `mode` and `layout` against torch.nn.Conv1d: y and the three gradients,
+    their shapes and dtypes; with `int_or_tuple`, stride, padding and dilation are passed as ints or 1-tuples."""
+    layer = random_layer(rng, 1, mode)
+    x, w, b = layer_arrays(rng, layer, dtype)
+    y_ref, g, (gx_ref, gw_ref, gb_ref) = torch_layer(x, w, b, mode, rng, dtype, **layer["kwargs"])
+    to, back = (last, first) if layout == "NWC" else (np.asarray, np.asarray)
+    kwargs = dict(layer["kwargs"])
+    if int_or_tuple:
+        kwargs = {key: _int_or_tuple(rng, value) if key != "groups" else value for key, value in kwargs.items()}
+    kwargs.update(padding_mode=mode, data_format=layout)
+    xb, gb = backend.asarray(to(x).astype(dtype)), backend.asarray(to(g).astype(dtype))
+    wb, bb = backend.asarray(w.astype(dtype)), backend.asarray(b.astype(dtype))
+    y = conv2d.conv1d(xb, wb, bb, **kwargs)
+    assert tuple(y.shape) == to(y_ref).shape and y.dtype == xb.dtype
+    assert_close(back(backend.to_numpy(y)), y_ref, dtype, f"y of {layer}, {kwargs}")
+    grad_x, grad_w, grad_b = conv2d.conv1d_backward(gb, xb, wb, **kwargs)
+    assert tuple(grad_x.shape) == tuple(xb.shape) and tuple(grad_w.shape) == w.shape
+    assert grad_x.dtype == grad_w.dtype == grad_b.dtype == xb.dtype
+    assert_close(back(backend.to_numpy(grad_x)), gx_ref, dtype, f"grad_x of {layer}, {kwargs}")
+    assert_close(backend.to_numpy(grad_w), gw_ref, dtype, f"grad_w of {layer}, {kwargs}")
+    assert_close(backend.to_numpy(grad_b), gb_ref, dtype, f"grad_b of {layer}, {kwargs}")
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_matches_torch(backend, dtype):
     """Random layers, each in its own padding mode (all four in turn) and layout (both in turn)."""
     rng = np.random.default_rng([13, len(dtype)])
     for index in range(LAYERS.get(backend.name, DEFAULT_LAYERS)):
         mode, layout = MODES[index % len(MODES)], ("NCW", "NWC")[(index // 2 + (dtype == "float32")) % 2]
-        layer = random_layer(rng, 1, mode)
-        x, w, b = layer_arrays(rng, layer, dtype)
-        y_ref, g, (gx_ref, gw_ref, gb_ref) = torch_layer(x, w, b, mode, rng, dtype, **layer["kwargs"])
-        to, back = (last, first) if layout == "NWC" else (np.asarray, np.asarray)
-        kwargs = {key: _int_or_tuple(rng, value) if key != "groups" else value for key, value in layer["kwargs"].items()}
-        kwargs.update(padding_mode=mode, data_format=layout)
-        xb, gb = backend.asarray(to(x).astype(dtype)), backend.asarray(to(g).astype(dtype))
-        wb, bb = backend.asarray(w.astype(dtype)), backend.asarray(b.astype(dtype))
-        y = conv2d.conv1d(xb, wb, bb, **kwargs)
-        assert tuple(y.shape) == to(y_ref).shape
-        assert_close(back(backend.to_numpy(y)), y_ref, dtype, f"y of {layer}, {kwargs}")
-        grad_x, grad_w, grad_b = conv2d.conv1d_backward(gb, xb, wb, **kwargs)
-        assert tuple(grad_x.shape) == tuple(xb.shape) and tuple(grad_w.shape) == w.shape and grad_x.dtype == xb.dtype
-        assert_close(back(backend.to_numpy(grad_x)), gx_ref, dtype, f"grad_x of {layer}, {kwargs}")
-        assert_close(backend.to_numpy(grad_w), gw_ref, dtype, f"grad_w of {layer}, {kwargs}")
-        assert_close(backend.to_numpy(grad_b), gb_ref, dtype, f"grad_b of {layer}, {kwargs}")
+        _check_1d_layer(backend, rng, mode, layout, dtype, int_or_tuple=True)
 
 
 # Complex: PyTorch's complex Conv1d in every padding mode, with its conjugate convention in autograd, is the reference
@@ -57,21 +66,7 @@ def test_complex_matches_torch(backend, dtype):
     rng = np.random.default_rng([17, len(dtype)])
     for index in range(COMPLEX_LAYERS.get(backend.name, DEFAULT_COMPLEX_LAYERS)):
         mode, layout = MODES[(index + 1) % len(MODES)], ("NCW", "NWC")[(index + (dtype == "complex64")) % 2]
-        layer = random_layer(rng, 1, mode)
-        x, w, b = layer_arrays(rng, layer, dtype)
-        y_ref, g, (gx_ref, gw_ref, gb_ref) = torch_layer(x, w, b, mode, rng, dtype, **layer["kwargs"])
-        to, back = (last, first) if layout == "NWC" else (np.asarray, np.asarray)
-        kwargs = dict(layer["kwargs"], padding_mode=mode, data_format=layout)
-        xb, gb = backend.asarray(to(x).astype(dtype)), backend.asarray(to(g).astype(dtype))
-        wb, bb = backend.asarray(w.astype(dtype)), backend.asarray(b.astype(dtype))
-        y = conv2d.conv1d(xb, wb, bb, **kwargs)
-        assert y.dtype == xb.dtype
-        assert_close(back(backend.to_numpy(y)), y_ref, dtype, f"y of {layer}, {kwargs}")
-        grad_x, grad_w, grad_b = conv2d.conv1d_backward(gb, xb, wb, **kwargs)
-        assert grad_x.dtype == grad_w.dtype == grad_b.dtype == xb.dtype
-        assert_close(back(backend.to_numpy(grad_x)), gx_ref, dtype, f"grad_x of {layer}, {kwargs}")
-        assert_close(backend.to_numpy(grad_w), gw_ref, dtype, f"grad_w of {layer}, {kwargs}")
-        assert_close(backend.to_numpy(grad_b), gb_ref, dtype, f"grad_b of {layer}, {kwargs}")
+        _check_1d_layer(backend, rng, mode, layout, dtype, int_or_tuple=False)
 
 
 def test_same_with_even_kernel_and_circular_matches_torch():

@@ -16,26 +16,32 @@ LAYERS = {"jax": 1}  # JAX compiles every new shape (9 s a layer here)
 DEFAULT_LAYERS = 8
 
 
+def _check_nhwc_layer(backend, rng, mode: str, dtype: str) -> None:
+    """One random layer in padding `mode`, channels-last in and out, against torch: y and the three
+    gradients, their shapes and dtypes."""
+    layer = random_layer(rng, 2, mode)
+    x, w, b = layer_arrays(rng, layer, dtype)
+    y_ref, g, (gx_ref, gw_ref, gb_ref) = torch_layer(x, w, b, mode, rng, dtype, **layer["kwargs"])
+    xb, gb = backend.asarray(last(x).astype(dtype)), backend.asarray(last(g).astype(dtype))
+    wb, bb = backend.asarray(w.astype(dtype)), backend.asarray(b.astype(dtype))
+    kwargs = dict(layer["kwargs"], padding_mode=mode, data_format="NHWC")
+    y = conv2d.conv2d(xb, wb, bb, **kwargs)
+    assert tuple(y.shape) == last(y_ref).shape and y.dtype == xb.dtype
+    assert_close(first(backend.to_numpy(y)), y_ref, dtype, f"y of {layer}, {mode}")
+    grad_x, grad_w, grad_b = conv2d.conv2d_backward(gb, xb, wb, **kwargs)
+    assert tuple(grad_x.shape) == tuple(xb.shape) and tuple(grad_w.shape) == w.shape
+    assert grad_x.dtype == grad_w.dtype == grad_b.dtype == xb.dtype
+    assert_close(first(backend.to_numpy(grad_x)), gx_ref, dtype, f"grad_x of {layer}, {mode}")
+    assert_close(backend.to_numpy(grad_w), gw_ref, dtype, f"grad_w of {layer}, {mode}")
+    assert_close(backend.to_numpy(grad_b), gb_ref, dtype, f"grad_b of {layer}, {mode}")
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_matches_torch(backend, dtype):
     """Random layers, each in a padding mode of its own (all four in turn), channels-last in and out."""
     rng = np.random.default_rng([11, len(dtype)])
     for index in range(LAYERS.get(backend.name, DEFAULT_LAYERS)):
-        mode = MODES[(index + (dtype == "float32")) % len(MODES)]
-        layer = random_layer(rng, 2, mode)
-        x, w, b = layer_arrays(rng, layer, dtype)
-        y_ref, g, (gx_ref, gw_ref, gb_ref) = torch_layer(x, w, b, mode, rng, dtype, **layer["kwargs"])
-        xb, gb = backend.asarray(last(x).astype(dtype)), backend.asarray(last(g).astype(dtype))
-        wb, bb = backend.asarray(w.astype(dtype)), backend.asarray(b.astype(dtype))
-        kwargs = dict(layer["kwargs"], padding_mode=mode, data_format="NHWC")
-        y = conv2d.conv2d(xb, wb, bb, **kwargs)
-        assert tuple(y.shape) == last(y_ref).shape
-        assert_close(first(backend.to_numpy(y)), y_ref, dtype, f"y of {layer}, {mode}")
-        grad_x, grad_w, grad_b = conv2d.conv2d_backward(gb, xb, wb, **kwargs)
-        assert tuple(grad_x.shape) == tuple(xb.shape) and tuple(grad_w.shape) == w.shape
-        assert_close(first(backend.to_numpy(grad_x)), gx_ref, dtype, f"grad_x of {layer}, {mode}")
-        assert_close(backend.to_numpy(grad_w), gw_ref, dtype, f"grad_w of {layer}, {mode}")
-        assert_close(backend.to_numpy(grad_b), gb_ref, dtype, f"grad_b of {layer}, {mode}")
+        _check_nhwc_layer(backend, rng, MODES[(index + (dtype == "float32")) % len(MODES)], dtype)
 
 
 # Complex: PyTorch's complex Conv2d in every padding mode, with its conjugate convention in autograd, is the reference
@@ -48,21 +54,7 @@ DEFAULT_COMPLEX_LAYERS = 4
 def test_complex_matches_torch(backend, dtype):
     rng = np.random.default_rng([19, len(dtype)])
     for index in range(COMPLEX_LAYERS.get(backend.name, DEFAULT_COMPLEX_LAYERS)):
-        mode = MODES[(index + 2) % len(MODES)]
-        layer = random_layer(rng, 2, mode)
-        x, w, b = layer_arrays(rng, layer, dtype)
-        y_ref, g, (gx_ref, gw_ref, gb_ref) = torch_layer(x, w, b, mode, rng, dtype, **layer["kwargs"])
-        xb, gb = backend.asarray(last(x).astype(dtype)), backend.asarray(last(g).astype(dtype))
-        wb, bb = backend.asarray(w.astype(dtype)), backend.asarray(b.astype(dtype))
-        kwargs = dict(layer["kwargs"], padding_mode=mode, data_format="NHWC")
-        y = conv2d.conv2d(xb, wb, bb, **kwargs)
-        assert tuple(y.shape) == last(y_ref).shape and y.dtype == xb.dtype
-        assert_close(first(backend.to_numpy(y)), y_ref, dtype, f"y of {layer}, {mode}")
-        grad_x, grad_w, grad_b = conv2d.conv2d_backward(gb, xb, wb, **kwargs)
-        assert grad_x.dtype == grad_w.dtype == grad_b.dtype == xb.dtype
-        assert_close(first(backend.to_numpy(grad_x)), gx_ref, dtype, f"grad_x of {layer}, {mode}")
-        assert_close(backend.to_numpy(grad_w), gw_ref, dtype, f"grad_w of {layer}, {mode}")
-        assert_close(backend.to_numpy(grad_b), gb_ref, dtype, f"grad_b of {layer}, {mode}")
+        _check_nhwc_layer(backend, rng, MODES[(index + 2) % len(MODES)], dtype)
 
 
 @pytest.mark.parametrize("algorithm", ["gather", "slices", "direct", "winograd", "pointwise"])
