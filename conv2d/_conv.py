@@ -42,8 +42,9 @@ def choose_algorithm(name: str, backend: Backend, deterministic: bool = False, g
         name = auto_algorithm(backend, deterministic, geom)
     if name == "kernels" and backend.kernels is None:
         raise ValueError(
-            f"algorithm 'kernels' runs device kernels, which backend {backend.spec!r} does not have (only cupy "
-            "does); use algorithm='auto', 'gather' or 'slices'"
+            f"algorithm 'kernels' runs compiled kernels, which backend {backend.spec!r} does not have (cupy has "
+            "them, and numpy where Numba is installed: pip install 'conv2d[cpu]'); use algorithm='auto', 'gather' "
+            "or 'slices'"
         )
     if name == "native" and backend.native is None:
         raise ValueError(
@@ -55,6 +56,10 @@ def choose_algorithm(name: str, backend: Backend, deterministic: bool = False, g
         check(geom)
     if name == "gather" and deterministic and not backend.deterministic_scatter:
         return GatherTransposed
+    if name == "kernels":
+        # The backend's kernel set says how they run: im2col and col2im in ``Kernels``'s chunk loop
+        # (CuPy), or a whole-call algorithm of its own (NumPy's compiled kernels).
+        return getattr(backend.kernels, "algorithm", ALGORITHMS["kernels"])
     return ALGORITHMS[name]
 
 
@@ -114,7 +119,9 @@ def auto_algorithm(backend: Backend, deterministic: bool = False, geom: Geometry
        faster choice for `geom` (``Backend.native.prefers``: torch always; JAX but for 1x1 kernels
        and layers of at most 4 channels per group), except where it cannot honour deterministic
        mode (JAX on a GPU);
-    2. ``kernels`` on CuPy;
+    2. ``kernels`` where the backend has compiled kernels and says they are the faster choice for
+       `geom` (``Backend.kernels.prefers``): CuPy always; NumPy with Numba installed on the layers
+       where they measured faster (``conv2d/backends/_numba/_algorithm.py``);
     3. ``direct`` for grouped layers with at most :data:`DIRECT_MAX_CHANNELS_PER_GROUP` channels
        per group (depthwise and near it), where im2col's patch matrix is mostly overhead;
        not on JAX, where its many small operations cost more than im2col's few;
@@ -134,7 +141,7 @@ def auto_algorithm(backend: Backend, deterministic: bool = False, geom: Geometry
     native = backend.native
     if geom is not None and native is not None and native.prefers(geom) and (native.deterministic or not deterministic):
         return "native"
-    if backend.kernels is not None:
+    if backend.kernels is not None and backend.kernels.prefers(geom):
         return "kernels"
     if (geom is not None and backend.name != "jax" and geom.groups > 1
             and geom.channels_per_group <= DIRECT_MAX_CHANNELS_PER_GROUP):
@@ -146,8 +153,10 @@ def auto_algorithm(backend: Backend, deterministic: bool = False, geom: Geometry
     return "slices"
 
 
-def _finite_or_slices(backend: Backend, algorithm: str, algo: Any, arrays: tuple[Any, ...]) -> Any:
-    """`algo`, or ``slices`` where ``auto`` chose ``winograd`` and one of `arrays` holds an inf or a NaN.
+def _finite_or_slices(backend: Backend, algorithm: str, algo: Any, arrays: tuple[Any, ...], geom: Geometry) -> Any:
+    """`algo`, or ``slices`` where ``auto`` chose an algorithm that spreads non-finite values on `geom`
+    (``algo.spreads_nonfinite(geom)``: ``winograd``, and the compiled kernels where they run Winograd's
+    transforms) and one of `arrays` holds an inf or a NaN.
 
     Winograd's transforms mix neighbouring inputs, so one inf turns into NaN outputs that PyTorch
     (and im2col) give as +-inf, and a non-finite value reaches more outputs than read it
@@ -157,7 +166,8 @@ def _finite_or_slices(backend: Backend, algorithm: str, algo: Any, arrays: tuple
     took 140 ms (8,64,16,64). An explicit ``algorithm="winograd"`` is not checked (documented).
     A traced array has no values to check; ``auto`` picks ``winograd`` only on NumPy anyway.
     """
-    if algorithm != "auto" or algo is not ALGORITHMS["winograd"] or any(backend.traced(a) for a in arrays):
+    spreads = getattr(algo, "spreads_nonfinite", None)
+    if algorithm != "auto" or spreads is None or not spreads(geom) or any(backend.traced(a) for a in arrays):
         return algo
     xp = array_namespace(*arrays)
     if all(bool(xp.all(xp.isfinite(a))) for a in arrays):
@@ -233,7 +243,7 @@ def forward(
     """
     xp = array_namespace(x, weight)
     # The bias is not checked: winograd adds it to each output alone, as im2col does.
-    algo = _finite_or_slices(backend, algorithm, choose_algorithm(algorithm, backend, deterministic, geom), (x, weight))
+    algo = _finite_or_slices(backend, algorithm, choose_algorithm(algorithm, backend, deterministic, geom), (x, weight), geom)
     algo = _whole_call_or_patches(algo, x, geom, limit)
     if hasattr(algo, "forward"):  # a whole-call algorithm: no patches to hand back
         return algo.forward(backend, x, weight, bias, geom, limit, deterministic), None
@@ -289,14 +299,12 @@ def backward(
         raise ValueError("the weight gradient reads x (or the forward's kept patches): pass x")
     algo = choose_algorithm(algorithm, backend, deterministic, geom)
     read = tuple(a for a in (grad_out, x, weight) if a is not None)
-    algo = _whole_call_or_patches(_finite_or_slices(backend, algorithm, algo, read), grad_out, geom, limit)
+    algo = _whole_call_or_patches(_finite_or_slices(backend, algorithm, algo, read, geom), grad_out, geom, limit)
     if hasattr(algo, "backward"):
         if x is None:
             shape = (grad_out.shape[0], geom.in_channels, geom.height, geom.width)
             x = xp.zeros(shape, dtype=grad_out.dtype, device=device_of(grad_out))
-        if algo is ALGORITHMS["native"] and not (want_x and want_w):
-            return backend.native.backward(grad_out, x, weight, geom, deterministic, needs=needs)
-        return algo.backward(backend, grad_out, x, weight, geom, limit, deterministic)
+        return algo.backward(backend, grad_out, x, weight, geom, limit, deterministic, needs=needs)
     n = grad_out.shape[0]
     # The forward's chunks where it kept their patches: the same chunks, whatever the limit is now.
     chunks, kept = (_chunks(backend, grad_out, geom, limit), None) if cols is None else cols

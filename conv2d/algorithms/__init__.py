@@ -10,9 +10,10 @@ per group (as in the seed), whose inner dimension in the weight gradient is the 
 - ``slices``: kH*kW strided slices of the (padded) input, one per kernel tap. Each slice touches
   distinct pixels, so the backward pass is kH*kW slice additions: no scatter, no atomics,
   deterministic, and no index array to read.
-- ``kernels``: the backend's own device kernels (CuPy: ``backends/_cuda_source.py``), one thread
-  per patch element for im2col and one per input pixel for col2im: two launches in all,
-  deterministic.
+- ``kernels``: the backend's own compiled kernels. On CuPy (``backends/_cuda_source.py``) one
+  thread per patch element for im2col and one per input pixel for col2im: two launches in all,
+  deterministic. NumPy's (``backends/_numba``, where Numba is installed) are a whole-call algorithm
+  of their own, which the backend's kernel set supplies (``Backend.kernels.algorithm``).
 
 ``GatherTransposed`` is ``gather`` in deterministic mode on a backend whose scatter-add uses
 atomics: the patches are gathered the same way, and their gradient is summed back by a gather
@@ -227,8 +228,8 @@ class Native:
 
     @staticmethod
     def backward(backend: Backend, grad_out: Any, x: Any, weight: Any, geom: Geometry, limit: int,
-                 deterministic: bool) -> tuple[Any, Any, Any]:
-        return backend.native.backward(grad_out, x, weight, geom, deterministic)
+                 deterministic: bool, needs: tuple[str, ...] = ("x", "weight")) -> tuple[Any, Any, Any]:
+        return backend.native.backward(grad_out, x, weight, geom, deterministic, needs=needs)
 
 
 ALGORITHMS = {algorithm.name: algorithm

@@ -123,7 +123,7 @@ class Direct(WholeSamples):
 
     @staticmethod
     def backward(backend: Backend, grad_out: Any, x: Any, weight: Any, geom: Geometry, limit: int,
-                 deterministic: bool) -> tuple[Any, Any, Any]:
+                 deterministic: bool, needs: tuple[str, ...] = ("x", "weight")) -> tuple[Any, Any, Any]:
         xp = array_namespace(grad_out, x, weight)
         n = x.shape[0]
         g, m, c = geom.groups, geom.filters_per_group, geom.channels_per_group

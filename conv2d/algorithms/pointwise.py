@@ -111,7 +111,7 @@ class Pointwise(WholeSamples):
 
     @staticmethod
     def backward(backend: Backend, grad_out: Any, x: Any, weight: Any, geom: Geometry, limit: int,
-                 deterministic: bool) -> tuple[Any, Any, Any]:
+                 deterministic: bool, needs: tuple[str, ...] = ("x", "weight")) -> tuple[Any, Any, Any]:
         xp = array_namespace(grad_out, x, weight)
         w_t = xp.matrix_transpose(xp.reshape(weight, (geom.groups, geom.filters_per_group, geom.channels_per_group)))
         grad_weight = None

@@ -303,6 +303,11 @@ class Winograd(WholeSamples):
     name = "winograd"
     check = staticmethod(check_winograd)
 
+    @staticmethod
+    def spreads_nonfinite(geom: Geometry) -> bool:
+        """True: the transforms mix neighbouring inputs, so an inf or NaN reaches more outputs than read it."""
+        return True
+
     sample_scratch = staticmethod(_sample_scratch)
 
     @staticmethod
@@ -322,7 +327,7 @@ class Winograd(WholeSamples):
 
     @staticmethod
     def backward(backend: Backend, grad_out: Any, x: Any, weight: Any, geom: Geometry, limit: int,
-                 deterministic: bool) -> tuple[Any, Any, Any]:
+                 deterministic: bool, needs: tuple[str, ...] = ("x", "weight")) -> tuple[Any, Any, Any]:
         xp = array_namespace(grad_out, x, weight)
         wide = _working_dtype(xp, x.dtype)  # float16 is computed in float32, chunk by chunk
         kernel_t = xp.matrix_transpose(_transformed_kernel(xp, xp.astype(weight, wide, copy=False), geom))

@@ -44,8 +44,11 @@ class Backend:
         Whether :meth:`scatter_add` sums duplicates in the same order on every run (bitwise
         reproducible). False where it uses atomic adds (CuPy, torch on CUDA, JAX on a GPU).
     kernels : object or None
-        Device kernels for the ``"kernels"`` algorithm (im2col and a gather-style col2im), where
-        the backend has them (CuPy); None elsewhere.
+        Compiled kernels for the ``"kernels"`` algorithm, where the backend has them; None elsewhere.
+        CuPy's are device kernels (im2col and a gather-style col2im, run by ``Kernels``'s chunk
+        loop); NumPy's, where Numba is installed, bring a whole-call algorithm of their own as
+        ``algorithm``. Both say with ``prefers(geom)`` whether ``auto`` should run them on a layer
+        (`geom` None: the pooling layers' patch builder).
     native : object or None
         The library's own convolution for the ``"native"`` algorithm (torch, JAX): an object with
         ``forward(x, weight, bias, geom, deterministic)`` and ``backward(grad_out, x, weight, geom,

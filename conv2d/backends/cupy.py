@@ -107,6 +107,10 @@ class CupyKernels:
         self._device = device  # a context manager: kernels launch on the backend's device
         self._built: dict[tuple[str, str, str], Any] = {}
 
+    def prefers(self, geom: Any) -> bool:
+        """True: ``auto`` runs the kernels on CuPy for every layer (and for the pooling layers' patches)."""
+        return True
+
     def _kernel(self, name: str, dtype: Any, index: str) -> Any:
         key = (name, _cuda_source.accumulator_label(np.dtype(dtype).name), index)  # CuPy's dtypes are NumPy's
         if key not in self._built:

@@ -6,6 +6,7 @@ from typing import Any
 
 from array_api_compat import is_numpy_array
 
+from . import _numba
 from ._base import Backend, BackendUnavailableError
 from ._cpu_cache import l2_cache_bytes
 
@@ -66,4 +67,6 @@ def build(device: str | None) -> Backend:
         _scatter_add=scatter_add,
         _owns=is_array,
         cache_bytes=l2_cache_bytes(),
+        # Compiled CPU kernels where Numba is installed (conv2d[cpu]); Numba itself loads on their first run.
+        kernels=_numba.NumbaKernels() if _numba.available() else None,
     )
