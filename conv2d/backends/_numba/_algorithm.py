@@ -16,6 +16,7 @@ from .._cpu_cache import l2_cache_bytes
 from . import im2col
 from ._threads import worker_count
 
+
 def kernel_set(geom: Geometry) -> ModuleType:
     """The kernel module that computes `geom`."""
     return im2col

@@ -113,7 +113,8 @@ def scratch(geom: Geometry, itemsize: int, cache_bytes: int) -> int:
     the task's weight gradient."""
     column_bytes = itemsize * geom.in_channels * geom.kernel_h * geom.kernel_w
     columns = max(cache_bytes // column_bytes, geom.out_w)
-    return 2 * column_bytes * columns + 2 * itemsize * geom.out_channels * columns + 2 * itemsize * geom.out_channels * geom.patch_size
+    products = 2 * itemsize * geom.out_channels * columns
+    return 2 * column_bytes * columns + products + 2 * itemsize * geom.out_channels * geom.patch_size
 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, geom: Geometry, workers: int,
