@@ -13,7 +13,7 @@ on the first call that runs a kernel: ``import conv2d`` never loads Numba.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numba
 
@@ -22,4 +22,4 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def kernel(function: F) -> F:
     """`function` compiled by Numba on its first call for each dtype, and cached on disk."""
-    return numba.njit(nogil=True, cache=True, error_model="numpy")(function)  # type: ignore[no-any-return]
+    return cast(F, numba.njit(nogil=True, cache=True, error_model="numpy")(function))

@@ -14,6 +14,7 @@ ordered channel, kernel row, kernel column; columns sample, output row, output c
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -132,7 +133,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, geom: Ge
         product = np.matmul(w, cols.reshape(geom.groups, geom.patch_size, columns))
         _place(product.reshape(geom.out_channels, columns), y[s0:s1], b, bias is not None, r0, r1)
 
-    run([lambda c=c: task(*c) for c in chunks(geom, 0, n, x.itemsize, cache_bytes)])
+    run([partial(task, *c) for c in chunks(geom, 0, n, x.itemsize, cache_bytes)])
     return y
 
 
@@ -152,16 +153,16 @@ def backward(grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, geom: Geom
             grad_y = np.empty((geom.out_channels, columns), dtype=x.dtype)
             _take(grad_out[s0:s1], grad_y, r0, r1)
             grad_y = grad_y.reshape(g, m, columns)
-            if want_w:
+            if grad_w is not None:
                 cols = np.empty((g * k, columns), dtype=x.dtype)
                 _im2col(x[s0:s1], cols, r0, r1, *args)
                 grad_w += np.matmul(grad_y, np.swapaxes(cols.reshape(g, k, columns), 1, 2))
-            if want_x:
+            if grad_x is not None:
                 grad_cols = np.matmul(w_t, grad_y).reshape(g * k, columns)
                 _col2im(grad_cols, grad_x[s0:s1], r0, r1, *args)
         return grad_w
 
-    partials = run([lambda r=r: task(*r) for r in split(n, workers)])
+    partials = run([partial(task, *r) for r in split(n, workers)])
     grad_w = None
     if want_w:
         grad_w = partials[0]
