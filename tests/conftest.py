@@ -19,6 +19,7 @@ Two environment variables choose what runs:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 # JAX turns float64 into float32 unless told otherwise; the float64 tests need the real thing.
@@ -155,6 +156,19 @@ def backend(request) -> conv2d.Backend:
 def cpu_backend(request) -> conv2d.Backend:
     """Each CPU backend in turn (those of CONV2D_TEST_BACKENDS; NumPy where it names none)."""
     return _load(request.param)
+
+
+@pytest.fixture
+def without_compiled_kernels(monkeypatch):
+    """The registry's CPU backends as they are where Numba is not installed: NumPy without its compiled
+    kernels (``Backend.kernels`` None), for the tests of that path; restored after the test."""
+    from conv2d import backends as registry
+
+    for spec in _CPU_BACKEND_SPECS:
+        conv2d.get_backend(spec)
+    for key, backend in list(registry._built.items()):
+        if backend.kernels is not None and backend.name == "numpy":
+            monkeypatch.setitem(registry._built, key, dataclasses.replace(backend, kernels=None))
 
 
 @pytest.fixture(autouse=True)

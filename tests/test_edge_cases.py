@@ -367,7 +367,8 @@ _INTERLEAVED_GEOMETRY = make_geometry((4, 3, 11, 10), (5, 3, 3, 5), None, stride
 
 @pytest.mark.parametrize("max_workspace_bytes", [None, 40_000], ids=["whole", "rows-split"])
 @pytest.mark.parametrize("algorithm", [name for name in algorithm_names("auto")
-                                       if applicable(name, conv2d.get_backend("numpy"), _INTERLEAVED_GEOMETRY)])
+                                       if all(applicable(name, conv2d.get_backend(spec), _INTERLEAVED_GEOMETRY)
+                                              for spec in ("numpy", "torch"))])
 def test_layers_on_numpy_and_torch_interleaved_equal_each_alone(algorithm, max_workspace_bytes):
     """Two layers of one geometry on numpy and torch, stepped in turn (forward A, forward B, backward A,
     backward B), give what each gives alone: no plan or saved state crosses between them."""
