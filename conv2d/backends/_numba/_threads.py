@@ -116,27 +116,17 @@ def run(tasks: Sequence[Callable[[], T]]) -> list[T]:
 
         pool = _executor(workers - 1)
         helpers = [pool.submit(drain) for _ in range(min(workers, len(tasks)) - 1)]
-        drain()
-        for helper in helpers:
-            helper.result()  # re-raises a task's exception here
+        try:
+            drain()
+        finally:
+            # Every helper has finished before the BLAS gets its threads back (or an error leaves).
+            errors = [helper.exception() for helper in helpers]
+        for error in errors:
+            if error is not None:
+                raise error
         return results
     finally:
         _exit()
-
-
-def single_threaded_blas() -> Any:
-    """A context in which the BLAS runs on one thread (for work that calls it from the workers)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def limited():
-        _enter()
-        try:
-            yield
-        finally:
-            _exit()
-
-    return limited()
 
 
 def split(count: int, parts: int) -> list[tuple[int, int]]:
