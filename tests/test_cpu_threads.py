@@ -8,6 +8,7 @@ only (not Numba): the CI's run without Numba covers it as well.
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
@@ -88,6 +89,6 @@ def test_concurrent_callers_share_the_pool_and_restore_once():
 def test_split_covers_the_range_in_equal_contiguous_parts(count, parts):
     bounds = _threads.split(count, parts)
     assert bounds[0][0] == 0 and bounds[-1][1] == count
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     sizes = np.array([stop - start for start, stop in bounds])
     assert len(bounds) <= max(1, min(parts, count)) and sizes.max() - sizes.min() <= 1
