@@ -25,15 +25,29 @@ from ._threads import run, split
 
 
 @kernel
+def _columns(j, out_w, width, sw, dw, left):
+    """[lo, hi): the output columns whose tap `j` reads inside the input row (the others read padding)."""
+    first = j * dw - left  # the input column that output column 0 reads
+    lo = min(out_w, max(0, -(first // sw)))  # the first ow with ow*sw + first >= 0
+    hi = max(lo, min(out_w, (width - 1 - first) // sw + 1))
+    return first, lo, hi
+
+
+@kernel
 def _im2col(x, cols, r0, r1, kh, kw, sh, sw, dh, dw, top, left):
-    """cols[(c, i, j), (s, oh, ow)] = x[s, c, oh*sh - top + i*dh, ow*sw - left + j*dw], zero outside."""
+    """cols[(c, i, j), (s, oh, ow)] = x[s, c, oh*sh - top + i*dh, ow*sw - left + j*dw], zero outside.
+
+    The columns that read padding are known per tap before the loop over them, so the inner loop is
+    a plain (strided) copy that the compiler vectorises.
+    """
     n, channels, height, width = x.shape
-    out_w = cols.shape[1] // (n * (r1 - r0))
+    out_w = cols.shape[1] // max(1, n * (r1 - r0))
     for s in range(n):
         for c in range(channels):
             for i in range(kh):
                 for j in range(kw):
                     row = (c * kh + i) * kw + j
+                    first, lo, hi = _columns(j, out_w, width, sw, dw, left)
                     column = s * (r1 - r0) * out_w
                     for oh in range(r0, r1):
                         ih = oh * sh - top + i * dh
@@ -41,9 +55,12 @@ def _im2col(x, cols, r0, r1, kh, kw, sh, sw, dh, dw, top, left):
                             for ow in range(out_w):
                                 cols[row, column + ow] = 0
                         else:
-                            for ow in range(out_w):
-                                iw = ow * sw - left + j * dw
-                                cols[row, column + ow] = x[s, c, ih, iw] if 0 <= iw < width else 0
+                            for ow in range(lo):
+                                cols[row, column + ow] = 0
+                            for ow in range(lo, hi):
+                                cols[row, column + ow] = x[s, c, ih, ow * sw + first]
+                            for ow in range(hi, out_w):
+                                cols[row, column + ow] = 0
                         column += out_w
 
 
@@ -51,20 +68,19 @@ def _im2col(x, cols, r0, r1, kh, kw, sh, sw, dh, dw, top, left):
 def _col2im(grad_cols, grad_x, r0, r1, kh, kw, sh, sw, dh, dw, top, left):
     """grad_x[s, c, ih, iw] += grad_cols[(c, i, j), (s, oh, ow)] over the patches that read the pixel."""
     n, channels, height, width = grad_x.shape
-    out_w = grad_cols.shape[1] // (n * (r1 - r0))
+    out_w = grad_cols.shape[1] // max(1, n * (r1 - r0))
     for s in range(n):
         for c in range(channels):
             for i in range(kh):
                 for j in range(kw):
                     row = (c * kh + i) * kw + j
+                    first, lo, hi = _columns(j, out_w, width, sw, dw, left)
                     column = s * (r1 - r0) * out_w
                     for oh in range(r0, r1):
                         ih = oh * sh - top + i * dh
                         if 0 <= ih < height:
-                            for ow in range(out_w):
-                                iw = ow * sw - left + j * dw
-                                if 0 <= iw < width:
-                                    grad_x[s, c, ih, iw] += grad_cols[row, column + ow]
+                            for ow in range(lo, hi):
+                                grad_x[s, c, ih, ow * sw + first] += grad_cols[row, column + ow]
                         column += out_w
 
 
