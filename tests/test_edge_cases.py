@@ -319,10 +319,11 @@ def test_batched_flat_indices_widen_with_the_batch(monkeypatch, cpu_backend, int
 # ---------------------------------------------------------------------------------------------
 
 
-def test_too_big_a_request_fails_before_allocating(monkeypatch):
+def test_too_big_a_request_fails_before_allocating(monkeypatch, without_compiled_kernels):
     """A 256 MiB-per-sample input (a broadcast view: no memory of its own) under CONV2D_MAX_WORKSPACE=64MB
     raises MemoryError naming the bytes needed and the variable, from conv2d, conv2d_backward and the
-    layer, having allocated almost nothing (tracemalloc sees NumPy's allocations)."""
+    layer, having allocated almost nothing (tracemalloc sees NumPy's allocations). (NumPy's compiled
+    kernels, which work in cache-sized chunks, compute such a layer: the next test.)"""
     monkeypatch.setenv("CONV2D_MAX_WORKSPACE", "64MB")
     shape = (2, 64, 1024, 1024)
     x = np.broadcast_to(np.float32(1.0), shape)
@@ -343,6 +344,27 @@ def test_too_big_a_request_fails_before_allocating(monkeypatch):
         finally:
             tracemalloc.stop()
         assert peak < 256 * 2**10, f"{name} allocated {peak:,} bytes before refusing"
+
+
+def test_compiled_kernels_compute_a_huge_sample_in_cache_sized_chunks(monkeypatch):
+    """NumPy's compiled kernels build a 3x3 layer's patches a cache-sized chunk at a time: a 64 MiB
+    sample whose patch matrix (576 MiB) is far over CONV2D_MAX_WORKSPACE=64MB is computed, exactly,
+    allocating little beyond the output (a broadcast input: no memory of its own)."""
+    require_or_skip("numba")
+    monkeypatch.setenv("CONV2D_MAX_WORKSPACE", "64MB")
+    x = np.broadcast_to(np.float32(1.0), (1, 16, 1024, 1024))
+    w = np.ones((2, 16, 3, 3), dtype=np.float32)
+    assert scratch_bytes(make_geometry(x.shape, w.shape, None, padding=1), 1, 1, 4) > 64 * 10**6
+    conv2d.conv2d(x[:, :, :8, :8], w, padding=1, algorithm="kernels")  # loading the compiled kernels allocates too
+    tracemalloc.start()
+    try:
+        y = conv2d.conv2d(x, w, padding=1, algorithm="kernels")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < y.nbytes + 16 * 2**20, f"allocated {peak:,} bytes for an output of {y.nbytes:,}"
+    # All ones: each output sums the 16 channels over the taps inside the image (9, 6 on an edge, 4 in a corner).
+    assert np.all(y[:, :, 1:-1, 1:-1] == 144) and np.all(y[:, :, 0, 1:-1] == 96) and np.all(y[:, :, 0, 0] == 64)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,9 +27,21 @@ def prefers(geom: Geometry) -> bool:
     return True
 
 
+def _sample_ranges(geom: Geometry, batch: int, dtype: Any, limit: int) -> list[tuple[int, int]]:
+    """The whole batch at once, but float16 in chunks of samples whose float32 copies (input, output
+    gradient and their results) take at most half the workspace limit."""
+    if dtype != np.float16:
+        return [(0, batch)]
+    sample = 2 * 4 * (geom.in_channels * geom.height * geom.width + geom.out_channels * geom.out_h * geom.out_w)
+    size = max(1, limit // 2 // sample)
+    return [(start, min(start + size, batch)) for start in range(0, batch, size)] or [(0, 0)]
+
+
 def _working(a: np.ndarray) -> np.ndarray:
-    """`a` as the kernels read it: C-contiguous, float16 widened to float32."""
-    return np.ascontiguousarray(a, dtype=np.float32 if a.dtype == np.float16 else None)
+    """`a` as the kernels read it: float16 widened to float32 (a copy of one chunk of samples), any other
+    array as it is. The kernels read any strides (a broadcast or transposed view too), so an input is
+    never copied whole: the scratch stays what the kernel set says."""
+    return a.astype(np.float32) if a.dtype == np.float16 else a
 
 
 class Compiled:
@@ -40,25 +52,41 @@ class Compiled:
     @staticmethod
     def spreads_nonfinite(geom: Geometry) -> bool:
         """Whether an inf or NaN can reach more outputs than read it (the Winograd transforms')."""
-        return getattr(kernel_set(geom), "SPREADS_NONFINITE", False)
+        return bool(getattr(kernel_set(geom), "SPREADS_NONFINITE", False))
 
     @staticmethod
     def fits(geom: Geometry, itemsize: int, limit: int) -> bool:
-        itemsize = max(itemsize, 4)  # float16 is computed in float32
-        return int(worker_count() * kernel_set(geom).scratch(geom, itemsize, l2_cache_bytes())) <= limit
+        """Whether the tasks' scratch, and for float16 one sample's float32 copies, are within `limit`
+        (the tasks' chunks are sized to the cache: their scratch does not grow with the batch)."""
+        widened = 0
+        if itemsize < 4:  # float16 is computed in float32
+            itemsize = 4
+            widened = 2 * itemsize * (geom.in_channels * geom.height * geom.width
+                                      + geom.out_channels * geom.out_h * geom.out_w)
+        return widened + worker_count() * kernel_set(geom).scratch(geom, itemsize, l2_cache_bytes()) <= limit
 
     @staticmethod
     def forward(backend: Any, x: Any, weight: Any, bias: Any | None, geom: Geometry, limit: int,
                 deterministic: bool) -> Any:
-        y = kernel_set(geom).forward(_working(x), _working(weight), None if bias is None else _working(bias), geom,
-                                     worker_count(), l2_cache_bytes())
-        return y.astype(x.dtype, copy=False)
+        kernels, workers, cache = kernel_set(geom), worker_count(), l2_cache_bytes()
+        w, b = _working(weight), None if bias is None else _working(bias)
+        pieces = [kernels.forward(_working(x[start:stop]), w, b, geom, workers, cache).astype(x.dtype, copy=False)
+                  for start, stop in _sample_ranges(geom, x.shape[0], x.dtype, limit)]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     @staticmethod
     def backward(backend: Any, grad_out: Any, x: Any, weight: Any, geom: Geometry, limit: int,
                  deterministic: bool, needs: tuple[str, ...] = ("x", "weight")) -> tuple[Any, Any, Any]:
-        grad_x, grad_w = kernel_set(geom).backward(_working(grad_out), _working(x), _working(weight), geom,
-                                                   worker_count(), l2_cache_bytes(), needs)
-        grad_b = np.sum(grad_out, axis=(0, 2, 3))
-        return (None if grad_x is None else grad_x.astype(x.dtype, copy=False),
-                None if grad_w is None else grad_w.astype(weight.dtype, copy=False), grad_b)
+        kernels, workers, cache = kernel_set(geom), worker_count(), l2_cache_bytes()
+        w = _working(weight)
+        grad_xs, grad_w = [], None
+        for start, stop in _sample_ranges(geom, x.shape[0], x.dtype, limit):
+            gx, gw = kernels.backward(_working(grad_out[start:stop]), _working(x[start:stop]), w, geom, workers,
+                                      cache, needs)
+            if gx is not None:
+                grad_xs.append(gx.astype(x.dtype, copy=False))
+            if gw is not None:
+                grad_w = gw if grad_w is None else grad_w + gw  # float32 for float16: summed before rounding
+        grad_x = None if not grad_xs else grad_xs[0] if len(grad_xs) == 1 else np.concatenate(grad_xs)
+        return (grad_x, None if grad_w is None else grad_w.astype(weight.dtype, copy=False),
+                np.sum(grad_out, axis=(0, 2, 3)))
