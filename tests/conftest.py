@@ -11,7 +11,7 @@ Two environment variables choose what runs:
   (the per-backend property tests) is skipped. A GPU machine runs the GPU backends without spending
   its time on the CPU ones (ci/gpu-check).
 - ``CONV2D_TEST_REQUIRE=numpy,torch,...`` turns a backend that is missing (library not installed, no
-  device), or an optional dependency that does not import (dask, distributed, sklearn, matplotlib,
+  device), or an optional dependency that does not import (dask, distributed, sklearn, matplotlib, numba,
   threadpoolctl, hypothesis; see :func:`require_or_skip`), from a skip into a failure, so that CI
   cannot go green by skipping. A required backend that ``CONV2D_TEST_BACKENDS`` leaves out is an
   error at start-up rather than a silent skip.

@@ -66,6 +66,10 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
     assert {"cpu_model", "processor", "cpu_count", "threadpools", "versions"} <= set(machine)
     assert machine["versions"]["conv2d"] == conv2d.__version__
     assert "numpy" in machine["versions"]
+    # Numba's version where installed, and whether NumPy's compiled kernels ran here.
+    numba_found = importlib.util.find_spec("numba") is not None
+    assert (machine["numba"]["version"] is not None) == numba_found == machine["numba"]["compiled_kernels"]
+    assert ("Numba: not installed" in printed) != numba_found
 
     plain, grouped = report["results"]
     assert plain["shape"]["spec"] == "2,3,8,8,4,3,3,1,1,1,1"
@@ -171,6 +175,7 @@ def test_cli_markdown_has_the_method_the_table_and_the_goals(tmp_path):
                  "--markdown", str(path)]) == 0
     text = path.read_text(encoding="utf-8")
     assert "Command: `python -m conv2d bench" in text and "Threads: conv2d (ours): NumPy" in text
+    assert "\nNumba: " in text
     assert "method: each implementation" in text
     (row,) = [line for line in text.splitlines() if line.startswith(f"| {TINY} |")]
     assert len(row.split("|")) == len(text.splitlines()[text.splitlines().index(row) - 2].split("|"))

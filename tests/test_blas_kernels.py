@@ -13,7 +13,7 @@ import pytest
 
 from conv2d.__main__ import main
 from conv2d.tools.bench import blas_kernels
-from conv2d.tools.bench.machine import _blas_line
+from conv2d.tools.bench.machine import _blas_line, _numba_line
 
 TINY = "2,3,8,8,4,3,3,1,1"
 AVX2_CPU = frozenset({"sse4_2", "avx", "avx2", "fma"})
@@ -84,6 +84,15 @@ def test_blas_line_names_the_kernel_family():
     info = {"threadpools": [_openblas("Haswell"), MKL, {"user_api": "openmp", "internal_api": "openmp"}]}
     assert _blas_line(info) == "BLAS: openblas 0.3.31 (Haswell kernels, 2 threads), mkl 2025.0 (2 threads)"
     assert _blas_line({"threadpools": "no threadpoolctl"}) == "BLAS: unknown (no threadpoolctl)"
+
+
+def test_numba_line_says_whether_numpy_has_compiled_kernels():
+    assert _numba_line({"numba": {"version": "0.68.1", "compiled_kernels": True}}) == \
+        "Numba: 0.68.1 (compiled CPU kernels available)"
+    assert _numba_line({"numba": {"version": None, "compiled_kernels": False}}) == \
+        "Numba: not installed (algorithm='kernels' unavailable on NumPy; pip install 'conv2d[cpu]')"
+    assert _numba_line({"numba": {"version": "0.68.1", "compiled_kernels": False}}) == \
+        "Numba: 0.68.1 (compiled CPU kernels unavailable: threadpoolctl is not installed)"
 
 
 def test_refusals_of_a_coretype():

@@ -19,7 +19,7 @@ from ...backends import _resolve as resolve_backend
 from . import allocator, blas_kernels, plausibility
 from .calls import SEED_REPEAT
 from .isolation import ISOLATION, group_name, time_all, time_group
-from .machine import _blas_line, _load_average, _other_load, machine_info
+from .machine import _blas_line, _load_average, _numba_line, _other_load, machine_info
 from .memory import SMALL_LIMIT
 from .precision import gpu_precision
 from .report import GROUPS, LEGEND, STATISTICS, implausible_lines, markdown, summary, summary_lines, table_header, table_row
@@ -173,6 +173,8 @@ def _print_header(args: argparse.Namespace, backend: Backend, info: dict[str, An
           f"{args.stat} of {args.repeat} after {warmup} warm-up{'s' if warmup != 1 else ''} ({seed})")
     print(f"CPU: {info['cpu_model'] or info['processor'] or info['machine']}, {info['cpus_usable']} usable cores; "
           f"{_blas_line(info)}")
+    if backend.name == "numpy":  # what algorithm='kernels' and auto can run on NumPy
+        print(_numba_line(info))
     if _on_gpu(backend):
         print(_gpu_line(info, precision))
     coretype = blas_kernels.coretype_line(args.openblas_coretype)
@@ -323,6 +325,7 @@ def run(args: argparse.Namespace) -> int:
                   f"Machine: {cpu}, {info['cpus_usable']} usable cores; load average {load['before'] or 0:.1f} before, "
                   f"{load['after'] or 0:.1f} after; conv2d {__version__}, backend {backend.spec}, {args.dtype}, "
                   f"algorithm {args.algorithm}.",
+                  *([f"{_numba_line(info)}."] if backend.name == "numpy" else []),
                   "Threads: " + "; ".join(f"{group_name(group, backend)}: {note}" for group, note in threads.items()) + ".",
                   *(f"{line}." for line in (blas_kernels.coretype_line(args.openblas_coretype),
                                             allocator.allocator_line(args.malloc, args.isolation), hint) if line),

@@ -1,4 +1,4 @@
-"""Machine details for the JSON and the header: CPU, BLAS threads, library versions, load average."""
+"""Machine details for the JSON and the header: CPU, BLAS threads, Numba, library versions, load average."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ... import __version__
 from ...backends import Backend
 
 _DISTRIBUTIONS = ("numpy", "array-api-compat", "torch", "jax", "jaxlib", "cupy-cuda12x", "cupy-cuda13x",
-                  "array-api-strict", "threadpoolctl", "matplotlib")
+                  "array-api-strict", "threadpoolctl", "numba", "llvmlite", "matplotlib")
 
 
 # The environment variables that change what is measured, recorded where set.
@@ -36,8 +36,28 @@ def _cpu_model() -> str | None:
     return None
 
 
+def _numba_info(versions: dict[str, str]) -> dict[str, Any]:
+    """Numba's version (None: not installed) and whether NumPy's compiled kernels can run (Numba and
+    threadpoolctl both importable): what ``algorithm="kernels"`` and ``auto`` on NumPy run. Numba is
+    not imported (a second or more), only looked up."""
+    from ...backends import _numba
+
+    return {"version": versions.get("numba"), "compiled_kernels": _numba.available()}
+
+
+def _numba_line(info: dict[str, Any]) -> str:
+    """"Numba: 0.68.1 (compiled CPU kernels available)", or why ``algorithm='kernels'`` is not, on NumPy."""
+    numba = info.get("numba") or {}
+    version = numba.get("version")
+    if version is None:
+        return "Numba: not installed (algorithm='kernels' unavailable on NumPy; pip install 'conv2d[cpu]')"
+    if not numba.get("compiled_kernels"):
+        return f"Numba: {version} (compiled CPU kernels unavailable: threadpoolctl is not installed)"
+    return f"Numba: {version} (compiled CPU kernels available)"
+
+
 def machine_info(backend: Backend) -> dict[str, Any]:
-    """Where the numbers come from: CPU, cores, BLAS and its threads, library versions, device."""
+    """Where the numbers come from: CPU, cores, BLAS and its threads, Numba, library versions, device."""
     versions = {"conv2d": __version__}
     for dist in _DISTRIBUTIONS:
         try:
@@ -53,6 +73,7 @@ def machine_info(backend: Backend) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "versions": versions,
+        "numba": _numba_info(versions),
         "backend": backend.spec,
         "env": {key: value for key, value in sorted(os.environ.items())
                 if key in _ENV_VARS or key.startswith(_ENV_PREFIXES)},
