@@ -1,0 +1,372 @@
+"""Compiled Winograd F(2x2, 3x3) for 3x3 layers with stride 1 and dilation 1, fused over cache-sized chunks.
+
+The maths is that of ``algorithm="winograd"`` (:mod:`conv2d.algorithms.winograd`): each 2x2 block of
+outputs reads a 4x4 input tile d; with V = B^T d B per channel and tile, U = G g G^T per filter and
+channel, the outputs are y = A^T M A with M[xi] = U[xi] @ V[xi] for each of the 16 positions xi of
+the transformed domain. Here the transforms are Numba kernels and the 16 products NumPy's (the BLAS
+single-threaded inside a task), and each task does all three steps on one chunk of tiles (whole
+rows of tiles, across samples) small enough for the core's L2 cache: it transforms its input tiles,
+multiplies them there, and inverse-transforms the products into the output (bias added). No full-size
+transformed array goes through main memory, where the array-API version stages all three.
+
+- forward: the chunk's V (16, C, tiles), M = U @ V per group (16, O, tiles), y from M.
+- input gradient: the convolution of the output gradient with the flipped, transposed weight
+  (padding 2 - padding on each side), i.e. the forward's tasks on other arrays; each input pixel is
+  written by the one task whose tiles cover it.
+- weight gradient: each task transforms its chunks' output gradient (dM = A dy A^T) and input tiles
+  and sums dU[xi] += dM[xi] @ V[xi]^T; the caller adds the tasks' dU in task order (deterministic),
+  then applies the weight transform's adjoint, dg = G^T dU G.
+
+Groups are products per group (the 16 x groups products of one chunk are one batched ``matmul``).
+Non-finite values: the transforms add and subtract neighbouring values, so an inf meets its own
+negative (NaN) where PyTorch gives inf: :data:`SPREADS_NONFINITE`, so that ``auto`` checks the inputs
+and runs ``slices`` where they are not all finite (see the array-API module's docstring).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from ..._geometry import Geometry
+from ._jit import kernel
+from ._threads import run, split
+
+SPREADS_NONFINITE = True
+
+
+def applies(geom: Geometry) -> bool:
+    """Whether this module computes `geom`: a 3x3 kernel, stride 1, dilation 1 (any padding and groups)."""
+    return (geom.kernel_h, geom.kernel_w) == (3, 3) and geom.stride == (1, 1) and geom.dilation == (1, 1)
+
+
+def winograd_pays(geom: Geometry) -> bool:
+    """Whether this module beats compiled im2col on `geom` (where it :func:`applies`).
+
+    Measured forward+backward float32 (2 cores, OpenBLAS Haswell kernels), ms winograd / im2col:
+    see ``_PAYS_FROM`` below for the figures behind the channel threshold.
+    """
+    return applies(geom) and geom.channels_per_group >= _PAYS_FROM and geom.filters_per_group >= _PAYS_FROM
+
+
+# Fewest channels (and filters) per group from which Winograd wins over im2col (measured; see above).
+_PAYS_FROM = 8
+
+
+# The kernels below are written for LLVM's loop vectoriser: each inner loop runs over contiguous memory
+# without a branch and touches at most four arrays' rows (reads) and two (writes). Numba cannot tell
+# LLVM that a kernel's arrays do not overlap, so LLVM checks it at run time before a vectorised loop,
+# and gives up beyond 8 checks (reads x writes): one loop with 16 reads and 4 writes ran scalar, ~2x
+# slower than the same work split into the passes below.
+
+
+@kernel
+def _input_tiles(x, v, r0, r1, tiles_y, tiles_x, top, left):
+    """v[(i, j), c, t] = (B^T d B)[i, j] of each channel c and tile t of the global tile rows [r0, r1).
+
+    Global tile row r is tile row r % tiles_y of sample r // tiles_y; tile t = (r - r0) * tiles_x + tx
+    reads d = x[s, c, 2*ty - top : +4, 2*tx - left : +4], zero outside x (`top`, `left` may be negative).
+    Each input row is first copied, split into even and odd columns (zeros beyond x's edges).
+    """
+    n, channels, height, width = x.shape
+    half = tiles_x + 1
+    rows = np.zeros((4, 2, half), dtype=x.dtype)  # padded row i, column 2k + parity at [i, parity, k]
+    mixed = np.empty((4, 2, half), dtype=x.dtype)  # B^T down the columns
+    # Columns 2k + p - left of x, for k in [low[p], high[p]), lie inside x; the others stay zero.
+    low0, high0 = max(0, (left + 1) // 2), min(half, (width - 1 + left) // 2 + 1)
+    low1, high1 = max(0, left // 2), min(half, (width - 2 + left) // 2 + 1)
+    for c in range(channels):
+        for r in range(r0, r1):
+            s = r // tiles_y
+            y0 = 2 * (r - s * tiles_y) - top
+            for i in range(4):
+                ih = y0 + i
+                if 0 <= ih < height:
+                    line = x[s, c, ih]
+                    even, odd = rows[i, 0], rows[i, 1]
+                    for k in range(low0, high0):
+                        even[k] = line[2 * k - left]
+                    for k in range(low1, high1):
+                        odd[k] = line[2 * k + 1 - left]
+                else:
+                    rows[i, :, :] = 0
+            for p in range(2):
+                d0, d1, d2, d3 = rows[0, p], rows[1, p], rows[2, p], rows[3, p]
+                m0, m1, m2, m3 = mixed[0, p], mixed[1, p], mixed[2, p], mixed[3, p]
+                for k in range(half):
+                    m0[k] = d0[k] - d2[k]
+                    m3[k] = d1[k] - d3[k]
+                for k in range(half):
+                    m1[k] = d1[k] + d2[k]
+                    m2[k] = d2[k] - d1[k]
+            base = (r - r0) * tiles_x
+            for i in range(4):
+                even, odd = mixed[i, 0], mixed[i, 1]
+                v0, v1 = v[4 * i, c, base : base + tiles_x], v[4 * i + 1, c, base : base + tiles_x]
+                v2, v3 = v[4 * i + 2, c, base : base + tiles_x], v[4 * i + 3, c, base : base + tiles_x]
+                for tx in range(tiles_x):  # the tile's columns 2tx, 2tx + 1, 2tx + 2, 2tx + 3
+                    v0[tx] = even[tx] - even[tx + 1]
+                    v3[tx] = odd[tx] - odd[tx + 1]
+                for tx in range(tiles_x):
+                    v1[tx] = odd[tx] + even[tx + 1]
+                    v2[tx] = even[tx + 1] - odd[tx]
+
+
+@kernel
+def _output_tiles(m, y, bias, has_bias, r0, r1, tiles_y, tiles_x):
+    """y[s, o, 2ty : +2, 2tx : +2] = A^T M A (+ bias[o]) of each tile of the global tile rows [r0, r1),
+    from m[(i, j), o, t]; outputs beyond y's edge dropped."""
+    n, channels, out_h, out_w = y.shape
+    tiles = (r1 - r0) * tiles_x
+    pq = np.empty((8, tiles), dtype=y.dtype)  # A^T down the columns: rows p_j = pq[j], q_j = pq[4 + j]
+    zero = np.zeros(1, dtype=y.dtype)[0]  # typed: a literal 0 would make `add` (and the sums) float64
+    full = out_w // 2  # tiles whose both columns are outputs
+    for o in range(channels):
+        add = bias[o] if has_bias else zero
+        for j in range(4):
+            a0, a1, a2, a3 = m[j, o], m[4 + j, o], m[8 + j, o], m[12 + j, o]
+            p, q = pq[j], pq[4 + j]
+            for t in range(tiles):
+                p[t] = a0[t] + a1[t] + a2[t]
+                q[t] = a1[t] - a2[t] - a3[t]
+        for r in range(r0, r1):
+            s = r // tiles_y
+            oy = 2 * (r - s * tiles_y)
+            base = (r - r0) * tiles_x
+            for a in range(min(2, out_h - oy)):
+                line = y[s, o, oy + a]
+                b0, b1 = pq[4 * a, base : base + tiles_x], pq[4 * a + 1, base : base + tiles_x]
+                b2, b3 = pq[4 * a + 2, base : base + tiles_x], pq[4 * a + 3, base : base + tiles_x]
+                for tx in range(full):
+                    line[2 * tx] = b0[tx] + b1[tx] + b2[tx] + add
+                    line[2 * tx + 1] = b1[tx] - b2[tx] - b3[tx] + add
+                if full < tiles_x:
+                    line[2 * full] = b0[full] + b1[full] + b2[full] + add
+
+
+@kernel
+def _grad_tiles(grad_out, dm, r0, r1, tiles_y, tiles_x):
+    """dm[(i, j), o, t] = (A dy A^T)[i, j] of each tile's 2x2 output gradient dy (zero beyond the edge)."""
+    n, channels, out_h, out_w = grad_out.shape
+    tiles = (r1 - r0) * tiles_x
+    rows = np.zeros((2, 2, tiles), dtype=grad_out.dtype)  # output row oy + a, column 2tx + b at [a, b, t]
+    mixed = np.empty((4, 2, tiles), dtype=grad_out.dtype)  # A down the columns
+    full = out_w // 2
+    for o in range(channels):
+        for r in range(r0, r1):
+            s = r // tiles_y
+            oy = 2 * (r - s * tiles_y)
+            base = (r - r0) * tiles_x
+            for a in range(2):
+                even, odd = rows[a, 0, base : base + tiles_x], rows[a, 1, base : base + tiles_x]
+                if oy + a < out_h:
+                    line = grad_out[s, o, oy + a]
+                    for tx in range(full):
+                        even[tx] = line[2 * tx]
+                        odd[tx] = line[2 * tx + 1]
+                    if full < tiles_x:  # out_w odd: the last tile's second column is beyond the edge
+                        even[full] = line[2 * full]
+                        odd[full] = 0
+                else:
+                    even[:] = 0
+                    odd[:] = 0
+        for b in range(2):
+            g0, g1 = rows[0, b], rows[1, b]
+            m0, m1, m2, m3 = mixed[0, b], mixed[1, b], mixed[2, b], mixed[3, b]
+            for t in range(tiles):  # A (y0, y1) = (y0, y0 + y1, y0 - y1, -y1)
+                m0[t] = g0[t]
+                m3[t] = -g1[t]
+            for t in range(tiles):
+                m1[t] = g0[t] + g1[t]
+                m2[t] = g0[t] - g1[t]
+        for i in range(4):  # then along each row
+            a, b = mixed[i, 0], mixed[i, 1]
+            d0, d1, d2, d3 = dm[4 * i, o], dm[4 * i + 1, o], dm[4 * i + 2, o], dm[4 * i + 3, o]
+            for t in range(tiles):
+                d0[t] = a[t]
+                d3[t] = -b[t]
+            for t in range(tiles):
+                d1[t] = a[t] + b[t]
+                d2[t] = a[t] - b[t]
+
+
+@kernel
+def _weight_tiles(weight, u):
+    """u[(i, j), o, c] = (G g G^T)[i, j] of each filter o and channel c: g = weight[o, c] (3x3)."""
+    filters, channels = weight.shape[:2]
+    rows = np.empty((4, 3), dtype=u.dtype)  # G g: (g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2) down each column
+    for o in range(filters):
+        for c in range(channels):
+            for j in range(3):
+                g0, g1, g2 = weight[o, c, 0, j], weight[o, c, 1, j], weight[o, c, 2, j]
+                rows[0, j], rows[1, j], rows[2, j], rows[3, j] = g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2
+            for i in range(4):  # then along each row
+                g0, g1, g2 = rows[i, 0], rows[i, 1], rows[i, 2]
+                u[4 * i, o, c] = g0
+                u[4 * i + 1, o, c] = (g0 + g1 + g2) * 0.5
+                u[4 * i + 2, o, c] = (g0 - g1 + g2) * 0.5
+                u[4 * i + 3, o, c] = g2
+
+
+@kernel
+def _weight_grad_tiles(grad_u, grad_w):
+    """grad_w[o, c] = G^T dU G of each filter o and channel c, dU[i, j] = grad_u[(i, j), o, c]."""
+    filters, channels = grad_w.shape[:2]
+    rows = np.empty((4, 3), dtype=grad_w.dtype)  # dU G: (u0 + (u1 + u2) / 2, (u1 - u2) / 2, (u1 + u2) / 2 + u3) along each row
+    for o in range(filters):
+        for c in range(channels):
+            for i in range(4):
+                u0, u1, u2, u3 = grad_u[4 * i, o, c], grad_u[4 * i + 1, o, c], grad_u[4 * i + 2, o, c], grad_u[4 * i + 3, o, c]
+                rows[i, 0], rows[i, 1], rows[i, 2] = u0 + (u1 + u2) * 0.5, (u1 - u2) * 0.5, (u1 + u2) * 0.5 + u3
+            for j in range(3):  # then down each column
+                u0, u1, u2, u3 = rows[0, j], rows[1, j], rows[2, j], rows[3, j]
+                grad_w[o, c, 0, j] = u0 + (u1 + u2) * 0.5
+                grad_w[o, c, 1, j] = (u1 - u2) * 0.5
+                grad_w[o, c, 2, j] = (u1 + u2) * 0.5 + u3
+
+
+def _transformed_weight(weight: np.ndarray, groups: int) -> np.ndarray:
+    """U = G g G^T of every filter and channel: (16, groups, O/groups, C/groups), C-contiguous."""
+    filters, channels = weight.shape[:2]
+    u = np.empty((16, filters, channels), dtype=weight.dtype)
+    _weight_tiles(np.ascontiguousarray(weight), u)
+    return u.reshape(16, groups, filters // groups, channels)
+
+
+def _weight_grad(grad_u: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """dg = G^T dU G: (16, groups, O/groups, C/groups) back to the weight's (O, C/groups, 3, 3)."""
+    grad_w = np.empty(weight.shape, dtype=weight.dtype)
+    _weight_grad_tiles(grad_u.reshape(16, weight.shape[0], weight.shape[1]), grad_w)
+    return grad_w
+
+
+def _tile_bytes(channels: int, filters: int, itemsize: int) -> int:
+    """Bytes of one tile's transformed input and products (or output gradient)."""
+    return 16 * itemsize * (channels + filters)
+
+
+def _row_chunks(start: int, stop: int, tiles_x: int, tile_bytes: int, cache_bytes: int) -> list[tuple[int, int]]:
+    """Global tile rows [start, stop) in chunks whose transformed tiles fit `cache_bytes`."""
+    rows = max(1, cache_bytes // (tile_bytes * tiles_x))
+    return [(r, min(r + rows, stop)) for r in range(start, stop, rows)]
+
+
+def _tiles(out_h: int, out_w: int) -> tuple[int, int]:
+    return -(-out_h // 2), -(-out_w // 2)
+
+
+def scratch(geom: Geometry, itemsize: int, cache_bytes: int) -> int:
+    """Bytes one task holds beside the result: a chunk's transformed tiles and products (about
+    `cache_bytes`), the transformed weight and the task's weight gradient with its product (backward)."""
+    weights = 16 * itemsize * geom.out_channels * geom.channels_per_group
+    _, tiles_x = _tiles(max(geom.out_h, geom.height), max(geom.out_w, geom.width))
+    chunk = max(cache_bytes, tiles_x * _tile_bytes(geom.in_channels, geom.out_channels, itemsize))
+    return chunk + 3 * weights
+
+
+def _task_chunks(start: int, stop: int, tiles_x: int, tile_bytes: int, cache_bytes: int,
+                 tasks: int) -> list[list[tuple[int, int]]]:
+    """Global tile rows [start, stop) in cache-sized chunks, dealt out in order to at most `tasks` tasks
+    (each allocates its buffers once, for its largest chunk)."""
+    chunks = _row_chunks(start, stop, tiles_x, tile_bytes, cache_bytes)
+    return [chunks[a:b] for a, b in split(len(chunks), tasks)]
+
+
+def _buffer(flat: np.ndarray, *shape: int) -> np.ndarray:
+    """The start of the flat buffer `flat` as an array of `shape` (a chunk's, at most the largest's)."""
+    return flat[: int(np.prod(shape))].reshape(shape)
+
+
+# Tasks per worker: enough for the workers to even out (run() hands each the next task left), few
+# enough that each task's buffers are allocated once for many chunks.
+_TASKS_PER_WORKER = 4
+
+
+def _convolve(x: np.ndarray, u: np.ndarray, bias: np.ndarray | None, out_shape: tuple[int, int], top: int,
+              left: int, workers: int, cache_bytes: int) -> tuple[np.ndarray, list[Any]]:
+    """The output array and the tasks that fill it: the 3x3 stride-1 convolution of `x` with the
+    transformed weight `u` (16, groups, O/groups, C/groups), offset (`top`, `left`) into x."""
+    n, channels = x.shape[:2]
+    _, groups, per_group_out, per_group_in = u.shape
+    out_channels = groups * per_group_out
+    out_h, out_w = out_shape
+    y = np.empty((n, out_channels, out_h, out_w), dtype=x.dtype)
+    b = np.zeros(1, dtype=x.dtype) if bias is None else bias
+    tiles_y, tiles_x = _tiles(out_h, out_w)
+
+    def task(chunks: list[tuple[int, int]]) -> None:
+        most = max(r1 - r0 for r0, r1 in chunks) * tiles_x
+        v_flat = np.empty(16 * channels * most, dtype=x.dtype)
+        m_flat = np.empty(16 * out_channels * most, dtype=x.dtype)
+        for r0, r1 in chunks:
+            tiles = (r1 - r0) * tiles_x
+            v = _buffer(v_flat, 16, channels, tiles)
+            _input_tiles(x, v, r0, r1, tiles_y, tiles_x, top, left)
+            m = _buffer(m_flat, 16, groups, per_group_out, tiles)
+            np.matmul(u, v.reshape(16, groups, per_group_in, tiles), out=m)
+            _output_tiles(m.reshape(16, out_channels, tiles), y, b, bias is not None, r0, r1, tiles_y, tiles_x)
+
+    tile_bytes = _tile_bytes(channels, out_channels, x.itemsize)
+    dealt = _task_chunks(0, n * tiles_y, tiles_x, tile_bytes, cache_bytes, _TASKS_PER_WORKER * workers)
+    return y, [partial(task, chunks) for chunks in dealt]
+
+
+def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, geom: Geometry, workers: int,
+            cache_bytes: int) -> np.ndarray:
+    top, _, left, _ = geom.padding
+    u = _transformed_weight(weight, geom.groups)
+    y, tasks = _convolve(x, u, bias, (geom.out_h, geom.out_w), top, left, workers, cache_bytes)
+    run(tasks)
+    return y
+
+
+def backward(grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, geom: Geometry, workers: int,
+             cache_bytes: int, needs: tuple[str, ...] = ("x", "weight")) -> tuple[Any, Any]:
+    groups, filters, channels = geom.groups, geom.filters_per_group, geom.channels_per_group
+    top, _, left, _ = geom.padding
+    tasks: list[Any] = []
+    grad_x = None
+    if "x" in needs:
+        # The input gradient is the convolution of grad_out with the flipped weight, filters and
+        # channels swapped in each group, and padding 2 - padding (grad_x[h] = sum_i g[h + top - i] w[i]).
+        flipped = weight.reshape(groups, filters, channels, 3, 3)[:, :, :, ::-1, ::-1]
+        flipped = np.swapaxes(flipped, 1, 2).reshape(geom.in_channels, filters, 3, 3)
+        grad_x, tasks = _convolve(grad_out, _transformed_weight(flipped, groups), None, (geom.height, geom.width),
+                                  2 - top, 2 - left, workers, cache_bytes)
+    weight_tasks = 0
+    if "weight" in needs:
+        tiles_y, tiles_x = _tiles(geom.out_h, geom.out_w)
+        tile_bytes = _tile_bytes(geom.in_channels, geom.out_channels, x.itemsize)
+
+        def weight_task(chunks: list[tuple[int, int]]) -> np.ndarray:
+            most = max(r1 - r0 for r0, r1 in chunks) * tiles_x
+            v_flat = np.empty(16 * geom.in_channels * most, dtype=x.dtype)
+            dm_flat = np.empty(16 * geom.out_channels * most, dtype=x.dtype)
+            grad_u = np.zeros((16, groups, filters, channels), dtype=x.dtype)
+            product = np.empty_like(grad_u)
+            for r0, r1 in chunks:
+                tiles = (r1 - r0) * tiles_x
+                v = _buffer(v_flat, 16, geom.in_channels, tiles)
+                _input_tiles(x, v, r0, r1, tiles_y, tiles_x, top, left)
+                dm = _buffer(dm_flat, 16, geom.out_channels, tiles)
+                _grad_tiles(grad_out, dm, r0, r1, tiles_y, tiles_x)
+                np.matmul(dm.reshape(16, groups, filters, tiles),
+                          np.swapaxes(v.reshape(16, groups, channels, tiles), 2, 3), out=product)
+                grad_u += product
+            return grad_u
+
+        # One task per worker: each sums a weight gradient the size of the weight's transform.
+        dealt = _task_chunks(0, x.shape[0] * tiles_y, tiles_x, tile_bytes, cache_bytes, workers)
+        weight_tasks = len(dealt)
+        tasks += [partial(weight_task, chunks) for chunks in dealt]
+    results = run(tasks)
+    grad_w = None
+    if weight_tasks:
+        partials = results[len(results) - weight_tasks:]
+        grad_u = partials[0]
+        for part in partials[1:]:  # in task order: the same sum on every run
+            grad_u += part
+        grad_w = _weight_grad(grad_u, weight)
+    return grad_x, grad_w
