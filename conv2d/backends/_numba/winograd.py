@@ -70,7 +70,7 @@ def _input_tiles(x, v, r0, r1, tiles_y, tiles_x, top, left):
     reads d = x[s, c, 2*ty - top : +4, 2*tx - left : +4], zero outside x (`top`, `left` may be negative).
     Each input row is first copied, split into even and odd columns (zeros beyond x's edges).
     """
-    n, channels, height, width = x.shape
+    _, channels, height, width = x.shape
     half = tiles_x + 1
     rows = np.zeros((4, 2, half), dtype=x.dtype)  # padded row i, column 2k + parity at [i, parity, k]
     mixed = np.empty((4, 2, half), dtype=x.dtype)  # B^T down the columns
@@ -118,7 +118,7 @@ def _input_tiles(x, v, r0, r1, tiles_y, tiles_x, top, left):
 def _output_tiles(m, y, bias, has_bias, r0, r1, tiles_y, tiles_x):
     """y[s, o, 2ty : +2, 2tx : +2] = A^T M A (+ bias[o]) of each tile of the global tile rows [r0, r1),
     from m[(i, j), o, t]; outputs beyond y's edge dropped."""
-    n, channels, out_h, out_w = y.shape
+    _, channels, out_h, out_w = y.shape
     tiles = (r1 - r0) * tiles_x
     pq = np.empty((8, tiles), dtype=y.dtype)  # A^T down the columns: rows p_j = pq[j], q_j = pq[4 + j]
     zero = np.zeros(1, dtype=y.dtype)[0]  # typed: a literal 0 would make `add` (and the sums) float64
@@ -149,7 +149,7 @@ def _output_tiles(m, y, bias, has_bias, r0, r1, tiles_y, tiles_x):
 @kernel
 def _grad_tiles(grad_out, dm, r0, r1, tiles_y, tiles_x):
     """dm[(i, j), o, t] = (A dy A^T)[i, j] of each tile's 2x2 output gradient dy (zero beyond the edge)."""
-    n, channels, out_h, out_w = grad_out.shape
+    _, channels, out_h, out_w = grad_out.shape
     tiles = (r1 - r0) * tiles_x
     rows = np.zeros((2, 2, tiles), dtype=grad_out.dtype)  # output row oy + a, column 2tx + b at [a, b, t]
     mixed = np.empty((4, 2, tiles), dtype=grad_out.dtype)  # A down the columns
