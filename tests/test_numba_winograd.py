@@ -163,3 +163,15 @@ def test_routing():
     for other in (geom(kernel=5), geom(stride=2), geom(dilation=2), geom(c=4, o=4)):
         assert _algorithm.kernel_set(other) is not winograd
         assert not winograd.winograd_pays(other)
+
+
+@pytest.mark.parametrize("needs", [("x", "weight"), ("weight",)])
+def test_empty_batch(needs):
+    """No samples: an empty output and input gradient, and a zero weight gradient (no task runs)."""
+    layer = dict(n=0, groups=1, c=8, o=8, h=6, w=5, padding=(1, 1, 1, 1))
+    geom = _geometry(layer)
+    x, w, b, g = _data(layer, geom, "float32", seed=0)
+    assert winograd.forward(x, w, b, geom, 2, 2**20).shape == (0, 8, 6, 5)
+    grad_x, grad_w = winograd.backward(g, x, w, geom, 2, 2**20, needs)
+    assert grad_w.shape == w.shape and not grad_w.any()
+    assert grad_x is None if needs == ("weight",) else grad_x.shape == x.shape

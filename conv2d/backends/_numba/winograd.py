@@ -271,7 +271,7 @@ def _task_chunks(start: int, stop: int, tiles_x: int, tile_bytes: int, cache_byt
     """Global tile rows [start, stop) in cache-sized chunks, dealt out in order to at most `tasks` tasks
     (each allocates its buffers once, for its largest chunk)."""
     chunks = _row_chunks(start, stop, tiles_x, tile_bytes, cache_bytes)
-    return [chunks[a:b] for a, b in split(len(chunks), tasks)]
+    return [chunks[a:b] for a, b in split(len(chunks), tasks) if b > a]  # none for an empty batch
 
 
 def _buffer(flat: np.ndarray, *shape: int) -> np.ndarray:
@@ -363,10 +363,9 @@ def backward(grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, geom: Geom
         tasks += [partial(weight_task, chunks) for chunks in dealt]
     results = run(tasks)
     grad_w = None
-    if weight_tasks:
-        partials = results[len(results) - weight_tasks:]
-        grad_u = partials[0]
-        for part in partials[1:]:  # in task order: the same sum on every run
+    if "weight" in needs:
+        grad_u = np.zeros((16, groups, filters, channels), dtype=x.dtype)  # an empty batch's
+        for part in results[len(results) - weight_tasks :]:  # in task order: the same sum on every run
             grad_u += part
         grad_w = _weight_grad(grad_u, weight)
     return grad_x, grad_w
