@@ -68,50 +68,40 @@ def _input_tiles(x, v, r0, r1, tiles_y, tiles_x, top, left):
 
     Global tile row r is tile row r % tiles_y of sample r // tiles_y; tile t = (r - r0) * tiles_x + tx
     reads d = x[s, c, 2*ty - top : +4, 2*tx - left : +4], zero outside x (`top`, `left` may be negative).
-    Each input row is first copied, split into even and odd columns (zeros beyond x's edges).
+    B^T is applied to the tile row's four input rows at once (full rows, contiguous), then B to each
+    tile's four columns of the result (every other column: LLVM's interleaved loads).
     """
     _, channels, height, width = x.shape
-    half = tiles_x + 1
-    rows = np.zeros((4, 2, half), dtype=x.dtype)  # padded row i, column 2k + parity at [i, parity, k]
-    mixed = np.empty((4, 2, half), dtype=x.dtype)  # B^T down the columns
-    # Columns 2k + p - left of x, for k in [low[p], high[p]), lie inside x; the others stay zero.
-    low0, high0 = max(0, (left + 1) // 2), min(half, (width - 1 + left) // 2 + 1)
-    low1, high1 = max(0, left // 2), min(half, (width - 2 + left) // 2 + 1)
+    span = 2 * tiles_x + 2  # the padded columns that the tiles read
+    mixed = np.zeros((4, span), dtype=x.dtype)  # B^T down the columns; zero where the padding is
+    blank = np.zeros(width, dtype=x.dtype)  # an input row above or below x
+    first, last = max(0, -left), min(width, span - left)  # x's columns that a tile reads
     for c in range(channels):
         for r in range(r0, r1):
             s = r // tiles_y
             y0 = 2 * (r - s * tiles_y) - top
-            for i in range(4):
-                ih = y0 + i
-                if 0 <= ih < height:
-                    line = x[s, c, ih]
-                    even, odd = rows[i, 0], rows[i, 1]
-                    for k in range(low0, high0):
-                        even[k] = line[2 * k - left]
-                    for k in range(low1, high1):
-                        odd[k] = line[2 * k + 1 - left]
-                else:
-                    rows[i, :, :] = 0
-            for p in range(2):
-                d0, d1, d2, d3 = rows[0, p], rows[1, p], rows[2, p], rows[3, p]
-                m0, m1, m2, m3 = mixed[0, p], mixed[1, p], mixed[2, p], mixed[3, p]
-                for k in range(half):
-                    m0[k] = d0[k] - d2[k]
-                    m3[k] = d1[k] - d3[k]
-                for k in range(half):
-                    m1[k] = d1[k] + d2[k]
-                    m2[k] = d2[k] - d1[k]
+            d0 = x[s, c, y0] if 0 <= y0 < height else blank
+            d1 = x[s, c, y0 + 1] if 0 <= y0 + 1 < height else blank
+            d2 = x[s, c, y0 + 2] if 0 <= y0 + 2 < height else blank
+            d3 = x[s, c, y0 + 3] if 0 <= y0 + 3 < height else blank
+            m0, m1, m2, m3 = mixed[0], mixed[1], mixed[2], mixed[3]
+            for iw in range(first, last):  # rows d0 - d2, d1 + d2, d2 - d1, d1 - d3
+                m0[iw + left] = d0[iw] - d2[iw]
+                m3[iw + left] = d1[iw] - d3[iw]
+            for iw in range(first, last):
+                m1[iw + left] = d1[iw] + d2[iw]
+                m2[iw + left] = d2[iw] - d1[iw]
             base = (r - r0) * tiles_x
-            for i in range(4):
-                even, odd = mixed[i, 0], mixed[i, 1]
+            for i in range(4):  # then along each row, tile tx reading columns 2tx .. 2tx + 3
+                mi = mixed[i]
                 v0, v1 = v[4 * i, c, base : base + tiles_x], v[4 * i + 1, c, base : base + tiles_x]
                 v2, v3 = v[4 * i + 2, c, base : base + tiles_x], v[4 * i + 3, c, base : base + tiles_x]
-                for tx in range(tiles_x):  # the tile's columns 2tx, 2tx + 1, 2tx + 2, 2tx + 3
-                    v0[tx] = even[tx] - even[tx + 1]
-                    v3[tx] = odd[tx] - odd[tx + 1]
                 for tx in range(tiles_x):
-                    v1[tx] = odd[tx] + even[tx + 1]
-                    v2[tx] = even[tx + 1] - odd[tx]
+                    v0[tx] = mi[2 * tx] - mi[2 * tx + 2]
+                    v3[tx] = mi[2 * tx + 1] - mi[2 * tx + 3]
+                for tx in range(tiles_x):
+                    v1[tx] = mi[2 * tx + 1] + mi[2 * tx + 2]
+                    v2[tx] = mi[2 * tx + 2] - mi[2 * tx + 1]
 
 
 @kernel
