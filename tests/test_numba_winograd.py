@@ -28,6 +28,13 @@ torch = require_or_skip("torch")
 
 from conv2d.backends._numba import _algorithm, winograd  # noqa: E402  (after the skips: imports numba's kernels)
 
+
+@pytest.fixture(autouse=True)
+def every_batch_runs_winograd(monkeypatch):
+    """The small layers drawn here run the Winograd kernels, not im2col (see test_few_tiles_run_im2col)."""
+    monkeypatch.setattr(winograd, "_FEWEST_TILES", 0)
+
+
 TOLERANCE = {"float32": 2e-5, "complex64": 2e-5, "float64": 1e-12}  # of the reference's largest magnitude
 
 
@@ -160,7 +167,8 @@ def test_routing():
 
     assert _algorithm.kernel_set(geom()) is winograd
     assert _algorithm.kernel_set(geom(c=64, o=64, groups=4)) is winograd
-    for other in (geom(kernel=5), geom(stride=2), geom(dilation=2), geom(c=4, o=4)):
+    assert winograd.winograd_pays(geom(c=2, o=2))
+    for other in (geom(kernel=5), geom(stride=2), geom(dilation=2), geom(c=1), geom(c=32, groups=32)):
         assert _algorithm.kernel_set(other) is not winograd
         assert not winograd.winograd_pays(other)
 
@@ -175,3 +183,20 @@ def test_empty_batch(needs):
     grad_x, grad_w = winograd.backward(g, x, w, geom, 2, 2**20, needs)
     assert grad_w.shape == w.shape and not grad_w.any()
     assert grad_x is None if needs == ("weight",) else grad_x.shape == x.shape
+
+
+def test_few_tiles_run_im2col(monkeypatch):
+    """A call with fewer than _FEWEST_TILES tiles runs im2col (forward and backward), and gets the same results."""
+    monkeypatch.undo()  # the default threshold
+    layer = dict(n=1, groups=1, c=8, o=8, h=6, w=6, padding=(1, 1, 1, 1))
+    geom = _geometry(layer)
+    x, w, b, g = _data(layer, geom, "float64", seed=2)
+    reference = _reference(x, w, b, g, geom)
+    calls = []
+    for name in ("forward", "backward"):
+        original = getattr(winograd.im2col, name)
+        monkeypatch.setattr(winograd.im2col, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    ours = [winograd.forward(x, w, b, geom, 2, 2**20), *winograd.backward(g, x, w, geom, 2, 2**20)]
+    assert calls == ["forward", "backward"]
+    for what, actual, expected in zip(("y", "grad_x", "grad_weight"), ours, reference):
+        _assert_close(actual, expected, "float64", what)

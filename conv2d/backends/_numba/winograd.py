@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..._geometry import Geometry
+from . import im2col
 from ._jit import kernel
 from ._threads import run, split
 
@@ -43,16 +44,32 @@ def applies(geom: Geometry) -> bool:
 
 
 def winograd_pays(geom: Geometry) -> bool:
-    """Whether this module beats compiled im2col on `geom` (where it :func:`applies`).
+    """Whether this module computes `geom` faster than compiled im2col: where it :func:`applies`, with at
+    least :data:`_FEWEST_CHANNELS` channels per group.
 
-    Measured forward+backward float32 (2 cores, OpenBLAS Haswell kernels), ms winograd / im2col:
-    see ``_PAYS_FROM`` below for the figures behind the channel threshold.
+    Measured forward+backward float32, one thread (ms winograd / im2col, best of 2; 1 MiB L2, OpenBLAS
+    SkylakeX kernels; padding 1): N32 16x16 C1 O16 1.72/1.07, C2 O2 0.36/0.47, C4 O4 0.88/1.54,
+    C8 O8 1.69/3.28, C16 O16 3.78/6.24, C32 O32 7.73/15.94; N8 32x32 C1 O64 5.42/3.45, C2 O32 1.64/2.12,
+    C3 O16 1.36/2.04, C16 O3 1.12/2.73; grouped N32 16x16 C64 O64 groups 8 10.11/16.01, groups 2
+    13.47/25.69, C128 O128 groups 32 19.78/31.02. Winograd wins from 2 channels per group; with one,
+    its four times larger transformed input costs more than the products it saves. Small batches
+    are :func:`forward`'s and :func:`backward`'s concern (the geometry has no batch size).
     """
-    return applies(geom) and geom.channels_per_group >= _PAYS_FROM and geom.filters_per_group >= _PAYS_FROM
+    return applies(geom) and geom.channels_per_group >= _FEWEST_CHANNELS
 
 
-# Fewest channels (and filters) per group from which Winograd wins over im2col (measured; see above).
-_PAYS_FROM = 8
+_FEWEST_CHANNELS = 2
+
+# Fewer tiles than this in a call (all samples together) go to im2col: the weight's transforms (and
+# the weight gradient's), which do not shrink with the batch, then cost more than the products
+# save. Measured as above, N C64 O64: 1 sample 8x8 0.74/0.36 ms, 4 samples 8x8 (64 tiles) 1.19/1.23,
+# 1 sample 16x16 (64 tiles) 1.73/1.62; C32 O32 6x6: 1 sample 0.24/0.13, 8 samples (72 tiles) 0.50/0.63.
+_FEWEST_TILES = 64
+
+
+def _few_tiles(batch: int, out_h: int, out_w: int) -> bool:
+    tiles_y, tiles_x = _tiles(out_h, out_w)
+    return batch * tiles_y * tiles_x < _FEWEST_TILES
 
 
 # The kernels below are written for LLVM's loop vectoriser: each inner loop runs over contiguous memory
@@ -237,9 +254,17 @@ def _tile_bytes(channels: int, filters: int, itemsize: int) -> int:
     return 16 * itemsize * (channels + filters)
 
 
+# A chunk's transformed tiles and products fill this many L2 caches. Measured forward+backward float32,
+# one thread (ms at 0.5, 1, 2, 4 MiB chunks, 1 MiB L2): N32 C64 16x16 O128 35.9 32.3 32.5 32.8,
+# N32 C64 16x16 O64 19.5 18.6 19.4 19.2, N32 C128 8x8 O128 17.4 17.6 17.2 17.5, N64 C32 32x32 O64
+# 84.9 78.1 71.7 72.7 (best of 3): the products' columns pay more than the cache loses beyond one L2
+# (the transformed input of a chunk, about a third of it, still fits).
+_CHUNK_CACHES = 2
+
+
 def _row_chunks(start: int, stop: int, tiles_x: int, tile_bytes: int, cache_bytes: int) -> list[tuple[int, int]]:
-    """Global tile rows [start, stop) in chunks whose transformed tiles fit `cache_bytes`."""
-    rows = max(1, cache_bytes // (tile_bytes * tiles_x))
+    """Global tile rows [start, stop) in chunks whose transformed tiles fill :data:`_CHUNK_CACHES` x `cache_bytes`."""
+    rows = max(1, _CHUNK_CACHES * cache_bytes // (tile_bytes * tiles_x))
     return [(r, min(r + rows, stop)) for r in range(start, stop, rows)]
 
 
@@ -249,11 +274,12 @@ def _tiles(out_h: int, out_w: int) -> tuple[int, int]:
 
 def scratch(geom: Geometry, itemsize: int, cache_bytes: int) -> int:
     """Bytes one task holds beside the result: a chunk's transformed tiles and products (about
-    `cache_bytes`), the transformed weight and the task's weight gradient with its product (backward)."""
+    `cache_bytes` times _CHUNK_CACHES), the transformed weight and the task's weight gradient with its product (backward)."""
     weights = 16 * itemsize * geom.out_channels * geom.channels_per_group
     _, tiles_x = _tiles(max(geom.out_h, geom.height), max(geom.out_w, geom.width))
-    chunk = max(cache_bytes, tiles_x * _tile_bytes(geom.in_channels, geom.out_channels, itemsize))
-    return chunk + 3 * weights
+    chunk = max(_CHUNK_CACHES * cache_bytes, tiles_x * _tile_bytes(geom.in_channels, geom.out_channels, itemsize))
+    # A small batch runs im2col (see _FEWEST_TILES).
+    return max(chunk + 3 * weights, im2col.scratch(geom, itemsize, cache_bytes))
 
 
 def _task_chunks(start: int, stop: int, tiles_x: int, tile_bytes: int, cache_bytes: int,
@@ -305,6 +331,8 @@ def _convolve(x: np.ndarray, u: np.ndarray, bias: np.ndarray | None, out_shape: 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, geom: Geometry, workers: int,
             cache_bytes: int) -> np.ndarray:
+    if _few_tiles(x.shape[0], geom.out_h, geom.out_w):
+        return im2col.forward(x, weight, bias, geom, workers, cache_bytes)
     top, _, left, _ = geom.padding
     u = _transformed_weight(weight, geom.groups)
     y, tasks = _convolve(x, u, bias, (geom.out_h, geom.out_w), top, left, workers, cache_bytes)
@@ -314,6 +342,8 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, geom: Ge
 
 def backward(grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, geom: Geometry, workers: int,
              cache_bytes: int, needs: tuple[str, ...] = ("x", "weight")) -> tuple[Any, Any]:
+    if _few_tiles(x.shape[0], geom.out_h, geom.out_w):
+        return im2col.backward(grad_out, x, weight, geom, workers, cache_bytes, needs)
     groups, filters, channels = geom.groups, geom.filters_per_group, geom.channels_per_group
     top, _, left, _ = geom.padding
     tasks: list[Any] = []
