@@ -1,7 +1,7 @@
 """NumPy's compiled Winograd kernel set (``conv2d/backends/_numba/winograd.py``) against PyTorch.
 
-Random 3x3 stride-1 layers (batch 1-5, odd and even sizes, paddings 0-2 on each side, asymmetric
-ones included, groups) in float32, float64 and complex64: the forward and both gradients, computed
+Random 3x3 stride-1 layers (batch 1-5, odd and even sizes, paddings 0-3 on each side, asymmetric
+ones included; 3 gives the input gradient a negative offset), groups) in float32, float64 and complex64: the forward and both gradients, computed
 by the module directly (in chunks of one tile row up to the whole batch, one task or several) and
 through ``conv2d._conv`` with ``algorithm="kernels"`` (which routes these layers to the module), each
 gradient alone too (``needs``). The references are PyTorch's convolution and autograd, asked with
@@ -44,7 +44,7 @@ def _draw(rng: np.random.Generator, wide: bool) -> dict:
     low = 8 if wide else 1
     return dict(n=int(rng.integers(1, 6)), groups=groups, c=groups * int(rng.integers(low, low + 5)),
                 o=groups * int(rng.integers(low, low + 5)), h=int(rng.integers(3, 13)), w=int(rng.integers(3, 13)),
-                padding=tuple(int(p) for p in rng.integers(0, 3, size=4)))
+                padding=tuple(int(p) for p in rng.integers(0, 4, size=4)))
 
 
 def _geometry(layer: dict) -> Geometry:

@@ -5,9 +5,10 @@ outputs reads a 4x4 input tile d; with V = B^T d B per channel and tile, U = G g
 channel, the outputs are y = A^T M A with M[xi] = U[xi] @ V[xi] for each of the 16 positions xi of
 the transformed domain. Here the transforms are Numba kernels and the 16 products NumPy's (the BLAS
 single-threaded inside a task), and each task does all three steps on one chunk of tiles (whole
-rows of tiles, across samples) small enough for the core's L2 cache: it transforms its input tiles,
-multiplies them there, and inverse-transforms the products into the output (bias added). No full-size
-transformed array goes through main memory, where the array-API version stages all three.
+rows of tiles, across samples) of about twice the core's L2 cache (measured: :data:`_CHUNK_CACHES`):
+it transforms its input tiles, multiplies them there, and inverse-transforms the products into the
+output (bias added). No full-size transformed array goes through main memory, where the array-API
+version stages all three. Each task allocates its buffers once, for all its chunks.
 
 - forward: the chunk's V (16, C, tiles), M = U @ V per group (16, O, tiles), y from M.
 - input gradient: the convolution of the output gradient with the flipped, transposed weight
@@ -18,6 +19,8 @@ transformed array goes through main memory, where the array-API version stages a
   then applies the weight transform's adjoint, dg = G^T dU G.
 
 Groups are products per group (the 16 x groups products of one chunk are one batched ``matmul``).
+Calls with few tiles (a small batch of small images: :data:`_FEWEST_TILES`) run :mod:`.im2col`,
+where the weight's transforms would cost more than the products save.
 Non-finite values: the transforms add and subtract neighbouring values, so an inf meets its own
 negative (NaN) where PyTorch gives inf: :data:`SPREADS_NONFINITE`, so that ``auto`` checks the inputs
 and runs ``slices`` where they are not all finite (see the array-API module's docstring).
