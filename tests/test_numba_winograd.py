@@ -1,8 +1,8 @@
 """NumPy's compiled Winograd kernel set (``conv2d/backends/_numba/winograd.py``) against PyTorch.
 
 Random 3x3 stride-1 layers (batch 1-5, odd and even sizes, paddings 0-3 on each side, asymmetric
-ones included; 3 gives the input gradient a negative offset), groups) in float32, float64 and complex64: the forward and both gradients, computed
-by the module directly (in chunks of one tile row up to the whole batch, one task or several) and
+ones included, 3 giving the input gradient a negative offset; groups) in float32, float64 and
+complex64: the forward and both gradients, computed by the module directly (in chunks of one tile row up to the whole batch, one task or several) and
 through ``conv2d._conv`` with ``algorithm="kernels"`` (which routes these layers to the module), each
 gradient alone too (``needs``). The references are PyTorch's convolution and autograd, asked with
 conjugated operands for the raw linear maps that ``_conv`` computes, and as they are for the public
