@@ -13,12 +13,17 @@ import numpy as np
 
 from ..._geometry import Geometry
 from .._cpu_cache import l2_cache_bytes
-from . import im2col
+from . import direct, im2col
 from ._threads import worker_count
+
+# Grouped layers with at most this many channels per group run the direct kernels (no patch matrix).
+DIRECT_MAX_CHANNELS_PER_GROUP = 4
 
 
 def kernel_set(geom: Geometry) -> ModuleType:
     """The kernel module that computes `geom`."""
+    if geom.groups > 1 and geom.channels_per_group <= DIRECT_MAX_CHANNELS_PER_GROUP:
+        return direct
     return im2col
 
 
