@@ -219,6 +219,97 @@ def _weight_grad(grad_w, grad_out, x, acc, s0, s1, g0, g1, sh, sw, dh, dw, top, 
                         grad_w[o - g0 * filters, c, i, j] = acc[i * kw + j].sum()
 
 
+@kernel
+def _pad(plane, flat, top, left, pitch, rows):
+    """flat[(r, col) at r*pitch + col] = plane[r - top, col - left], zero outside the plane (a negative
+    top or left crops it: the stride-1 input gradient's padding can be negative)."""
+    height, width = plane.shape
+    for t in range(flat.shape[0]):
+        flat[t] = 0
+    c0, c1 = max(0, left), min(pitch, left + width)
+    for r in range(max(0, top), min(rows, top + height)):
+        # Views from the first column copied: indices from 0, so no wrap-around test (vectorised).
+        source, target = plane[r - top, c0 - left:], flat[r * pitch + c0:]
+        for t in range(c1 - c0):
+            target[t] = source[t]
+
+
+@kernel
+def _forward_flat(x, w, bias, y, padded, acc, s0, s1, g0, g1, dh, dw, top, left):
+    """:func:`_forward` for stride 1: each input plane padded once into `padded` (rows of `pitch`, the
+    output width plus the kernel's reach), so that every tap is one shift of the whole plane; the
+    outputs are computed `pitch` wide (the extra columns, discarded, read across rows) in `acc`."""
+    per_group = w.shape[1]
+    kh, kw = w.shape[2], w.shape[3]
+    filters = y.shape[1] // (x.shape[1] // per_group)
+    out_h, out_w = y.shape[2], y.shape[3]
+    pitch, rows = out_w + dw * (kw - 1), out_h + dh * (kh - 1)
+    length = out_h * pitch
+    step, e = dh * pitch, 2 * dw
+    fused = kh == 3 and kw == 3
+    for s in range(s0, s1):
+        for g in range(g0, g1):
+            for c in range(per_group):
+                _pad(x[s, g * per_group + c], padded[c], top, left, pitch, rows)
+            for o in range(g * filters, (g + 1) * filters):
+                acc[:] = 0
+                for c in range(per_group):
+                    a = padded[c]
+                    if fused:
+                        _nine(acc, length, a, a[dw:], a[e:], a[step:], a[step + dw:], a[step + e:], a[2 * step:],
+                              a[2 * step + dw:], a[2 * step + e:], w[o, c, 0, 0], w[o, c, 0, 1], w[o, c, 0, 2],
+                              w[o, c, 1, 0], w[o, c, 1, 1], w[o, c, 1, 2], w[o, c, 2, 0], w[o, c, 2, 1], w[o, c, 2, 2])
+                    else:
+                        for i in range(kh):
+                            for j in range(kw):
+                                _axpy(acc, a[i * step + j * dw:], w[o, c, i, j], length)
+                out = y[s, o]
+                b = bias[o]
+                for oh in range(out_h):
+                    row = acc[oh * pitch:]
+                    target = out[oh]
+                    for ow in range(out_w):
+                        target[ow] = row[ow] + b
+
+
+@kernel
+def _mac_masked(sums, a, b, keep, count):
+    """sums[t] += a[t] * b[t] where keep[t], for t < count (a select, not a product by zero, so that an
+    inf or NaN in a discarded column reaches nothing)."""
+    for t in range(count):
+        v = sums[t] + a[t] * b[t]
+        sums[t] = v if keep[t] else sums[t]
+
+
+@kernel
+def _weight_grad_flat(grad_w, grad_out, x, padded, grads, keep, acc, s0, s1, g0, g1, dh, dw, top, left):
+    """:func:`_weight_grad` for stride 1, on whole planes as :func:`_forward_flat` lays them out:
+    acc[tap, p] sums grad_out * the shifted input over the samples, at the columns `keep` marks."""
+    per_group = grad_w.shape[1]
+    kh, kw = grad_w.shape[2], grad_w.shape[3]
+    filters = grad_out.shape[1] // (x.shape[1] // per_group)
+    out_h, out_w = grad_out.shape[2], grad_out.shape[3]
+    pitch, rows = out_w + dw * (kw - 1), out_h + dh * (kh - 1)
+    length = out_h * pitch
+    for g in range(g0, g1):
+        for o in range(g * filters, (g + 1) * filters):
+            for c in range(per_group):
+                acc[:, :] = 0
+                for s in range(s0, s1):
+                    _pad(x[s, g * per_group + c], padded, top, left, pitch, rows)
+                    source = grad_out[s, o]
+                    for oh in range(out_h):
+                        row, target = source[oh], grads[oh * pitch:]
+                        for ow in range(out_w):
+                            target[ow] = row[ow]
+                    for i in range(kh):
+                        for j in range(kw):
+                            _mac_masked(acc[i * kw + j], grads, padded[i * dh * pitch + j * dw:], keep, length)
+                for i in range(kh):
+                    for j in range(kw):
+                        grad_w[o - g0 * filters, c, i, j] = acc[i * kw + j].sum()
+
+
 def _args(geom: Geometry) -> tuple[int, ...]:
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
     top, _, left, _ = geom.padding
@@ -234,18 +325,51 @@ def _blocks(n: int, groups: int, workers: int) -> list[tuple[int, int, int, int]
     return [(s0, s1, g0, g1) for g0, g1 in group_parts for s0, s1 in sample_parts]
 
 
+def _flat_sizes(geom: Geometry) -> tuple[int, int, int]:
+    """(pitch, length, padded plane size) of the stride-1 layout of :func:`_forward_flat`."""
+    (dh, dw), (kh, kw) = geom.dilation, (geom.kernel_h, geom.kernel_w)
+    pitch = geom.out_w + dw * (kw - 1)
+    return pitch, geom.out_h * pitch, (geom.out_h + dh * (kh - 1)) * pitch + dw * (kw - 1)
+
+
 def scratch(geom: Geometry, itemsize: int, cache_bytes: int) -> int:
-    """Bytes one task holds beside the result: its weight gradient and a row of accumulators per tap."""
-    return itemsize * (geom.out_channels * geom.patch_size + geom.kernel_h * geom.kernel_w * geom.out_w)
+    """Bytes one task holds beside the result: its weight gradient, and its planes (padded inputs,
+    output gradient, accumulators: a row per tap, or a whole plane per tap for stride 1)."""
+    taps = geom.kernel_h * geom.kernel_w
+    weights = itemsize * geom.out_channels * geom.patch_size
+    if geom.stride != (1, 1):
+        return weights + itemsize * taps * geom.out_w
+    _, length, plane = _flat_sizes(geom)
+    channels = max(geom.channels_per_group, geom.filters_per_group)
+    return weights + itemsize * (channels * plane + (taps + 2) * length) + length
 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, geom: Geometry, workers: int,
             cache_bytes: int) -> np.ndarray:
     y = np.empty((x.shape[0], geom.out_channels, geom.out_h, geom.out_w), dtype=x.dtype)
     b = np.zeros(geom.out_channels, dtype=x.dtype) if bias is None else bias
-    args = _args(geom)
-    run([partial(_forward, x, weight, b, y, *block, *args) for block in _blocks(x.shape[0], geom.groups, workers)])
+    _convolve(x, weight, b, y, geom.stride, geom.dilation, geom.padding[0], geom.padding[2],
+              _blocks(x.shape[0], geom.groups, workers))
     return y
+
+
+def _convolve(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, y: np.ndarray, stride: tuple[int, int],
+              dilation: tuple[int, int], top: int, left: int, blocks: list[tuple[int, int, int, int]]) -> None:
+    """y = the grouped convolution of x by weight (+ bias), block by block on the workers."""
+    (sh, sw), (dh, dw) = stride, dilation
+    if stride != (1, 1):
+        run([partial(_forward, x, weight, bias, y, *block, sh, sw, dh, dw, top, left) for block in blocks])
+        return
+    kh, kw = weight.shape[2], weight.shape[3]
+    pitch = y.shape[3] + dw * (kw - 1)
+    plane = (y.shape[2] + dh * (kh - 1)) * pitch + dw * (kw - 1)
+
+    def task(s0: int, s1: int, g0: int, g1: int) -> None:
+        padded = np.empty((weight.shape[1], plane), dtype=x.dtype)
+        acc = np.empty(y.shape[2] * pitch, dtype=x.dtype)
+        _forward_flat(x, weight, bias, y, padded, acc, s0, s1, g0, g1, dh, dw, top, left)
+
+    run([partial(task, *block) for block in blocks])
 
 
 def _flipped(weight: np.ndarray, geom: Geometry) -> np.ndarray:
@@ -255,40 +379,51 @@ def _flipped(weight: np.ndarray, geom: Geometry) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(w, 1, 2)).reshape(geom.in_channels, m, geom.kernel_h, geom.kernel_w)
 
 
-def backward(grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, geom: Geometry, workers: int,
-             cache_bytes: int, needs: tuple[str, ...] = ("x", "weight")) -> tuple[Any, Any]:
-    n = x.shape[0]
-    want_x, want_w = "x" in needs, "weight" in needs
-    args = _args(geom)
-    blocks = _blocks(n, geom.groups, workers)
-    grad_x = np.empty_like(x) if want_x else None
-    if want_x and geom.stride == (1, 1):
-        # Output gradient -> input gradient is a forward convolution: flipped kernel, padding reach - padding.
+def _input_grad(grad_out: np.ndarray, weight: np.ndarray, geom: Geometry, grad_x: np.ndarray,
+                blocks: list[tuple[int, int, int, int]]) -> None:
+    """grad_x = the input gradient, block by block on the workers."""
+    if geom.stride == (1, 1):
+        # A forward convolution of the output gradient: flipped kernel, padding reach - padding.
         (dh, dw), (kh, kw) = geom.dilation, (geom.kernel_h, geom.kernel_w)
         top, left = dh * (kh - 1) - geom.padding[0], dw * (kw - 1) - geom.padding[2]
-        flipped = _flipped(weight, geom)
-        zeros = np.zeros(geom.in_channels, dtype=x.dtype)
-        transposed = (1, 1, dh, dw, top, left)
-    filters = geom.filters_per_group
+        _convolve(grad_out, _flipped(weight, geom), np.zeros(geom.in_channels, dtype=grad_out.dtype), grad_x,
+                  (1, 1), geom.dilation, top, left, blocks)
+        return
+    grad_x[...] = 0
+    run([partial(_scatter, grad_x, grad_out, weight, *block, *_args(geom)) for block in blocks])
 
-    def task(s0: int, s1: int, g0: int, g1: int) -> Any:
-        if grad_x is not None:
-            if geom.stride == (1, 1):
-                _forward(grad_out, flipped, zeros, grad_x, s0, s1, g0, g1, *transposed)
-            else:
-                grad_x[s0:s1, g0 * geom.channels_per_group:g1 * geom.channels_per_group] = 0
-                _scatter(grad_x, grad_out, weight, s0, s1, g0, g1, *args)
-        if not want_w:
-            return None
-        grad_w = np.empty(((g1 - g0) * filters, *weight.shape[1:]), dtype=x.dtype)
-        acc = np.empty((geom.kernel_h * geom.kernel_w, geom.out_w), dtype=x.dtype)
-        _weight_grad(grad_w, grad_out, x, acc, s0, s1, g0, g1, *args)
+
+def _weight_grad_task(grad_out: np.ndarray, x: np.ndarray, geom: Geometry, s0: int, s1: int, g0: int,
+                      g1: int) -> np.ndarray:
+    """The weight gradient of groups g0:g1 over samples s0:s1 (one task's)."""
+    filters, taps = geom.filters_per_group, geom.kernel_h * geom.kernel_w
+    grad_w = np.empty(((g1 - g0) * filters, geom.channels_per_group, geom.kernel_h, geom.kernel_w), dtype=x.dtype)
+    if geom.stride != (1, 1):
+        acc = np.empty((taps, geom.out_w), dtype=x.dtype)
+        _weight_grad(grad_w, grad_out, x, acc, s0, s1, g0, g1, *_args(geom))
         return grad_w
+    pitch, length, plane = _flat_sizes(geom)
+    keep = np.zeros((geom.out_h, pitch), dtype=np.bool_)
+    keep[:, :geom.out_w] = True
+    padded, grads = np.empty(plane, dtype=x.dtype), np.zeros(length, dtype=x.dtype)
+    acc = np.empty((taps, length), dtype=x.dtype)
+    _weight_grad_flat(grad_w, grad_out, x, padded, grads, keep.reshape(-1), acc, s0, s1, g0, g1, *geom.dilation,
+                      geom.padding[0], geom.padding[2])
+    return grad_w
 
-    partials = run([partial(task, *block) for block in blocks])
+
+def backward(grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, geom: Geometry, workers: int,
+             cache_bytes: int, needs: tuple[str, ...] = ("x", "weight")) -> tuple[Any, Any]:
+    blocks = _blocks(x.shape[0], geom.groups, workers)
+    grad_x = None
+    if "x" in needs:
+        grad_x = np.empty_like(x)
+        _input_grad(grad_out, weight, geom, grad_x, blocks)
     grad_w = None
-    if want_w:
+    if "weight" in needs:
+        partials = run([partial(_weight_grad_task, grad_out, x, geom, *block) for block in blocks])
         grad_w = np.zeros_like(weight)
+        filters = geom.filters_per_group
         for (_, _, g0, g1), part in zip(blocks, partials):  # in task order: the same sum on every run
             grad_w[g0 * filters:g1 * filters] += part
     return grad_x, grad_w
