@@ -172,9 +172,8 @@ def _scatter(grad_x, grad_out, w, s0, s1, g0, g1, sh, sw, dh, dw, top, left):
                             ow0, ow1 = _valid(shift, sw, width, out_w)
                             tap = w[o, c, i, j]
                             for oh in range(oh0, oh1):
-                                row = target[oh * sh + i * dh - top]
-                                for ow in range(ow0, ow1):
-                                    row[ow * sw + shift] += tap * source[oh, ow]
+                                _axpy(target[oh * sh + i * dh - top, ow0 * sw + shift::sw], source[oh, ow0:], tap,
+                                      ow1 - ow0)
 
 
 @kernel
