@@ -83,7 +83,6 @@ def test_kernels_match_pytorch(layer, dtype, workers):
     w = rng.standard_normal((geom.out_channels, geom.channels_per_group, geom.kernel_h, geom.kernel_w)).astype(dtype)
     b = rng.standard_normal(geom.out_channels).astype(dtype)
     grad_out = rng.standard_normal((layer["n"], geom.out_channels, geom.out_h, geom.out_w)).astype(dtype)
-    assert _algorithm.kernel_set(geom) is direct
     x_before, w_before, g_before = x.copy(), w.copy(), grad_out.copy()
     y = direct.forward(x, w, b, geom, workers, 2**20)
     grad_x, grad_w = direct.backward(grad_out, x, w, geom, workers, 2**20, ("x", "weight"))
@@ -105,7 +104,7 @@ def test_kernels_match_pytorch(layer, dtype, workers):
 PUBLIC = [dict(n=3, c=6, o=6, h=9, w=8, kernel=(3, 3), kwargs=dict(padding=1, groups=6)),  # depthwise
           dict(n=2, c=4, o=8, h=7, w=10, kernel=(5, 3), kwargs=dict(stride=2, padding=(2, 1), groups=4)),
           dict(n=2, c=8, o=6, h=9, w=9, kernel=(2, 4), kwargs=dict(padding="same", dilation=(2, 1), groups=2)),
-          dict(n=1, c=12, o=3, h=6, w=7, kernel=(1, 3), kwargs=dict(stride=(1, 3), padding=(0, 2), groups=3)),
+          dict(n=1, c=12, o=3, h=6, w=7, kernel=(1, 3), kwargs=dict(padding=(0, 2), groups=3)),
           dict(n=2, c=5, o=5, h=11, w=6, kernel=(3, 3), kwargs=dict(stride=(2, 1), dilation=2, padding=3, groups=5))]
 
 
@@ -156,9 +155,15 @@ def test_nonfinite_reaches_only_what_reads_it():
     assert not np.isfinite(grad_w[2, 0, :, 2]).any() and np.isfinite(grad_w[2, 0, :, :2]).all()
 
 
-def test_wider_groups_go_elsewhere():
-    """Routing: groups of more than DIRECT_MAX_CHANNELS_PER_GROUP channels, or one group, are not direct's."""
+def test_routing():
+    """Direct's layers: grouped, depthwise at any stride, up to DIRECT_MAX_CHANNELS_PER_GROUP channels a
+    group at stride 1 (measured: _algorithm.py); not one group, wider groups, or strided non-depthwise."""
     limit = _algorithm.DIRECT_MAX_CHANNELS_PER_GROUP
-    wide = make_geometry((1, 2 * (limit + 1), 5, 5), (2, limit + 1, 3, 3), None, groups=2)
-    single = make_geometry((1, 2, 5, 5), (2, 2, 3, 3), None)
-    assert _algorithm.kernel_set(wide) is not direct and _algorithm.kernel_set(single) is not direct
+
+    def routed(channels, groups, stride=1):
+        geom = make_geometry((1, channels, 9, 9), (groups, channels // groups, 3, 3), None, groups=groups,
+                             stride=stride)
+        return _algorithm.kernel_set(geom) is direct
+
+    assert routed(6, 6) and routed(6, 6, stride=2) and routed(2 * limit, 2)
+    assert not routed(2, 1) and not routed(2 * (limit + 1), 2) and not routed(4, 2, stride=2)
