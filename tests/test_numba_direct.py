@@ -83,6 +83,7 @@ def test_kernels_match_pytorch(layer, dtype, workers):
     w = rng.standard_normal((geom.out_channels, geom.channels_per_group, geom.kernel_h, geom.kernel_w)).astype(dtype)
     b = rng.standard_normal(geom.out_channels).astype(dtype)
     grad_out = rng.standard_normal((layer["n"], geom.out_channels, geom.out_h, geom.out_w)).astype(dtype)
+    assert _algorithm.kernel_set(geom) is direct
     x_before, w_before, g_before = x.copy(), w.copy(), grad_out.copy()
     y = direct.forward(x, w, b, geom, workers, 2**20)
     grad_x, grad_w = direct.backward(grad_out, x, w, geom, workers, 2**20, ("x", "weight"))
@@ -156,14 +157,14 @@ def test_nonfinite_reaches_only_what_reads_it():
 
 
 def test_routing():
-    """Direct's layers: grouped, up to DIRECT_MAX_CHANNELS_PER_GROUP channels a group at stride 1, up to
-    DIRECT_MAX_CHANNELS_PER_GROUP_STRIDED strided (measured: _algorithm.py); not one group, not wider."""
-    limit, strided = _algorithm.DIRECT_MAX_CHANNELS_PER_GROUP, _algorithm.DIRECT_MAX_CHANNELS_PER_GROUP_STRIDED
+    """Direct's layers: grouped with up to DIRECT_MAX_CHANNELS_PER_GROUP channels a group, at any stride
+    (measured: _algorithm.py); not one group, not wider groups."""
+    limit = _algorithm.DIRECT_MAX_CHANNELS_PER_GROUP
 
     def routed(channels, groups, stride=1):
         geom = make_geometry((1, channels, 9, 9), (groups, channels // groups, 3, 3), None, groups=groups,
                              stride=stride)
         return _algorithm.kernel_set(geom) is direct
 
-    assert routed(6, 6) and routed(2 * strided, 2, stride=2) and routed(2 * limit, 2)
-    assert not routed(2, 1) and not routed(2 * (limit + 1), 2) and not routed(2 * (strided + 1), 2, stride=2)
+    assert routed(6, 6) and routed(2 * limit, 2, stride=2) and routed(2 * limit, 2)
+    assert not routed(2, 1) and not routed(2 * (limit + 1), 2) and not routed(2 * (limit + 1), 2, stride=2)

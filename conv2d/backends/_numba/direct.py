@@ -14,8 +14,9 @@ dropped. Only one sample's planes are padded at a time (memory: :func:`scratch`)
 - input gradient, stride 1: the forward convolution of the output gradient with the flipped kernel,
   weights transposed within the group and padding ``dilation*(k-1) - padding`` (negative where
   the layer's padding exceeds the kernel's reach: :func:`_pad` crops);
-- input gradient, stride > 1: each tap's outputs added back where they were read, into the task's
-  own planes (:func:`_scatter`, per output row, the valid range of each tap from :func:`_valid`);
+- input gradient, stride > 1: the transpose of the forward's layout: each tap's output gradient
+  added, as one shift of the whole plane, into the phase it read (:func:`_input_grad_flat`), the
+  phases then put back in place;
 - weight gradient: per tap, output gradient times the tap's input summed elementwise over the
   task's samples in a plane of accumulators (vectorised; each summed once at the end), where the
   column is a real output: a select, not a product by zero, so that an inf read only by a dropped
@@ -66,30 +67,6 @@ def _nine(target, count, a, b, c, d, e, f, g, h, k, wa, wb, wc, wd, we, wf, wg, 
     for t in range(count):
         target[t] += (wa * a[t] + wb * b[t] + wc * c[t] + wd * d[t] + we * e[t] + wf * f[t]
                       + wg * g[t] + wh * h[t] + wk * k[t])
-
-
-@kernel
-def _scatter(grad_x, grad_out, w, s0, s1, g0, g1, sh, sw, dh, dw, top, left):
-    """grad_x[s0:s1, groups g0:g1] += each tap's output gradient, put back where the tap read (any stride)."""
-    per_group = w.shape[1]
-    filters = grad_out.shape[1] // (grad_x.shape[1] // per_group)
-    height, width = grad_x.shape[2], grad_x.shape[3]
-    out_h, out_w = grad_out.shape[2], grad_out.shape[3]
-    for s in range(s0, s1):
-        for g in range(g0, g1):
-            for c in range(per_group):
-                target = grad_x[s, g * per_group + c]
-                for o in range(g * filters, (g + 1) * filters):
-                    source = grad_out[s, o]
-                    for i in range(w.shape[2]):
-                        oh0, oh1 = _valid(i * dh - top, sh, height, out_h)
-                        for j in range(w.shape[3]):
-                            shift = j * dw - left
-                            ow0, ow1 = _valid(shift, sw, width, out_w)
-                            tap = w[o, c, i, j]
-                            for oh in range(oh0, oh1):
-                                _axpy(target[oh * sh + i * dh - top, ow0 * sw + shift::sw], source[oh, ow0:], tap,
-                                      ow1 - ow0)
 
 
 @kernel
@@ -203,6 +180,61 @@ def _weight_grad_flat(grad_w, grad_out, x, padded, grads, keep, acc, s0, s1, g0,
                         grad_w[o - g0 * filters, c, i, j] = acc[i * kw + j].sum()
 
 
+@kernel
+def _axpy_masked(target, source, tap, keep, count):
+    """target[t] += tap * source[t] where keep[t], for t < count (a select: see :func:`_mac_masked`)."""
+    for t in range(count):
+        v = target[t] + tap * source[t]
+        target[t] = v if keep[t] else target[t]
+
+
+@kernel
+def _unpad(phases, plane, top, left, sh, sw, pitch, rows):
+    """The inverse of :func:`_pad`: plane[ih, iw] = the phase element it was copied to (zero where
+    none: rows and columns no output reads)."""
+    height, width = plane.shape
+    for ih in range(height):
+        target = plane[ih]
+        for t in range(width):
+            target[t] = 0
+        if ih + top < 0 or ih + top >= rows * sh:
+            continue
+        a, r = (ih + top) % sh, (ih + top) // sh
+        for b in range(sw):
+            c0, c1 = _valid(b - left, sw, width, pitch)
+            source = phases[a * sw + b, r * pitch + c0:]
+            view = plane[ih, c0 * sw + b - left::sw]
+            for t in range(c1 - c0):
+                view[t] = source[t]
+
+
+@kernel
+def _input_grad_flat(grad_x, grad_out, w, phases, grads, keep, s0, s1, g0, g1, sh, sw, dh, dw, top, left):
+    """grad_x[s0:s1, groups g0:g1] for any stride: each tap's output gradient added, as one shift of
+    the whole plane, into the phase it read (the transpose of :func:`_forward_flat`), then the phases
+    put back in place (:func:`_unpad`)."""
+    per_group = w.shape[1]
+    kh, kw = w.shape[2], w.shape[3]
+    filters = grad_out.shape[1] // (grad_x.shape[1] // per_group)
+    out_h, out_w = grad_out.shape[2], grad_out.shape[3]
+    pitch, rows = out_w + dw * (kw - 1) // sw, out_h + dh * (kh - 1) // sh
+    length = out_h * pitch
+    for s in range(s0, s1):
+        for g in range(g0, g1):
+            for c in range(per_group):
+                phases[:, :] = 0
+                for o in range(g * filters, (g + 1) * filters):
+                    source = grad_out[s, o]
+                    for oh in range(out_h):
+                        row, target = source[oh], grads[oh * pitch:]
+                        for ow in range(out_w):
+                            target[ow] = row[ow]
+                    for i in range(kh):
+                        for j in range(kw):
+                            _axpy_masked(_tap(phases, i, j, sh, sw, dh, dw, pitch), grads, w[o, c, i, j], keep, length)
+                _unpad(phases, grad_x[s, g * per_group + c], top, left, sh, sw, pitch, rows)
+
+
 def _args(geom: Geometry) -> tuple[int, ...]:
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
     top, _, left, _ = geom.padding
@@ -277,8 +309,16 @@ def _input_grad(grad_out: np.ndarray, weight: np.ndarray, geom: Geometry, grad_x
         _convolve(grad_out, _flipped(weight, geom), np.zeros(geom.in_channels, dtype=grad_out.dtype), grad_x,
                   (1, 1), geom.dilation, top, left, blocks)
         return
-    grad_x[...] = 0
-    run([partial(_scatter, grad_x, grad_out, weight, *block, *_args(geom)) for block in blocks])
+    pitch, length, plane = _flat_sizes(geom)
+    keep = np.zeros((geom.out_h, pitch), dtype=np.bool_)
+    keep[:, :geom.out_w] = True
+
+    def task(s0: int, s1: int, g0: int, g1: int) -> None:
+        phases = np.empty((geom.stride[0] * geom.stride[1], plane), dtype=grad_x.dtype)
+        grads = np.zeros(length, dtype=grad_x.dtype)
+        _input_grad_flat(grad_x, grad_out, weight, phases, grads, keep.reshape(-1), s0, s1, g0, g1, *_args(geom))
+
+    run([partial(task, *block) for block in blocks])
 
 
 def _weight_grad_task(grad_out: np.ndarray, x: np.ndarray, geom: Geometry, s0: int, s1: int, g0: int,
