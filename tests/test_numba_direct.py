@@ -156,6 +156,25 @@ def test_nonfinite_reaches_only_what_reads_it():
     assert not np.isfinite(grad_w[2, 0, :, 2]).any() and np.isfinite(grad_w[2, 0, :, :2]).all()
 
 
+@pytest.mark.parametrize("layer", LAYERS[:12], ids=_id)
+def test_nonfinite_weight_reaches_only_the_pixels_it_multiplies(layer):
+    """An inf weight: the input gradient is non-finite exactly where PyTorch's is, and equal elsewhere (at
+    stride 1 such a weight takes the transposed path, which never multiplies it by the padding)."""
+    geom = _geometry(layer)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((layer["n"], geom.in_channels, geom.height, geom.width))
+    w = rng.standard_normal((geom.out_channels, geom.channels_per_group, geom.kernel_h, geom.kernel_w))
+    w[-1, 0, 0, 0] = np.inf
+    grad_out = rng.standard_normal((layer["n"], geom.out_channels, geom.out_h, geom.out_w))
+    grad_x, _ = direct.backward(grad_out, x, w, geom, 2, 2**20, ("x",))
+    with np.errstate(invalid="ignore"):
+        _, want, _ = _torch_padded(x, w, grad_out, layer)
+    finite = np.isfinite(want)  # all finite where the tap reads only padding
+    np.testing.assert_array_equal(np.isnan(grad_x), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(grad_x), np.isinf(want))
+    assert_close(conv2d.get_backend("numpy"), grad_x[finite], want[finite], "float64", "grad_x")
+
+
 def test_routing():
     """Direct's layers: grouped with up to DIRECT_MAX_CHANNELS_PER_GROUP channels a group, at any stride
     (measured: _algorithm.py); not one group, not wider groups."""
