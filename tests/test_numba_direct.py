@@ -109,7 +109,7 @@ PUBLIC = [dict(n=3, c=6, o=6, h=9, w=8, kernel=(3, 3), kwargs=dict(padding=1, gr
           dict(n=2, c=5, o=5, h=11, w=6, kernel=(3, 3), kwargs=dict(stride=(2, 1), dilation=2, padding=3, groups=5))]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "complex64", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "complex64", "complex128", "float16"])
 @pytest.mark.parametrize("case", PUBLIC, ids=[str(i) for i in range(len(PUBLIC))])
 def test_public_functions_match_pytorch(case, dtype):
     """conv2d and conv2d_backward with algorithm="kernels" on grouped layers: real, complex (PyTorch's
