@@ -149,6 +149,14 @@ def _mac_masked(sums, a, b, keep, count):
 
 
 @kernel
+def _mac2_masked(sums, a, b, c, d, keep, count):
+    """sums[t] += a[t] * b[t] + c[t] * d[t] where keep[t], for t < count (see :func:`_mac_masked`)."""
+    for t in range(count):
+        v = sums[t] + (a[t] * b[t] + c[t] * d[t])
+        sums[t] = v if keep[t] else sums[t]
+
+
+@kernel
 def _weight_grad_flat(grad_w, grad_out, x, padded, grads, keep, acc, s0, s1, g0, g1, sh, sw, dh, dw, top, left):
     """The weight gradient of groups g0:g1 over samples s0:s1 (grad_w: those groups' filters only), on
     whole planes as :func:`_forward_flat` lays them out: acc[tap, p] sums grad_out times the tap's
@@ -164,17 +172,23 @@ def _weight_grad_flat(grad_w, grad_out, x, padded, grads, keep, acc, s0, s1, g0,
         for o in range(g * filters, (g + 1) * filters):
             for c in range(per_group):
                 acc[:, :] = 0
-                for s in range(s0, s1):
-                    _pad(x[s, g * per_group + c], padded, top, left, sh, sw, pitch, rows)
-                    source = grad_out[s, o]
-                    for oh in range(out_h):
-                        row, target = source[oh], grads[oh * pitch:]
-                        for ow in range(out_w):
-                            target[ow] = row[ow]
+                for s in range(s0, s1, 2):  # two samples a pass: half the accumulators' loads and stores
+                    pair = s + 1 < s1
+                    for k in range(2 if pair else 1):
+                        _pad(x[s + k, g * per_group + c], padded[k], top, left, sh, sw, pitch, rows)
+                        source, flat = grad_out[s + k, o], grads[k]
+                        for oh in range(out_h):
+                            row, target = source[oh], flat[oh * pitch:]
+                            for ow in range(out_w):
+                                target[ow] = row[ow]
                     for i in range(kh):
                         for j in range(kw):
-                            _mac_masked(acc[i * kw + j], grads, _tap(padded, i, j, sh, sw, dh, dw, pitch), keep,
-                                        length)
+                            first = _tap(padded[0], i, j, sh, sw, dh, dw, pitch)
+                            if pair:
+                                _mac2_masked(acc[i * kw + j], grads[0], first, grads[1],
+                                             _tap(padded[1], i, j, sh, sw, dh, dw, pitch), keep, length)
+                            else:
+                                _mac_masked(acc[i * kw + j], grads[0], first, keep, length)
                 for i in range(kh):
                     for j in range(kw):
                         grad_w[o - g0 * filters, c, i, j] = acc[i * kw + j].sum()
@@ -332,8 +346,8 @@ def _weight_grad_task(grad_out: np.ndarray, x: np.ndarray, geom: Geometry, s0: i
     pitch, length, plane = _flat_sizes(geom)
     keep = np.zeros((geom.out_h, pitch), dtype=np.bool_)
     keep[:, :geom.out_w] = True
-    padded = np.empty((geom.stride[0] * geom.stride[1], plane), dtype=x.dtype)
-    grads, acc = np.zeros(length, dtype=x.dtype), np.empty((taps, length), dtype=x.dtype)
+    padded = np.empty((2, geom.stride[0] * geom.stride[1], plane), dtype=x.dtype)
+    grads, acc = np.zeros((2, length), dtype=x.dtype), np.empty((taps, length), dtype=x.dtype)
     _weight_grad_flat(grad_w, grad_out, x, padded, grads, keep.reshape(-1), acc, s0, s1, g0, g1, *geom.stride,
                       *geom.dilation, geom.padding[0], geom.padding[2])
     return grad_w
