@@ -214,7 +214,9 @@ def test_kernels_compile_once_into_the_user_cache_where_the_install_is_read_only
             assert run["stats"], "no compiled kernel ran"
             for name, (_, _, path) in run["stats"].items():
                 assert path is not None and Path(path).is_relative_to(cache_home / "cache" / "numba"), (name, path)
-        assert set(warm["stats"]) == set(cold["stats"])
+        # Every kernel the call runs was loaded; a helper that only kernels call (compiled into them) is
+        # compiled in the cold run and not even loaded in the warm one.
+        assert "conv2d.backends._numba.im2col._im2col" in warm["stats"] and set(warm["stats"]) <= set(cold["stats"])
         assert all(misses > 0 for _, misses, _ in cold["stats"].values()), cold["stats"]  # an empty cache
         assert all(hits > 0 and misses == 0 for hits, misses, _ in warm["stats"].values()), warm["stats"]
         assert _listing(install) == before  # nothing written into the install
