@@ -37,8 +37,8 @@ def _columns(j, out_w, width, sw, dw, left):
 def _im2col(x, cols, r0, r1, kh, kw, sh, sw, dh, dw, top, left):
     """cols[(c, i, j), (s, oh, ow)] = x[s, c, oh*sh - top + i*dh, ow*sw - left + j*dw], zero outside.
 
-    The columns that read padding are known per tap before the loop over them, so the inner loop is
-    a plain (strided) copy that the compiler vectorises.
+    The columns that read padding are known per tap before the loop over them, and the loops run on
+    views from index 0 (no negative index for Numba to wrap around): plain copies, vectorised.
     """
     n, channels, height, width = x.shape
     out_w = cols.shape[1] // max(1, n * (r1 - r0))
@@ -51,16 +51,19 @@ def _im2col(x, cols, r0, r1, kh, kw, sh, sw, dh, dw, top, left):
                     column = s * (r1 - r0) * out_w
                     for oh in range(r0, r1):
                         ih = oh * sh - top + i * dh
-                        if ih < 0 or ih >= height:
+                        out = cols[row, column : column + out_w]
+                        if ih < 0 or ih >= height or hi == lo:
                             for ow in range(out_w):
-                                cols[row, column + ow] = 0
+                                out[ow] = 0
                         else:
+                            src = x[s, c, ih, lo * sw + first : (hi - 1) * sw + first + 1 : sw]
+                            dst = out[lo:hi]
                             for ow in range(lo):
-                                cols[row, column + ow] = 0
-                            for ow in range(lo, hi):
-                                cols[row, column + ow] = x[s, c, ih, ow * sw + first]
+                                out[ow] = 0
+                            for t in range(hi - lo):
+                                dst[t] = src[t]
                             for ow in range(hi, out_w):
-                                cols[row, column + ow] = 0
+                                out[ow] = 0
                         column += out_w
 
 
@@ -78,9 +81,11 @@ def _col2im(grad_cols, grad_x, r0, r1, kh, kw, sh, sw, dh, dw, top, left):
                     column = s * (r1 - r0) * out_w
                     for oh in range(r0, r1):
                         ih = oh * sh - top + i * dh
-                        if 0 <= ih < height:
-                            for ow in range(lo, hi):
-                                grad_x[s, c, ih, ow * sw + first] += grad_cols[row, column + ow]
+                        if 0 <= ih < height and hi > lo:
+                            dst = grad_x[s, c, ih, lo * sw + first : (hi - 1) * sw + first + 1 : sw]
+                            src = grad_cols[row, column + lo : column + hi]
+                            for t in range(hi - lo):
+                                dst[t] += src[t]
                         column += out_w
 
 
