@@ -13,7 +13,7 @@ import numpy as np
 
 from ..._geometry import Geometry
 from .._cpu_cache import l2_cache_bytes
-from . import direct, im2col, winograd
+from . import direct, im2col, pointwise, winograd
 from ._threads import worker_count
 
 # Grouped layers with at most this many channels per group run the direct kernels (no patch matrix).
@@ -28,6 +28,8 @@ def kernel_set(geom: Geometry) -> ModuleType:
     """The kernel module that computes `geom`."""
     if geom.groups > 1 and geom.channels_per_group <= DIRECT_MAX_CHANNELS_PER_GROUP:
         return direct
+    if pointwise.applies(geom):  # 1x1, stride 1, no padding: products on the arrays themselves
+        return pointwise
     if winograd.winograd_pays(geom):  # 3x3, stride 1, dilation 1, where measured faster than im2col
         return winograd
     return im2col

@@ -358,7 +358,7 @@ def backward(grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, geom: Geom
     blocks = _blocks(x.shape[0], geom.groups, workers)
     grad_x = None
     if "x" in needs:
-        grad_x = np.empty_like(x)
+        grad_x = np.empty(x.shape, dtype=x.dtype)
         _input_grad(grad_out, weight, geom, grad_x, blocks)
     grad_w = None
     if "weight" in needs:

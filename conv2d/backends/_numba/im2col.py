@@ -162,7 +162,7 @@ def backward(grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, geom: Geom
              cache_bytes: int, needs: tuple[str, ...] = ("x", "weight")) -> tuple[Any, Any]:
     n = x.shape[0]
     want_x, want_w = "x" in needs, "weight" in needs
-    grad_x = np.zeros_like(x) if want_x else None
+    grad_x = np.zeros(x.shape, dtype=x.dtype) if want_x else None
     g, m, k = geom.groups, geom.filters_per_group, geom.patch_size
     w_t = np.ascontiguousarray(np.swapaxes(weight.reshape(g, m, k), 1, 2))  # (G, K/G, O/G)
     args = _args(geom)
