@@ -17,7 +17,7 @@ from ._determinism import resolve_deterministic
 from ._geometry import make_geometry
 from .backends import ENV_VAR, BackendUnavailableError, available_backends, get_backend
 
-_DISTRIBUTIONS = ("numpy", "array-api-compat", "cupy-cuda12x", "cupy-cuda13x", "torch", "jax", "array-api-strict")
+_DISTRIBUTIONS = ("numpy", "array-api-compat", "numba", "cupy-cuda12x", "cupy-cuda13x", "torch", "jax", "array-api-strict")
 
 
 def _version(distribution: str) -> str:
@@ -32,7 +32,7 @@ def _version(distribution: str) -> str:
 _ALGORITHM_NOTES = {
     "gather": "im2col by an indexed gather, scatter-add back",
     "slices": "im2col by kH*kW strided slices, slice additions back",
-    "kernels": "im2col/col2im device kernels, CuPy only",
+    "kernels": "compiled kernels: CuPy's device kernels; NumPy's CPU kernels where Numba is installed",
     "native": "the library's own convolution, torch and JAX only",
     "direct": "kH*kW shifted multiply-adds, no patch matrix",
     "winograd": "Winograd F(2x2, 3x3), 3x3 kernels with stride 1",
@@ -43,7 +43,7 @@ _ALGORITHM_NOTES = {
 _AUTO_RULE = (
     ("native", ("torch; JAX but for 1x1 kernels and layers of at most 4 channels per group "
                 "(not on a JAX GPU in deterministic mode)")),
-    ("kernels", "CuPy"),
+    ("kernels", "CuPy; NumPy where Numba is installed (its Winograd layers: finite inputs)"),
     ("direct", "grouped layers of at most 4 channels per group (not on JAX)"),
     ("pointwise", "NumPy, 1x1 kernels"),
     ("winograd", ("NumPy, finite inputs, 3x3 stride-1 layers of at least 64 channels and filters per group "
@@ -85,7 +85,10 @@ def info() -> int:
         picks = []
         for label, x_shape, w_shape, options in _EXAMPLE_LAYERS:
             geom = make_geometry(x_shape, w_shape, None, **options)
-            picks.append(f"{label}: {auto_algorithm(backend, deterministic, geom=geom)}")
+            pick = auto_algorithm(backend, deterministic, geom=geom)
+            if pick == "kernels" and hasattr(backend.kernels, "kernel_set_name"):  # NumPy's: which kernel set
+                pick += f" ({backend.kernels.kernel_set_name(geom)})"
+            picks.append(f"{label}: {pick}")
         print(f"active backend: {backend.spec} (from {source}); algorithm 'auto' there: {'; '.join(picks)}")
         if mode_error is not None:
             raise mode_error

@@ -23,7 +23,7 @@ EIGHT_PER_GROUP = make_geometry((2, 16, 8, 8), (16, 8, 3, 3), None, padding=1, g
 POINTWISE = make_geometry((2, 16, 8, 8), (16, 16, 1, 1), None)
 
 
-def test_rule_on_numpy():
+def test_rule_on_numpy(without_compiled_kernels):
     numpy = conv2d.get_backend("numpy")
     assert _conv.auto_algorithm(numpy, geom=DENSE) == "slices"
     assert _conv.auto_algorithm(numpy, geom=DEPTHWISE) == "direct"

@@ -94,7 +94,7 @@ def test_other_kernels_are_refused():
         conv2d.conv2d(x, w, algorithm="pointwise")
 
 
-def test_auto_runs_pointwise_on_numpy_1x1_layers(monkeypatch):
+def test_auto_runs_pointwise_on_numpy_1x1_layers(monkeypatch, without_compiled_kernels):
     geom = make_geometry((2, 8, 5, 5), (4, 8, 1, 1), None, stride=2)
     assert _conv.auto_algorithm(conv2d.get_backend("numpy"), geom=geom) == "pointwise"
     assert _conv.auto_algorithm(conv2d.get_backend("array_api_strict"), geom=geom) == "slices"

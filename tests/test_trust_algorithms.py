@@ -184,7 +184,7 @@ def test_explicit_winograd_keeps_its_documented_behaviour():
     assert np.isnan(y).any() and not np.isnan(y_ref).any()
 
 
-def test_auto_runs_winograd_on_finite_data_only(monkeypatch):
+def test_auto_runs_winograd_on_finite_data_only(monkeypatch, without_compiled_kernels):
     """The finiteness check decides per call: winograd for finite data, slices once an inf appears."""
     from conv2d.algorithms.winograd import Winograd
 

@@ -152,7 +152,7 @@ def _geom(c, o, k=3, stride=1, dilation=1, groups=1, hw=8):
                          dilation=dilation, groups=groups)
 
 
-def test_auto_rule():
+def test_auto_rule(without_compiled_kernels):
     """auto picks winograd on NumPy for 3x3 stride-1 layers (dilated too) of at least WINOGRAD_WIDE_CHANNELS
     channels and filters per group, or WINOGRAD_MIN_CHANNELS on small outputs; not for narrower, strided or
     other kernels, nor on other backends."""
@@ -171,14 +171,14 @@ def test_auto_rule():
     assert _conv.auto_algorithm(strict, geom=_geom(least, least)) == "slices"
 
 
-def test_auto_runs_winograd_on_a_wide_numpy_layer(monkeypatch):
+def test_auto_runs_winograd_on_a_wide_numpy_layer(monkeypatch, without_compiled_kernels):
     """The default call on such a layer runs winograd (recorded), with PyTorch's results."""
     from conv2d.algorithms.winograd import Winograd
 
     ran = []
     forward, backward = Winograd.forward, Winograd.backward
     monkeypatch.setattr(Winograd, "forward", staticmethod(lambda *a: ran.append("forward") or forward(*a)))
-    monkeypatch.setattr(Winograd, "backward", staticmethod(lambda *a: ran.append("backward") or backward(*a)))
+    monkeypatch.setattr(Winograd, "backward", staticmethod(lambda *a, **k: ran.append("backward") or backward(*a, **k)))
     layer = dict(n=2, c=32, o=32, h=6, w=5, kwargs=dict(padding=1, groups=1))
     x, w, b, g = _data(layer, 7, "float32")
     y_ref, *grads_ref = torch_conv(x, w, b, g, padding=1)

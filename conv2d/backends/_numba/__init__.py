@@ -6,7 +6,8 @@ and None otherwise, so that nothing changes (and nothing warns) without them. It
 whole-call algorithm that runs, for each layer, one of three kernel sets:
 
 - :mod:`.direct`: grouped layers with few channels per group (depthwise and near it);
-- :mod:`.winograd`: 3x3 layers with stride 1;
+- :mod:`.pointwise`: 1x1 layers with stride 1 and no padding;
+- :mod:`.winograd`: 3x3 layers with stride 1 and dilation 1;
 - :mod:`.im2col`: every other layer.
 
 Each runs its tasks on :mod:`._threads`'s workers, with the BLAS single-threaded meanwhile (one
@@ -34,6 +35,12 @@ class NumbaKernels:
         from ._algorithm import Compiled
 
         return Compiled
+
+    def kernel_set_name(self, geom: Geometry) -> str:
+        """Which kernel set computes `geom`: ``"direct"``, ``"pointwise"``, ``"winograd"`` or ``"im2col"``."""
+        from ._algorithm import kernel_set
+
+        return kernel_set(geom).__name__.rsplit(".", 1)[-1]
 
     def prefers(self, geom: Geometry | None) -> bool:
         """Whether ``auto`` runs the kernels on the layer `geom` (None: the pooling layers' patches, never)."""

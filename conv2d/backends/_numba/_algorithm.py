@@ -36,7 +36,16 @@ def kernel_set(geom: Geometry) -> ModuleType:
 
 
 def prefers(geom: Geometry) -> bool:
-    """Where ``auto`` runs the compiled kernels on NumPy (measured: docs/benchmarks.md)."""
+    """Where ``auto`` runs the compiled kernels on NumPy: every layer.
+
+    Measured (float32 forward+backward, each algorithm in a process of its own, medians; kernels over
+    what ``auto`` ran without them): on the cpu preset's nine layers and eight others (7x7 stride 2,
+    5x5 on 48x48, 3x3 with 256 channels on 8x8, 8 channels per group, 1x1 to 256 filters and from 256
+    channels, depthwise 5x5) the kernels took 0.11x to 0.92x the time on all but two, which tied within
+    the noise (5x5 on 48x48: 1.06x; 3x3 with 256 channels on 8x8: 1.10x against the array-API Winograd);
+    docs/benchmarks.md has the tables. Non-finite inputs of a Winograd layer still go to ``slices``
+    (``_conv._finite_or_slices``).
+    """
     return True
 
 
