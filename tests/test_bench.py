@@ -179,7 +179,7 @@ def test_cli_markdown_has_the_method_the_table_and_the_goals(tmp_path):
     assert "method: each implementation" in text
     (row,) = [line for line in text.splitlines() if line.startswith(f"| {TINY} |")]
     assert len(row.split("|")) == len(text.splitlines()[text.splitlines().index(row) - 2].split("|"))
-    assert "- fwd+bwd ours/" in text and "goal <= 2" in text
+    assert "- fwd+bwd ours/" in text and "goal <= 1.5" in text
 
 
 def test_cli_plot_writes_png(tmp_path):
