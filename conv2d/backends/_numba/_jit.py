@@ -23,3 +23,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 def kernel(function: F) -> F:
     """`function` compiled by Numba on its first call for each dtype, and cached on disk."""
     return cast(F, numba.njit(nogil=True, cache=True, error_model="numpy")(function))
+
+
+def reduction(function: F) -> F:
+    """:func:`kernel` for a loop that sums into scalars: the additions may be reassociated (``fastmath``'s
+    ``reassoc`` only: no assumption about infs, NaNs or signed zeros), which lets LLVM vectorise the sum
+    with several partial sums. The order is fixed by the compiled code, so a result is the same on every
+    run; it differs from a left-to-right sum by rounding."""
+    return cast(F, numba.njit(nogil=True, cache=True, error_model="numpy", fastmath={"reassoc"})(function))

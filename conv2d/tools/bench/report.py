@@ -258,9 +258,9 @@ class Target:
 
 
 # The project's goals, printed beside the numbers they are read from: on the CPU those of NumPy with its
-# compiled kernels (Numba installed), on a GPU those of CuPy. The ratios' goals apply to their median over the preset, with an odd preset the value
-# of its median shape ("worst": to the largest over the preset); "seed_shape" to the seed's own
-# layer alone.
+# compiled kernels (Numba installed), on a GPU those of CuPy. The ratios' goals apply to their median over
+# the preset, with an odd preset the value of its median shape ("worst": to the largest over the preset);
+# "seed_shape" to the seed's own layer alone.
 TARGETS: dict[str, dict[str, Target]] = {
     "cpu": {
         "ours_over_torch": Target("<=", 1.5, " in float32"),
