@@ -146,8 +146,10 @@ def conv2d(
         How the convolution is computed; every choice gives the same result to float rounding
         (:data:`conv2d.ALGORITHMS` lists all but ``"auto"``). im2col, a patch matrix times the
         filters: ``"gather"`` (one indexed gather, the backend's scatter-add back),
-        ``"slices"`` (kH*kW strided slices, slice additions back) or ``"kernels"`` (CuPy only:
-        an im2col and a col2im device kernel). Without a patch matrix: ``"native"`` (torch and
+        ``"slices"`` (kH*kW strided slices, slice additions back) or ``"kernels"`` (compiled kernels:
+        on CuPy an im2col and a col2im device kernel; on NumPy, where Numba is installed, CPU
+        kernels on all cores: direct loops, Winograd tiles, per-sample products or im2col by
+        layer, see the user guide). Without a patch matrix: ``"native"`` (torch and
         JAX only: the library's own convolution, ``torch.nn.functional.conv2d`` or
         ``jax.lax.conv_general_dilated``, and its gradients); ``"direct"`` (kH*kW shifted
         multiply-adds, for depthwise and few-channels-per-group layers); ``"winograd"`` (3x3
@@ -159,7 +161,8 @@ def conv2d(
         that does not apply to the layer or backend raises ``ValueError``. ``"auto"`` takes the
         first that applies of: ``native`` on torch, and on JAX but for 1x1 kernels and layers of
         at most 4 channels per group (not on a JAX GPU in deterministic mode); ``kernels`` on
-        CuPy; ``direct`` for grouped layers of at most 4 channels per group (not on JAX);
+        CuPy, and on NumPy where Numba is installed (but ``slices`` for non-finite inputs of the
+        layers its Winograd tiles compute); ``direct`` for grouped layers of at most 4 channels per group (not on JAX);
         ``pointwise`` on NumPy for 1x1 kernels; ``winograd`` on NumPy for 3x3 stride-1 layers
         with at least 64 channels and filters per group, or 32 on outputs of at most 16x16;
         else ``slices``. A ``direct``, ``winograd`` or ``pointwise`` call whose one sample does
