@@ -13,7 +13,7 @@ import numpy as np
 
 from ..._geometry import Geometry
 from .._cpu_cache import l2_cache_bytes
-from . import dilated, direct, im2col, pointwise, winograd
+from . import direct, im2col, pointwise, winograd
 from ._threads import worker_count
 
 # Grouped layers with at most this many channels per group run the direct kernels (no patch matrix).
@@ -32,8 +32,6 @@ def kernel_set(geom: Geometry) -> ModuleType:
         return pointwise
     if winograd.winograd_pays(geom):  # 3x3, stride 1, dilation 1, where measured faster than im2col
         return winograd
-    if dilated.pays(geom):  # dilated 3x3, stride 1: Winograd on each of the dilation's phases
-        return dilated
     return im2col
 
 
