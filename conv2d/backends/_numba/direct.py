@@ -93,6 +93,13 @@ def _pad(plane, phases, top, left, sh, sw, pitch, rows):
 
 
 @kernel
+def _pitch_rows(out_h, out_w, kh, kw, sh, sw, dh, dw):
+    """The layout of a padded plane's phases: rows `pitch` long (the output width plus the kernel's reach
+    within a phase), and how many rows (the output height plus that reach)."""
+    return out_w + dw * (kw - 1) // sw, out_h + dh * (kh - 1) // sh
+
+
+@kernel
 def _tap(phases, i, j, sh, sw, dh, dw, pitch):
     """The view of `phases` that tap (i, j) reads at unit stride, from the first output on."""
     return phases[(i * dh % sh) * sw + j * dw % sw, (i * dh // sh) * pitch + j * dw // sw:]
@@ -108,7 +115,7 @@ def _forward_flat(x, w, bias, y, padded, acc, s0, s1, g0, g1, sh, sw, dh, dw, to
     kh, kw = w.shape[2], w.shape[3]
     filters = y.shape[1] // (x.shape[1] // per_group)
     out_h, out_w = y.shape[2], y.shape[3]
-    pitch, rows = out_w + dw * (kw - 1) // sw, out_h + dh * (kh - 1) // sh
+    pitch, rows = _pitch_rows(out_h, out_w, kh, kw, sh, sw, dh, dw)
     length = out_h * pitch
     fused = kh == 3 and kw == 3
     for s in range(s0, s1):
@@ -186,7 +193,7 @@ def _weight_grad_flat(grad_w, grad_out, x, padded, grads, keep, acc, s0, s1, g0,
     kh, kw = grad_w.shape[2], grad_w.shape[3]
     filters = grad_out.shape[1] // (x.shape[1] // per_group)
     out_h, out_w = grad_out.shape[2], grad_out.shape[3]
-    pitch, rows = out_w + dw * (kw - 1) // sw, out_h + dh * (kh - 1) // sh
+    pitch, rows = _pitch_rows(out_h, out_w, kh, kw, sh, sw, dh, dw)
     length = out_h * pitch
     fused = kh == 3 and kw == 3
     zero = np.zeros(1, grad_w.dtype)[0]
@@ -271,7 +278,7 @@ def _input_grad_flat(grad_x, grad_out, w, phases, grads, keep, s0, s1, g0, g1, s
     kh, kw = w.shape[2], w.shape[3]
     filters = grad_out.shape[1] // (grad_x.shape[1] // per_group)
     out_h, out_w = grad_out.shape[2], grad_out.shape[3]
-    pitch, rows = out_w + dw * (kw - 1) // sw, out_h + dh * (kh - 1) // sh
+    pitch, rows = _pitch_rows(out_h, out_w, kh, kw, sh, sw, dh, dw)
     length = out_h * pitch
     for s in range(s0, s1):
         for g in range(g0, g1):
@@ -307,8 +314,8 @@ def _blocks(n: int, groups: int, workers: int) -> list[tuple[int, int, int, int]
 def _flat_sizes(geom: Geometry) -> tuple[int, int, int]:
     """(pitch, length, size of one phase) of the layout of :func:`_forward_flat`."""
     (sh, sw), (dh, dw), (kh, kw) = geom.stride, geom.dilation, (geom.kernel_h, geom.kernel_w)
-    pitch = geom.out_w + dw * (kw - 1) // sw
-    return pitch, geom.out_h * pitch, (geom.out_h + dh * (kh - 1) // sh) * pitch + dw * (kw - 1) // sw
+    pitch, rows = _pitch_rows(geom.out_h, geom.out_w, kh, kw, sh, sw, dh, dw)
+    return pitch, geom.out_h * pitch, rows * pitch + dw * (kw - 1) // sw
 
 
 def scratch(geom: Geometry, itemsize: int, cache_bytes: int) -> int:
