@@ -211,8 +211,9 @@ def record_launches(
 ) -> list[Launch]:
     """Every launch shape of CupyKernels.im2col and .col2im, through the library's own launch code."""
     launched = {"im2col", "col2im"}  # the calls below
+    launch_free = {"prefers"}  # auto's rule: answers from the layer alone, compiles and launches nothing
     public = {name for name in vars(CupyKernels) if not name.startswith("_")}
-    if public != launched:
+    if public != launched | launch_free:
         raise CheckError(f"CupyKernels has the methods {sorted(public)}, but ci/nvrtc_check.py launches only "
                          f"{sorted(launched)}: teach record_launches the others")
     launches: list[Launch] = []
