@@ -62,8 +62,9 @@ def _axpy(target, source, tap, count):
 
 
 @kernel
-def _nine(target, count, a, b, c, d, e, f, g, h, k, wa, wb, wc, wd, we, wf, wg, wh, wk):
-    """target[:count] += the nine taps' weights times the nine views (one per tap) of the input."""
+def _nine(target, count, taps, wa, wb, wc, wd, we, wf, wg, wh, wk):
+    """target[:count] += the nine taps' weights times the nine views (`taps`, :func:`_nine_taps`) of the input."""
+    a, b, c, d, e, f, g, h, k = taps
     for t in range(count):
         target[t] += (wa * a[t] + wb * b[t] + wc * c[t] + wd * d[t] + we * e[t] + wf * f[t]
                       + wg * g[t] + wh * h[t] + wk * k[t])
@@ -106,6 +107,27 @@ def _tap(phases, i, j, sh, sw, dh, dw, pitch):
 
 
 @kernel
+def _nine_taps(phases, sh, sw, dh, dw, pitch):
+    """The views of a 3x3 kernel's nine taps (:func:`_tap`), row by row."""
+    return (_tap(phases, 0, 0, sh, sw, dh, dw, pitch), _tap(phases, 0, 1, sh, sw, dh, dw, pitch),
+            _tap(phases, 0, 2, sh, sw, dh, dw, pitch), _tap(phases, 1, 0, sh, sw, dh, dw, pitch),
+            _tap(phases, 1, 1, sh, sw, dh, dw, pitch), _tap(phases, 1, 2, sh, sw, dh, dw, pitch),
+            _tap(phases, 2, 0, sh, sw, dh, dw, pitch), _tap(phases, 2, 1, sh, sw, dh, dw, pitch),
+            _tap(phases, 2, 2, sh, sw, dh, dw, pitch))
+
+
+@kernel
+def _pitched(plane, flat, pitch):
+    """flat[oh*pitch + ow] = plane[oh, ow]: an output(-gradient) plane in the rows `pitch` long of the
+    padded phases' layout (the columns beyond the plane's width left as they are)."""
+    out_h, out_w = plane.shape
+    for oh in range(out_h):
+        row, target = plane[oh], flat[oh * pitch:]
+        for ow in range(out_w):
+            target[ow] = row[ow]
+
+
+@kernel
 def _forward_flat(x, w, bias, y, padded, acc, s0, s1, g0, g1, sh, sw, dh, dw, top, left):
     """y[s0:s1, groups g0:g1] (bias added) on whole planes: each input plane padded and split by phase
     once into `padded` (rows of `pitch`: the output width plus the kernel's reach in the phase), so
@@ -127,12 +149,9 @@ def _forward_flat(x, w, bias, y, padded, acc, s0, s1, g0, g1, sh, sw, dh, dw, to
                 for c in range(per_group):
                     p = padded[c]
                     if fused:
-                        _nine(acc, length, _tap(p, 0, 0, sh, sw, dh, dw, pitch), _tap(p, 0, 1, sh, sw, dh, dw, pitch),
-                              _tap(p, 0, 2, sh, sw, dh, dw, pitch), _tap(p, 1, 0, sh, sw, dh, dw, pitch),
-                              _tap(p, 1, 1, sh, sw, dh, dw, pitch), _tap(p, 1, 2, sh, sw, dh, dw, pitch),
-                              _tap(p, 2, 0, sh, sw, dh, dw, pitch), _tap(p, 2, 1, sh, sw, dh, dw, pitch),
-                              _tap(p, 2, 2, sh, sw, dh, dw, pitch), w[o, c, 0, 0], w[o, c, 0, 1], w[o, c, 0, 2],
-                              w[o, c, 1, 0], w[o, c, 1, 1], w[o, c, 1, 2], w[o, c, 2, 0], w[o, c, 2, 1], w[o, c, 2, 2])
+                        _nine(acc, length, _nine_taps(p, sh, sw, dh, dw, pitch), w[o, c, 0, 0], w[o, c, 0, 1],
+                              w[o, c, 0, 2], w[o, c, 1, 0], w[o, c, 1, 1], w[o, c, 1, 2], w[o, c, 2, 0], w[o, c, 2, 1],
+                              w[o, c, 2, 2])
                     else:
                         for i in range(kh):
                             for j in range(kw):
@@ -164,9 +183,11 @@ def _mac2_masked(sums, a, b, c, d, keep, count):
 
 
 @reduction
-def _dot9(g, a, b, c, d, e, f, h, k, m, keep, zero, count):
-    """The nine sums over t < count, where keep[t], of g[t] times each of the nine views: a 3x3 tap's
-    weight gradient, all nine in one pass (a select keeps an inf or NaN of a discarded column out)."""
+def _dot9(g, taps, keep, zero, count):
+    """The nine sums over t < count, where keep[t], of g[t] times each of the nine views (`taps`,
+    :func:`_nine_taps`): a 3x3 kernel's weight gradient, all nine in one pass (a select keeps an inf or
+    NaN of a discarded column out)."""
+    a, b, c, d, e, f, h, k, m = taps
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = zero
     for t in range(count):
         v = g[t]
@@ -205,16 +226,8 @@ def _weight_grad_flat(grad_w, grad_out, x, padded, grads, keep, acc, s0, s1, g0,
                     grad_w[o - g0 * filters, c] = 0  # also the result of no samples
                     for s in range(s0, s1):
                         _pad(x[s, g * per_group + c], p, top, left, sh, sw, pitch, rows)
-                        source = grad_out[s, o]
-                        for oh in range(out_h):
-                            row, target = source[oh], flat[oh * pitch:]
-                            for ow in range(out_w):
-                                target[ow] = row[ow]
-                        sums = _dot9(flat, _tap(p, 0, 0, sh, sw, dh, dw, pitch), _tap(p, 0, 1, sh, sw, dh, dw, pitch),
-                                     _tap(p, 0, 2, sh, sw, dh, dw, pitch), _tap(p, 1, 0, sh, sw, dh, dw, pitch),
-                                     _tap(p, 1, 1, sh, sw, dh, dw, pitch), _tap(p, 1, 2, sh, sw, dh, dw, pitch),
-                                     _tap(p, 2, 0, sh, sw, dh, dw, pitch), _tap(p, 2, 1, sh, sw, dh, dw, pitch),
-                                     _tap(p, 2, 2, sh, sw, dh, dw, pitch), keep, zero, length)
+                        _pitched(grad_out[s, o], flat, pitch)
+                        sums = _dot9(flat, _nine_taps(p, sh, sw, dh, dw, pitch), keep, zero, length)
                         for tap in range(9):
                             grad_w[o - g0 * filters, c, tap // 3, tap % 3] += sums[tap]
                     continue
@@ -223,11 +236,7 @@ def _weight_grad_flat(grad_w, grad_out, x, padded, grads, keep, acc, s0, s1, g0,
                     pair = s + 1 < s1
                     for k in range(2 if pair else 1):
                         _pad(x[s + k, g * per_group + c], padded[k], top, left, sh, sw, pitch, rows)
-                        source, flat = grad_out[s + k, o], grads[k]
-                        for oh in range(out_h):
-                            row, target = source[oh], flat[oh * pitch:]
-                            for ow in range(out_w):
-                                target[ow] = row[ow]
+                        _pitched(grad_out[s + k, o], grads[k], pitch)
                     for i in range(kh):
                         for j in range(kw):
                             first = _tap(padded[0], i, j, sh, sw, dh, dw, pitch)
@@ -285,11 +294,7 @@ def _input_grad_flat(grad_x, grad_out, w, phases, grads, keep, s0, s1, g0, g1, s
             for c in range(per_group):
                 phases[:, :] = 0
                 for o in range(g * filters, (g + 1) * filters):
-                    source = grad_out[s, o]
-                    for oh in range(out_h):
-                        row, target = source[oh], grads[oh * pitch:]
-                        for ow in range(out_w):
-                            target[ow] = row[ow]
+                    _pitched(grad_out[s, o], grads, pitch)
                     for i in range(kh):
                         for j in range(kw):
                             _axpy_masked(_tap(phases, i, j, sh, sw, dh, dw, pitch), grads, w[o, c, i, j], keep, length)
