@@ -129,6 +129,15 @@ def run(tasks: Sequence[Callable[[], T]]) -> list[T]:
         _exit()
 
 
+def in_order(parts: Sequence[Any]) -> Any:
+    """The tasks' partial sums (arrays of one shape; at least one) added in task order, into the first:
+    the same result on every run, whichever thread finished first."""
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
+
+
 def split(count: int, parts: int) -> list[tuple[int, int]]:
     """[0, count) in at most `parts` contiguous ranges as equal as can be (none empty)."""
     parts = max(1, min(parts, count))

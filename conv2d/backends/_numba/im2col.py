@@ -21,7 +21,7 @@ import numpy as np
 
 from ..._geometry import Geometry
 from ._jit import kernel
-from ._threads import run, split
+from ._threads import in_order, run, split
 
 
 @kernel
@@ -184,10 +184,4 @@ def backward(grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, geom: Geom
         return grad_w
 
     partials = run([partial(task, *r) for r in split(n, workers)])
-    grad_w = None
-    if want_w:
-        grad_w = partials[0]
-        for part in partials[1:]:  # in task order: the same sum on every run
-            grad_w += part
-        grad_w = grad_w.reshape(weight.shape)
-    return grad_x, grad_w
+    return grad_x, in_order(partials).reshape(weight.shape) if want_w else None

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..._geometry import Geometry
-from ._threads import run, split
+from ._threads import in_order, run, split
 
 # Tasks per worker: samples differ little in cost, a few tasks each even out a slow start.
 TASKS_PER_WORKER = 2
@@ -73,10 +73,4 @@ def backward(grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, geom: Geom
 
     # The weight gradient's share is per task, so the tasks are fixed by the worker count alone.
     partials = run([partial(task, *r) for r in split(x.shape[0], workers)])
-    grad_w = None
-    if want_w:
-        grad_w = partials[0] if partials[0] is not None else np.zeros((g, m, c), dtype=x.dtype)
-        for part in partials[1:]:  # in task order: the same sum on every run
-            grad_w += part
-        grad_w = grad_w.reshape(weight.shape)
-    return grad_x, grad_w
+    return grad_x, in_order(partials).reshape(weight.shape) if want_w else None
