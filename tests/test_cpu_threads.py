@@ -9,6 +9,7 @@ only (not Numba): the CI's run without Numba covers it as well.
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 
 import numpy as np
@@ -92,3 +93,15 @@ def test_split_covers_the_range_in_equal_contiguous_parts(count, parts):
     assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     sizes = np.array([stop - start for start, stop in bounds])
     assert len(bounds) <= max(1, min(parts, count)) and sizes.max() - sizes.min() <= 1
+
+
+def test_the_blas_libraries_are_found_again_after_an_import(monkeypatch):
+    """A BLAS library loaded after the first call (with a new extension module: SciPy's, PyTorch's) is
+    limited too: the scan, kept while nothing new is imported, is made again after an import."""
+    import types
+
+    first = _threads._blas()
+    assert _threads._blas() is first  # nothing imported since: the kept scan
+    monkeypatch.setitem(sys.modules, "conv2d_test_newly_imported", types.ModuleType("conv2d_test_newly_imported"))
+    again = _threads._blas()
+    assert again is not first and [lib.filepath for lib in again] == [lib.filepath for lib in first]

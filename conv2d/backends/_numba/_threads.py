@@ -18,6 +18,7 @@ one core, as it does NumPy's products.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"executor": None, "size": 0, "blas": None, "depth": 0, "saved": ()}
+_state: dict[str, Any] = {"executor": None, "size": 0, "blas": None, "modules": 0, "depth": 0, "saved": ()}
 
 
 def _forget_after_fork() -> None:
@@ -41,10 +42,16 @@ if hasattr(os, "register_at_fork"):
 
 
 def _blas() -> list[Any]:
-    """threadpoolctl's controllers of the BLAS libraries loaded now (NumPy's, found once)."""
-    if _state["blas"] is None:
+    """threadpoolctl's controllers of the BLAS libraries loaded now.
+
+    A scan takes about 1.5 ms, so its result is kept; a BLAS library loads with an extension module
+    (NumPy's, SciPy's, PyTorch's), so the scan is made again only after a new import, which a
+    training loop's steady state does not do.
+    """
+    if _state["blas"] is None or _state["modules"] != len(sys.modules):
         from threadpoolctl import ThreadpoolController
 
+        _state["modules"] = len(sys.modules)
         _state["blas"] = list(ThreadpoolController().select(user_api="blas").lib_controllers)
     return _state["blas"]
 
@@ -62,10 +69,10 @@ def _enter() -> int:
     with _lock:
         if _state["depth"] == 0:
             workers = worker_count()
-            libs = _blas()
-            _state["saved"] = tuple(lib.num_threads for lib in libs)
+            # Each library with its count: what _exit restores, even if a scan in between finds more.
+            _state["saved"] = tuple((lib, lib.num_threads) for lib in _blas())
             _state["workers"] = workers
-            for lib in libs:
+            for lib, _ in _state["saved"]:
                 lib.set_num_threads(1)
         _state["depth"] += 1
         return int(_state["workers"])
@@ -75,7 +82,7 @@ def _exit() -> None:
     with _lock:
         _state["depth"] -= 1
         if _state["depth"] == 0:
-            for lib, count in zip(_blas(), _state["saved"]):
+            for lib, count in _state["saved"]:
                 lib.set_num_threads(count)
 
 
