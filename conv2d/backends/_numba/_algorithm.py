@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..._geometry import Geometry
+from ..._workspace import sample_ranges
 from .._cpu_cache import l2_cache_bytes
 from . import direct, im2col, pointwise, winograd
 from ._threads import worker_count
@@ -55,8 +56,7 @@ def _sample_ranges(geom: Geometry, batch: int, dtype: Any, limit: int) -> list[t
     if dtype != np.float16:
         return [(0, batch)]
     sample = 2 * 4 * (geom.in_channels * geom.height * geom.width + geom.out_channels * geom.out_h * geom.out_w)
-    size = max(1, limit // 2 // sample)
-    return [(start, min(start + size, batch)) for start in range(0, batch, size)] or [(0, 0)]
+    return sample_ranges(batch, limit // 2 // sample)
 
 
 def _working(a: np.ndarray) -> np.ndarray:
