@@ -50,13 +50,17 @@ def prefers(geom: Geometry) -> bool:
     return True
 
 
+def _widened_bytes(geom: Geometry) -> int:
+    """One float16 sample's float32 copies: its input and output gradient, and their results."""
+    return 2 * 4 * (geom.in_channels * geom.height * geom.width + geom.out_channels * geom.out_h * geom.out_w)
+
+
 def _sample_ranges(geom: Geometry, batch: int, dtype: Any, limit: int) -> list[tuple[int, int]]:
-    """The whole batch at once, but float16 in chunks of samples whose float32 copies (input, output
-    gradient and their results) take at most half the workspace limit."""
+    """The whole batch at once, but float16 in chunks of samples whose float32 copies take at most
+    half the workspace limit."""
     if dtype != np.float16:
         return [(0, batch)]
-    sample = 2 * 4 * (geom.in_channels * geom.height * geom.width + geom.out_channels * geom.out_h * geom.out_w)
-    return sample_ranges(batch, limit // 2 // sample)
+    return sample_ranges(batch, limit // 2 // _widened_bytes(geom))
 
 
 def _working(a: np.ndarray) -> np.ndarray:
@@ -82,9 +86,7 @@ class Compiled:
         (the tasks' chunks are sized to the cache: their scratch does not grow with the batch)."""
         widened = 0
         if itemsize < 4:  # float16 is computed in float32
-            itemsize = 4
-            widened = 2 * itemsize * (geom.in_channels * geom.height * geom.width
-                                      + geom.out_channels * geom.out_h * geom.out_w)
+            itemsize, widened = 4, _widened_bytes(geom)
         return widened + worker_count() * kernel_set(geom).scratch(geom, itemsize, l2_cache_bytes()) <= limit
 
     @staticmethod
