@@ -121,7 +121,7 @@ def auto_algorithm(backend: Backend, deterministic: bool = False, geom: Geometry
        mode (JAX on a GPU);
     2. ``kernels`` where the backend has compiled kernels and says they are the faster choice for
        `geom` (``Backend.kernels.prefers``): CuPy always; NumPy with Numba installed for every layer,
-       where they measured faster on all the layers tried (``conv2d/backends/_numba/_algorithm.py``);
+       where they measured faster on all the layers tried (``NumbaKernels.prefers``);
     3. ``direct`` for grouped layers with at most :data:`DIRECT_MAX_CHANNELS_PER_GROUP` channels
        per group (depthwise and near it), where im2col's patch matrix is mostly overhead;
        not on JAX, where its many small operations cost more than im2col's few;

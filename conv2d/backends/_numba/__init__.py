@@ -43,9 +43,15 @@ class NumbaKernels:
         return kernel_set(geom).__name__.rsplit(".", 1)[-1]
 
     def prefers(self, geom: Geometry | None) -> bool:
-        """Whether ``auto`` runs the kernels on the layer `geom` (None: the pooling layers' patches, never)."""
-        if geom is None:
-            return False
-        from ._algorithm import prefers
+        """Whether ``auto`` runs the kernels on the layer `geom`: every layer (None, the pooling layers'
+        patch builder: never). Decided without loading Numba.
 
-        return prefers(geom)
+        Measured (float32 forward+backward, each algorithm in a process of its own, medians; kernels over
+        what ``auto`` ran without them): on the cpu preset's nine layers and eight others (7x7 stride 2,
+        5x5 on 48x48, 3x3 with 256 channels on 8x8, 8 channels per group, 1x1 to 256 filters and from 256
+        channels, depthwise 5x5) the kernels took 0.11x to 0.92x the time on all but two, which tied
+        within the noise (5x5 on 48x48: 1.06x; 3x3 with 256 channels on 8x8: 1.10x against the array-API
+        Winograd); docs/benchmarks.md has the tables. Non-finite inputs of a Winograd layer still go to
+        ``slices`` (``_conv._finite_or_slices``).
+        """
+        return geom is not None

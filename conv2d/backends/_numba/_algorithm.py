@@ -36,20 +36,6 @@ def kernel_set(geom: Geometry) -> ModuleType:
     return im2col
 
 
-def prefers(geom: Geometry) -> bool:
-    """Where ``auto`` runs the compiled kernels on NumPy: every layer.
-
-    Measured (float32 forward+backward, each algorithm in a process of its own, medians; kernels over
-    what ``auto`` ran without them): on the cpu preset's nine layers and eight others (7x7 stride 2,
-    5x5 on 48x48, 3x3 with 256 channels on 8x8, 8 channels per group, 1x1 to 256 filters and from 256
-    channels, depthwise 5x5) the kernels took 0.11x to 0.92x the time on all but two, which tied within
-    the noise (5x5 on 48x48: 1.06x; 3x3 with 256 channels on 8x8: 1.10x against the array-API Winograd);
-    docs/benchmarks.md has the tables. Non-finite inputs of a Winograd layer still go to ``slices``
-    (``_conv._finite_or_slices``).
-    """
-    return True
-
-
 def _widened_bytes(geom: Geometry) -> int:
     """One float16 sample's float32 copies: its input and output gradient, and their results."""
     return 2 * 4 * (geom.in_channels * geom.height * geom.width + geom.out_channels * geom.out_h * geom.out_w)
